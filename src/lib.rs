@@ -1,0 +1,10 @@
+//! wsring: a WebSocket (RFC 6455) server engine for Linux, built on io_uring, thread per
+//! core, to hold very many connections and broadcast to them cheaply.
+//!
+//! Layers (dependencies point down only; see `ARCHITECTURE.md`):
+//! - [`proto`]: the sans-IO protocol core (handshake, frames, SIMD unmask, streaming UTF-8,
+//!   close codes, the connection state machine).
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod proto;

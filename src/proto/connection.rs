@@ -1,0 +1,590 @@
+//! The per-connection WebSocket state machine (after the upgrade), sans-IO.
+//!
+//! Modelled on `quinn-proto`: the driver (the io_uring engine, the epoll engine, a test)
+//! owns the socket and the clock; the [`Connection`] owns the protocol.
+//!
+//! Driving order, after every read and every timer:
+//! 1. [`Connection::handle_read`] with the bytes just read (mutable: payloads are unmasked
+//!    in place) and the current time, or [`Connection::handle_timeout`] when the deadline of
+//!    [`Connection::poll_timeout`] has passed;
+//! 2. drain [`Connection::poll_event`] (messages, pings, pongs, the peer's close, errors);
+//! 3. write what [`Connection::transmit`] holds, then report the bytes written with
+//!    [`Connection::advance_transmit`] (short writes are fine);
+//! 4. once [`Connection::is_closed`] and the transmit queue is empty, close the socket;
+//! 5. re-arm the timer at [`Connection::poll_timeout`].
+//!
+//! States: `Open` -> `ClosingByUs` (we sent close, waiting for the reply) or straight to
+//! `Closed` (the peer sent close and we replied, or the peer broke a rule and we sent our
+//! close code, or a deadline passed). Once closing, nothing but a close reply is queued.
+//!
+//! The idle footprint is small on purpose: the receive side keeps only the frame decoder
+//! (see [`Decoder`], checked by a `size_of` assertion) and empty collections; buffers exist
+//! only while a frame or message is split across reads, and [`Connection::shrink`] gives
+//! back whatever a burst left allocated.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::close::{CloseCode, CloseFrame, encode_close_payload, parse_close_payload};
+use super::error::ProtocolError;
+use super::frame::{
+    FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Parsed, encode_frame,
+};
+use super::mask::unmask;
+use super::utf8::Utf8Validator;
+
+/// Default largest message (and frame): 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 16 * 1024 * 1024;
+
+/// Protocol settings shared by every connection of an engine (behind an `Arc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Largest frame or reassembled message (close 1009 beyond).
+    pub max_message_size: u64,
+    /// Send a ping after this long without receiving anything; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// Drop the connection if nothing arrives this long after our ping.
+    pub pong_timeout: Duration,
+    /// After we send close, drop the connection if the reply takes longer than this.
+    pub close_timeout: Duration,
+    /// RSV bits a negotiated extension permits (bit 2 = RSV1). 0 without extensions.
+    pub allowed_rsv: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            ping_interval: Some(Duration::from_secs(25)),
+            pong_timeout: Duration::from_secs(20),
+            close_timeout: Duration::from_secs(5),
+            allowed_rsv: 0,
+        }
+    }
+}
+
+/// What the connection reports to the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A complete text message (its UTF-8 already validated).
+    Text(Bytes),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A ping arrived (a pong with the same payload is already queued).
+    Ping(Bytes),
+    /// A pong arrived.
+    Pong(Bytes),
+    /// The peer's close frame (`None`: it carried no status code). The reply is queued
+    /// (or it was the reply to ours); the connection is now closed.
+    Close(Option<CloseFrame>),
+    /// The peer broke a rule; our close frame with the matching code is queued and the
+    /// connection is closed.
+    ProtocolError(ProtocolError),
+    /// A deadline passed (no pong, or no close reply): drop the connection (code 1006).
+    TimedOut,
+}
+
+/// The connection's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Messages flow both ways.
+    Open,
+    /// We sent close and wait for the peer's reply.
+    ClosingByUs,
+    /// Done: flush the transmit queue, then close the socket.
+    Closed,
+}
+
+/// Why [`Connection::send`] refused a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The connection is closing or closed: only a close reply may still be sent.
+    #[error("connection is closing")]
+    Closing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    None,
+    /// Ping when it fires.
+    Idle,
+    /// Drop when it fires (our ping went unanswered).
+    AwaitPong,
+    /// Drop when it fires (our close went unanswered).
+    Closing,
+}
+
+/// The frame decoder's state: everything the receive side keeps between reads when no
+/// frame is split. Checked to stay small below.
+#[derive(Clone, Copy, Debug)]
+pub struct Decoder {
+    /// Payload bytes left in the current frame.
+    remaining: u64,
+    /// Bytes of the current data message so far (for the size limit).
+    message_len: u64,
+    /// Masking key of the current frame.
+    mask: [u8; 4],
+    /// Bytes of a header cut at the end of the last read.
+    header: [u8; MAX_HEADER_LEN],
+    /// How many bytes of `header` are valid.
+    header_len: u8,
+    /// Position in the key of the next payload byte (mod 4).
+    mask_offset: u8,
+    /// Opcode of the current frame, if a payload is in progress.
+    frame: Option<OpCode>,
+    /// Whether the current frame is the last of its message.
+    fin: bool,
+    /// Opcode of the open data message (Text or Binary), if any.
+    message: Option<OpCode>,
+    /// UTF-8 state of an open text message.
+    utf8: Utf8Validator,
+}
+
+const _: () = assert!(std::mem::size_of::<Decoder>() <= 48);
+
+impl Decoder {
+    const fn new() -> Decoder {
+        Decoder {
+            remaining: 0,
+            message_len: 0,
+            mask: [0; 4],
+            header: [0; MAX_HEADER_LEN],
+            header_len: 0,
+            mask_offset: 0,
+            frame: None,
+            fin: false,
+            message: None,
+            utf8: Utf8Validator::new(),
+        }
+    }
+}
+
+/// One WebSocket connection's protocol state (server side). See the module docs for the
+/// order in which a driver calls it.
+#[derive(Debug)]
+pub struct Connection {
+    config: Arc<Config>,
+    decoder: Decoder,
+    state: State,
+    timer: Timer,
+    deadline: Option<Instant>,
+    /// A data message split over frames or reads.
+    message: Vec<u8>,
+    /// A control payload split over reads.
+    control: Vec<u8>,
+    events: VecDeque<Event>,
+    transmit: VecDeque<Bytes>,
+    /// Bytes of the first queued frame already written.
+    transmit_offset: usize,
+    /// Bytes queued and not yet written.
+    queued_bytes: usize,
+}
+
+impl Connection {
+    /// A connection that has just been upgraded at `now`.
+    pub fn new(config: Arc<Config>, now: Instant) -> Connection {
+        let (timer, deadline) = match config.ping_interval {
+            Some(d) => (Timer::Idle, Some(now + d)),
+            None => (Timer::None, None),
+        };
+        Connection {
+            config,
+            decoder: Decoder::new(),
+            state: State::Open,
+            timer,
+            deadline,
+            message: Vec::new(),
+            control: Vec::new(),
+            events: VecDeque::new(),
+            transmit: VecDeque::new(),
+            transmit_offset: 0,
+            queued_bytes: 0,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Whether the connection is done: nothing more will be read; close the socket once
+    /// the transmit queue is empty.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Processes bytes read from the peer. Payloads are unmasked in place in `data`; a
+    /// frame cut at the end of `data` is carried over to the next call (headers inline,
+    /// payloads in a buffer that is freed when the frame completes). Bytes read after the
+    /// connection closed are ignored.
+    pub fn handle_read(&mut self, data: &mut [u8], now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if let (Timer::Idle | Timer::AwaitPong, Some(d)) = (self.timer, self.config.ping_interval) {
+            self.timer = Timer::Idle;
+            self.deadline = Some(now + d);
+        }
+        if let Err(e) = self.read_frames(data) {
+            self.fail(e);
+        }
+    }
+
+    fn read_frames(&mut self, mut data: &mut [u8]) -> Result<(), ProtocolError> {
+        loop {
+            if self.state == State::Closed {
+                return Ok(());
+            }
+            if self.decoder.frame.is_none() {
+                let Some((header, used)) = self.next_header(data)? else {
+                    return Ok(());
+                };
+                data = data.get_mut(used..).unwrap_or_default();
+                self.begin_frame(&header)?;
+                if self.decoder.remaining == 0 {
+                    self.payload(&mut [], true)?;
+                    continue;
+                }
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            let n =
+                usize::try_from(self.decoder.remaining).map_or(data.len(), |r| r.min(data.len()));
+            let (chunk, rest) = data.split_at_mut(n);
+            unmask(
+                chunk,
+                self.decoder.mask,
+                usize::from(self.decoder.mask_offset),
+            );
+            self.decoder.mask_offset = ((usize::from(self.decoder.mask_offset) + n) & 3) as u8;
+            self.decoder.remaining -= n as u64;
+            let done = self.decoder.remaining == 0;
+            self.payload(chunk, done)?;
+            data = rest;
+        }
+    }
+
+    /// Parses the next header from the carried bytes and/or `data`. Returns the header and
+    /// how many bytes of `data` it used, or `None` (bytes carried) if it is incomplete.
+    fn next_header(&mut self, data: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
+        let d = &mut self.decoder;
+        if d.header_len == 0 {
+            match FrameHeader::parse(data, self.config.allowed_rsv)? {
+                Parsed::Complete { header, header_len } => return Ok(Some((header, header_len))),
+                Parsed::Incomplete { .. } => {
+                    // At most 13 bytes: a header is never longer than 14.
+                    if let Some(dst) = d.header.get_mut(..data.len()) {
+                        dst.copy_from_slice(data);
+                        d.header_len = data.len() as u8;
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        let have = usize::from(d.header_len);
+        let take = (MAX_HEADER_LEN - have).min(data.len());
+        if let (Some(dst), Some(src)) = (d.header.get_mut(have..have + take), data.get(..take)) {
+            dst.copy_from_slice(src);
+        }
+        let buf = d.header.get(..have + take).unwrap_or_default();
+        match FrameHeader::parse(buf, self.config.allowed_rsv)? {
+            Parsed::Complete { header, header_len } => {
+                d.header_len = 0;
+                Ok(Some((header, header_len - have)))
+            }
+            Parsed::Incomplete { .. } => {
+                d.header_len = (have + take) as u8;
+                Ok(None)
+            }
+        }
+    }
+
+    fn begin_frame(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        let mask = h.mask.ok_or(ProtocolError::UnmaskedFrame)?;
+        let max = self.config.max_message_size;
+        let d = &mut self.decoder;
+        match h.opcode {
+            OpCode::Continuation => {
+                if d.message.is_none() {
+                    return Err(ProtocolError::UnexpectedContinuation);
+                }
+            }
+            OpCode::Text | OpCode::Binary => {
+                if d.message.is_some() {
+                    return Err(ProtocolError::ExpectedContinuation);
+                }
+                d.message = Some(h.opcode);
+                d.message_len = 0;
+            }
+            OpCode::Close | OpCode::Ping | OpCode::Pong => {}
+        }
+        if !h.opcode.is_control() {
+            let total = d.message_len.saturating_add(h.payload_len);
+            if h.payload_len > max || total > max {
+                return Err(ProtocolError::MessageTooBig(total));
+            }
+        }
+        d.frame = Some(h.opcode);
+        d.fin = h.fin;
+        d.mask = mask;
+        d.mask_offset = 0;
+        d.remaining = h.payload_len;
+        Ok(())
+    }
+
+    /// Handles an unmasked piece of the current frame's payload; `done` on its last piece.
+    fn payload(&mut self, chunk: &mut [u8], done: bool) -> Result<(), ProtocolError> {
+        let Some(op) = self.decoder.frame else {
+            return Ok(());
+        };
+        if done {
+            self.decoder.frame = None;
+        }
+        if op.is_control() {
+            if done && self.control.is_empty() {
+                return self.control_frame(op, chunk);
+            }
+            if self.control.len() + chunk.len() > MAX_CONTROL_PAYLOAD {
+                return Err(ProtocolError::ControlFrameTooLong);
+            }
+            self.control.extend_from_slice(chunk);
+            if done {
+                let payload = std::mem::take(&mut self.control);
+                return self.control_frame(op, &payload);
+            }
+            return Ok(());
+        }
+        let d = &mut self.decoder;
+        let text = d.message == Some(OpCode::Text);
+        if text {
+            d.utf8.feed(chunk)?;
+        }
+        d.message_len += chunk.len() as u64;
+        let last = done && d.fin;
+        if last {
+            d.message = None;
+            if text {
+                d.utf8.finish()?;
+            }
+        }
+        if self.state != State::Open {
+            // After our close, data is still parsed (to find the reply) but not delivered.
+            self.message.clear();
+            return Ok(());
+        }
+        let payload = if last && self.message.is_empty() {
+            // The whole message is in this read: one copy, straight out of the read buffer.
+            Bytes::copy_from_slice(chunk)
+        } else {
+            self.message.extend_from_slice(chunk);
+            if !last {
+                return Ok(());
+            }
+            Bytes::from(std::mem::take(&mut self.message))
+        };
+        self.events.push_back(if text {
+            Event::Text(payload)
+        } else {
+            Event::Binary(payload)
+        });
+        Ok(())
+    }
+
+    fn control_frame(&mut self, op: OpCode, payload: &[u8]) -> Result<(), ProtocolError> {
+        match op {
+            OpCode::Ping => {
+                if self.state == State::Open {
+                    self.queue(encode_frame(OpCode::Pong, payload));
+                }
+                self.events
+                    .push_back(Event::Ping(Bytes::copy_from_slice(payload)));
+            }
+            OpCode::Pong => self
+                .events
+                .push_back(Event::Pong(Bytes::copy_from_slice(payload))),
+            OpCode::Close => {
+                let frame = parse_close_payload(payload)?;
+                if self.state == State::Open {
+                    // Echo the peer's code (§5.5.1); an empty close gets an empty reply.
+                    let reply = match &frame {
+                        Some(f) => close_frame(f.code, ""),
+                        None => encode_frame(OpCode::Close, &[]),
+                    };
+                    self.queue(reply);
+                }
+                self.state = State::Closed;
+                self.timer = Timer::None;
+                self.deadline = None;
+                self.events.push_back(Event::Close(frame));
+            }
+            OpCode::Continuation | OpCode::Text | OpCode::Binary => {}
+        }
+        Ok(())
+    }
+
+    /// Fails the connection (§7.1.7): our close frame with the error's code, then closed.
+    fn fail(&mut self, e: ProtocolError) {
+        if self.state == State::Open {
+            self.queue(close_frame(e.close_code(), ""));
+        }
+        self.state = State::Closed;
+        self.timer = Timer::None;
+        self.deadline = None;
+        self.message = Vec::new();
+        self.control = Vec::new();
+        self.events.push_back(Event::ProtocolError(e));
+    }
+
+    /// The next event, if any. Drain after every `handle_*` call.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Starts the closing handshake with `code` and `reason` (cut to fit 123 bytes). Does
+    /// nothing unless the connection is open. 1005, 1006 and 1015 are sent as an empty close.
+    pub fn close(&mut self, code: CloseCode, reason: &str, now: Instant) {
+        if self.state != State::Open {
+            return;
+        }
+        self.queue(close_frame(code, reason));
+        self.state = State::ClosingByUs;
+        self.timer = Timer::Closing;
+        self.deadline = Some(now + self.config.close_timeout);
+    }
+
+    /// Queues a message as one unmasked frame.
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        self.send_frame(encode_frame(opcode, payload))
+    }
+
+    /// Queues an already encoded frame (e.g. one broadcast frame shared by every
+    /// subscriber: no copy, a reference count).
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send_frame(&mut self, frame: Bytes) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closing);
+        }
+        self.queue(frame);
+        Ok(())
+    }
+
+    fn queue(&mut self, frame: Bytes) {
+        self.queued_bytes += frame.len();
+        self.transmit.push_back(frame);
+    }
+
+    /// The bytes waiting to be written, in order: the first slice may be the rest of a
+    /// partly written frame. Write as many as the socket takes (one vectored write), then
+    /// call [`Connection::advance_transmit`].
+    pub fn transmit(&self) -> impl Iterator<Item = &[u8]> {
+        let skip = self.transmit_offset;
+        self.transmit.iter().enumerate().map(move |(i, f)| {
+            if i == 0 {
+                f.get(skip..).unwrap_or_default()
+            } else {
+                &f[..]
+            }
+        })
+    }
+
+    /// How many frames are queued.
+    pub fn transmit_frames(&self) -> usize {
+        self.transmit.len()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Reports that `n` bytes of [`Connection::transmit`] were written.
+    pub fn advance_transmit(&mut self, mut n: usize) {
+        self.queued_bytes = self.queued_bytes.saturating_sub(n);
+        while let Some(front) = self.transmit.front() {
+            let left = front.len() - self.transmit_offset;
+            if n < left {
+                self.transmit_offset += n;
+                return;
+            }
+            n -= left;
+            self.transmit_offset = 0;
+            self.transmit.pop_front();
+        }
+    }
+
+    /// The next deadline, if any: call [`Connection::handle_timeout`] when it has passed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Acts on a deadline that has passed: send a ping when the peer was silent, or close
+    /// (event [`Event::TimedOut`]) when a pong or a close reply did not come in time. Calls
+    /// before the deadline do nothing, so a driver may call it early.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.deadline {
+            Some(d) if d <= now => {}
+            _ => return,
+        }
+        match self.timer {
+            Timer::None => self.deadline = None,
+            Timer::Idle => {
+                if self.state == State::Open {
+                    self.queue(encode_frame(OpCode::Ping, b""));
+                }
+                self.timer = Timer::AwaitPong;
+                self.deadline = Some(now + self.config.pong_timeout);
+            }
+            Timer::AwaitPong | Timer::Closing => {
+                self.state = State::Closed;
+                self.timer = Timer::None;
+                self.deadline = None;
+                self.events.push_back(Event::TimedOut);
+            }
+        }
+    }
+
+    /// Gives back memory a burst left allocated (empty queues keep their capacity). Call
+    /// when the connection turns idle, e.g. from its ping timer.
+    pub fn shrink(&mut self) {
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+        if self.transmit.is_empty() {
+            self.transmit = VecDeque::new();
+        }
+        if self.message.is_empty() {
+            self.message = Vec::new();
+        }
+        if self.control.is_empty() {
+            self.control = Vec::new();
+        }
+    }
+
+    /// Bytes of heap this connection holds beyond its own struct (buffers and queues,
+    /// counting capacity, not counting shared frames).
+    pub fn heap_bytes(&self) -> usize {
+        self.message.capacity()
+            + self.control.capacity()
+            + self.events.capacity() * std::mem::size_of::<Event>()
+            + self.transmit.capacity() * std::mem::size_of::<Bytes>()
+    }
+}
+
+/// Encodes a close frame with `code` and `reason` (empty payload for 1005/1006/1015).
+pub fn close_frame(code: CloseCode, reason: &str) -> Bytes {
+    let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+    let n = encode_close_payload(code, reason, &mut payload);
+    encode_frame(OpCode::Close, payload.get(..n).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests;

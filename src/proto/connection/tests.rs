@@ -1,0 +1,384 @@
+use super::*;
+use crate::proto::close::CloseCode;
+
+const KEY: [u8; 4] = [0xA1, 0x5B, 0x07, 0xEE];
+
+/// Encodes a client frame with full control over the bits (for broken frames too).
+fn raw_frame(b0: u8, masked: bool, payload: &[u8], len_form: u8) -> Vec<u8> {
+    let mut out = vec![b0];
+    let m = if masked { 0x80 } else { 0 };
+    let len = payload.len();
+    match len_form {
+        7 => out.push(m | len as u8),
+        16 => {
+            out.push(m | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&KEY);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i & 3]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+fn frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+    let form = match payload.len() {
+        0..=125 => 7,
+        126..=0xFFFF => 16,
+        _ => 64,
+    };
+    raw_frame(if fin { 0x80 } else { 0 } | op, true, payload, form)
+}
+
+fn conn() -> Connection {
+    Connection::new(Arc::new(Config::default()), Instant::now())
+}
+
+fn conn_with(cfg: Config) -> Connection {
+    Connection::new(Arc::new(cfg), Instant::now())
+}
+
+fn events(c: &mut Connection) -> Vec<Event> {
+    std::iter::from_fn(|| c.poll_event()).collect()
+}
+
+fn written(c: &mut Connection) -> Vec<u8> {
+    let out: Vec<u8> = c.transmit().flatten().copied().collect();
+    c.advance_transmit(out.len());
+    out
+}
+
+fn feed(c: &mut Connection, bytes: &[u8]) {
+    let mut b = bytes.to_vec();
+    c.handle_read(&mut b, Instant::now());
+}
+
+/// A session that touches every path: all length forms, fragmentation with a control frame
+/// in between, a code point split across fragments, empty frames, ping, pong, close.
+fn session() -> (Vec<u8>, Vec<Event>, Vec<u8>) {
+    let mut s = Vec::new();
+    s.extend(frame(true, 1, b"Hello"));
+    s.extend(frame(false, 2, &[1, 2, 3]));
+    s.extend(frame(true, 9, b"ping!"));
+    s.extend(frame(false, 0, &[]));
+    s.extend(frame(true, 0, &[4, 5]));
+    let euro = "a€b".as_bytes(); // € is 3 bytes: split it over two fragments
+    s.extend(frame(false, 1, &euro[..2]));
+    s.extend(frame(true, 0, &euro[2..]));
+    s.extend(frame(true, 10, b"pong"));
+    s.extend(frame(true, 2, &[7u8; 300])); // 16-bit length
+    s.extend(raw_frame(0x82, true, &[9u8; 10], 64)); // 64-bit length form, small payload
+    s.extend(frame(true, 1, b""));
+    let mut close = 4001u16.to_be_bytes().to_vec();
+    close.extend_from_slice("bye".as_bytes());
+    s.extend(frame(true, 8, &close));
+    s.extend(frame(true, 1, b"after close: ignored"));
+    let events = vec![
+        Event::Text(Bytes::from_static(b"Hello")),
+        Event::Ping(Bytes::from_static(b"ping!")),
+        Event::Binary(Bytes::from_static(&[1, 2, 3, 4, 5])),
+        Event::Text(Bytes::from("a€b")),
+        Event::Pong(Bytes::from_static(b"pong")),
+        Event::Binary(Bytes::from(vec![7u8; 300])),
+        Event::Binary(Bytes::from(vec![9u8; 10])),
+        Event::Text(Bytes::new()),
+        Event::Close(Some(CloseFrame {
+            code: CloseCode::Library(4001),
+            reason: "bye".into(),
+        })),
+    ];
+    let mut tx = encode_frame(OpCode::Pong, b"ping!").to_vec();
+    tx.extend_from_slice(&[0x88, 0x02, 0x0F, 0xA1]);
+    (s, events, tx)
+}
+
+#[test]
+fn a_whole_session_gives_the_same_result_split_at_every_byte_boundary() {
+    let (bytes, want_events, want_tx) = session();
+    let mut c = conn();
+    feed(&mut c, &bytes);
+    assert_eq!(events(&mut c), want_events);
+    assert_eq!(written(&mut c), want_tx);
+    assert!(c.is_closed());
+    for cut in 0..=bytes.len() {
+        let mut c = conn();
+        feed(&mut c, &bytes[..cut]);
+        feed(&mut c, &bytes[cut..]);
+        assert_eq!(events(&mut c), want_events, "cut at {cut}");
+        assert_eq!(written(&mut c), want_tx, "cut at {cut}");
+    }
+    // Two cuts, every pair of boundaries in the first 120 bytes (headers of every form).
+    for a in 0..120 {
+        for b in a..120 {
+            let mut c = conn();
+            feed(&mut c, &bytes[..a]);
+            feed(&mut c, &bytes[a..b]);
+            feed(&mut c, &bytes[b..]);
+            assert_eq!(events(&mut c), want_events, "cuts at {a},{b}");
+        }
+    }
+    // One byte at a time, draining events as we go.
+    let mut c = conn();
+    let mut got = Vec::new();
+    for b in &bytes {
+        feed(&mut c, std::slice::from_ref(b));
+        got.extend(events(&mut c));
+    }
+    assert_eq!(got, want_events);
+}
+
+#[test]
+fn large_messages_across_many_reads() {
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    let bytes = frame(true, 2, &big);
+    for step in [1000, 4096, 65536, 99_999] {
+        let mut c = conn();
+        for piece in bytes.chunks(step) {
+            feed(&mut c, piece);
+        }
+        assert_eq!(
+            events(&mut c),
+            vec![Event::Binary(Bytes::from(big.clone()))]
+        );
+        // Nothing is kept once the message is delivered.
+        assert_eq!(c.message.capacity(), 0);
+    }
+}
+
+fn closes_with(bytes: &[u8], code: u16) {
+    closes_with_cfg(bytes, code, Config::default());
+}
+
+fn closes_with_cfg(bytes: &[u8], code: u16, cfg: Config) {
+    let mut c = conn_with(cfg);
+    feed(&mut c, bytes);
+    assert!(c.is_closed(), "not closed for {bytes:02x?}");
+    let ev = events(&mut c);
+    assert!(matches!(ev.last(), Some(Event::ProtocolError(_))), "{ev:?}");
+    let tx = written(&mut c);
+    assert_eq!(tx.first(), Some(&0x88), "{tx:02x?}");
+    assert_eq!(&tx[2..4], &code.to_be_bytes(), "{tx:02x?}");
+    // Anything afterwards is ignored and queues nothing.
+    feed(&mut c, &frame(true, 1, b"more"));
+    assert!(events(&mut c).is_empty());
+    assert!(written(&mut c).is_empty());
+}
+
+#[test]
+fn every_frame_rule_closes_with_its_code() {
+    closes_with(&raw_frame(0x81, false, b"x", 7), 1002); // unmasked
+    closes_with(&raw_frame(0xC1, true, b"x", 7), 1002); // RSV1
+    closes_with(&raw_frame(0xA1, true, b"x", 7), 1002); // RSV2
+    closes_with(&raw_frame(0x91, true, b"x", 7), 1002); // RSV3
+    for op in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
+        closes_with(&raw_frame(0x80 | op, true, b"", 7), 1002);
+    }
+    closes_with(&raw_frame(0x89, true, &[0u8; 126], 16), 1002); // control > 125
+    closes_with(&raw_frame(0x09, true, b"x", 7), 1002); // fragmented control
+    closes_with(&frame(true, 0, b"x"), 1002); // continuation with nothing open
+    let mut s = frame(false, 1, b"a");
+    s.extend(frame(true, 2, b"b")); // new data frame inside a message
+    closes_with(&s, 1002);
+    let mut s = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
+    s.extend_from_slice(&KEY); // 64-bit length with the top bit set
+    closes_with(&s, 1002);
+}
+
+#[test]
+fn close_payload_rules() {
+    closes_with(&frame(true, 8, &[3]), 1002);
+    for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+        closes_with(&frame(true, 8, &bad.to_be_bytes()), 1002);
+    }
+    let mut p = 1000u16.to_be_bytes().to_vec();
+    p.push(0xFF);
+    closes_with(&frame(true, 8, &p), 1007);
+    for good in [1000u16, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 4999] {
+        let mut c = conn();
+        feed(&mut c, &frame(true, 8, &good.to_be_bytes()));
+        let tx = written(&mut c);
+        assert_eq!(
+            tx,
+            [vec![0x88, 2], good.to_be_bytes().to_vec()].concat(),
+            "echoes {good}"
+        );
+        assert!(c.is_closed());
+    }
+    let mut c = conn();
+    feed(&mut c, &frame(true, 8, &[]));
+    assert_eq!(written(&mut c), vec![0x88, 0]);
+    assert_eq!(events(&mut c), vec![Event::Close(None)]);
+}
+
+#[test]
+fn utf8_rules() {
+    closes_with(&frame(true, 1, b"\xce\xba\xff"), 1007);
+    closes_with(&frame(true, 1, b"ok\xe2\x82"), 1007); // unfinished at the end
+    let mut s = frame(false, 1, b"\xe2");
+    s.extend(frame(true, 0, b"\x82")); // unfinished at the end of the fragmented message
+    closes_with(&s, 1007);
+    // Fail fast: the first half of a frame already shows the error.
+    let bytes = frame(
+        true,
+        1,
+        b"\xce\xba\xf4\x90\x80\x80 and a lot more text to come",
+    );
+    let mut c = conn();
+    feed(&mut c, &bytes[..10]);
+    assert!(c.is_closed());
+    assert_eq!(&written(&mut c)[..4], &[0x88, 0x02, 0x03, 0xEF]);
+    // Binary messages are not checked.
+    let mut c = conn();
+    feed(&mut c, &frame(true, 2, b"\xff"));
+    assert_eq!(
+        events(&mut c),
+        vec![Event::Binary(Bytes::from_static(b"\xff"))]
+    );
+}
+
+#[test]
+fn size_limits_close_with_1009() {
+    let cfg = || Config {
+        max_message_size: 100,
+        ..Config::default()
+    };
+    // The header alone decides: no payload needs to arrive.
+    closes_with_cfg(&frame(true, 2, &[0u8; 101])[..8], 1009, cfg());
+    let mut s = frame(false, 2, &[0u8; 60]);
+    s.extend(frame(true, 0, &[0u8; 60]));
+    closes_with_cfg(&s, 1009, cfg());
+    let mut c = conn_with(cfg());
+    feed(&mut c, &frame(true, 2, &[0u8; 100]));
+    assert_eq!(events(&mut c).len(), 1);
+}
+
+#[test]
+fn pings_are_answered_and_control_frames_interleave() {
+    let mut c = conn();
+    let mut s = frame(false, 1, b"frag");
+    s.extend(frame(true, 9, b"abc"));
+    s.extend(frame(true, 0, b"ment"));
+    feed(&mut c, &s);
+    assert_eq!(
+        events(&mut c),
+        vec![
+            Event::Ping(Bytes::from_static(b"abc")),
+            Event::Text(Bytes::from_static(b"fragment"))
+        ]
+    );
+    assert_eq!(written(&mut c), vec![0x8A, 3, b'a', b'b', b'c']);
+}
+
+#[test]
+fn closing_by_us_sends_nothing_but_the_close() {
+    let now = Instant::now();
+    let mut c = conn();
+    c.close(CloseCode::Away, "shutting down", now);
+    assert_eq!(c.state(), State::ClosingByUs);
+    assert_eq!(c.send(OpCode::Text, b"late"), Err(SendError::Closing));
+    let tx = written(&mut c);
+    assert_eq!(&tx[..4], &[0x88, 15, 0x03, 0xE9]);
+    assert_eq!(&tx[4..], b"shutting down");
+    // The peer's data and pings are read but neither delivered nor answered.
+    let mut s = frame(true, 1, b"data");
+    s.extend(frame(true, 9, b"p"));
+    s.extend(frame(true, 8, &1001u16.to_be_bytes()));
+    feed(&mut c, &s);
+    assert_eq!(
+        events(&mut c),
+        vec![
+            Event::Ping(Bytes::from_static(b"p")),
+            Event::Close(Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: String::new()
+            }))
+        ]
+    );
+    assert!(written(&mut c).is_empty());
+    assert!(c.is_closed());
+    // A second close is a no-op.
+    c.close(CloseCode::Normal, "", now);
+    assert!(written(&mut c).is_empty());
+}
+
+#[test]
+fn timers_ping_then_drop_a_silent_peer() {
+    let t0 = Instant::now();
+    let cfg = Config {
+        ping_interval: Some(Duration::from_secs(10)),
+        pong_timeout: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let mut c = Connection::new(Arc::new(cfg), t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+    c.handle_timeout(t0 + Duration::from_secs(9)); // early: nothing
+    assert!(written(&mut c).is_empty());
+    // Activity pushes the deadline.
+    let mut b = frame(true, 10, b"");
+    c.handle_read(&mut b, t0 + Duration::from_secs(8));
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(18)));
+    c.handle_timeout(t0 + Duration::from_secs(18));
+    assert_eq!(written(&mut c), vec![0x89, 0x00]);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(23)));
+    // An answer in time puts it back to idle.
+    let mut b = frame(true, 10, b"");
+    c.handle_read(&mut b, t0 + Duration::from_secs(20));
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+    c.handle_timeout(t0 + Duration::from_secs(30));
+    written(&mut c);
+    c.handle_timeout(t0 + Duration::from_secs(35));
+    assert!(c.is_closed());
+    assert!(events(&mut c).contains(&Event::TimedOut));
+}
+
+#[test]
+fn close_deadline_drops_the_connection() {
+    let t0 = Instant::now();
+    let mut c = conn_with(Config {
+        ping_interval: None,
+        close_timeout: Duration::from_secs(5),
+        ..Config::default()
+    });
+    assert_eq!(c.poll_timeout(), None);
+    c.close(CloseCode::Normal, "", t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+    c.handle_timeout(t0 + Duration::from_secs(5));
+    assert!(c.is_closed());
+    assert_eq!(events(&mut c), vec![Event::TimedOut]);
+}
+
+#[test]
+fn short_writes_resume_where_they_stopped() {
+    let mut c = conn();
+    c.send(OpCode::Text, b"abc").unwrap();
+    c.send_frame(encode_frame(OpCode::Binary, b"de")).unwrap();
+    let all: Vec<u8> = c.transmit().flatten().copied().collect();
+    assert_eq!(c.queued_bytes(), all.len());
+    let mut out = Vec::new();
+    for step in [1, 3, 1, 100] {
+        let chunk: Vec<u8> = c.transmit().flatten().copied().take(step).collect();
+        c.advance_transmit(chunk.len());
+        out.extend(chunk);
+    }
+    assert_eq!(out, all);
+    assert_eq!(c.queued_bytes(), 0);
+    assert_eq!(c.transmit_frames(), 0);
+}
+
+#[test]
+fn idle_connection_holds_no_heap_and_the_decoder_is_small() {
+    let mut c = conn();
+    assert_eq!(c.heap_bytes(), 0);
+    feed(&mut c, &frame(true, 1, b"hi"));
+    events(&mut c);
+    c.shrink();
+    assert_eq!(c.heap_bytes(), 0);
+    assert!(std::mem::size_of::<Decoder>() <= 48);
+}
