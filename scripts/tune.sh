@@ -92,7 +92,7 @@ done
 P=${ROOT%/}
 while [[ $P == */ ]]; do P=${P%/}; done
 REAL_ROOT=0
-[[ -z $P ]] && REAL_ROOT=1
+if [[ -z $P ]]; then REAL_ROOT=1; fi
 readonly P REAL_ROOT
 readonly BK="$P/$BACKUP_REL"
 readonly MANIFEST="$BK/manifest"
@@ -124,8 +124,8 @@ ceil_div() { echo $((($1 + $2 - 1) / $2)); }
 
 clamp() {
 	local v=$1 lo=$2 hi=$3
-	((v < lo)) && v=$lo
-	((v > hi)) && v=$hi
+	if ((v < lo)); then v=$lo; fi
+	if ((v > hi)); then v=$hi; fi
 	echo "$v"
 }
 
@@ -149,7 +149,7 @@ read_sysctl() {
 
 # ge CUR NEED: CUR >= NEED, where CUR may be "unlimited".
 ge() {
-	[[ $1 == unlimited ]] && return 0
+	if [[ $1 == unlimited ]]; then return 0; fi
 	is_uint "$1" || return 1
 	(($1 >= $2))
 }
@@ -317,7 +317,7 @@ collect() {
 	local name rec
 	for name in net.ipv4.tcp_rmem net.ipv4.tcp_wmem; do
 		rec=$RECOMMENDED_RMEM
-		[[ $name == net.ipv4.tcp_wmem ]] && rec=$RECOMMENDED_WMEM
+		if [[ $name == net.ipv4.tcp_wmem ]]; then rec=$RECOMMENDED_WMEM; fi
 		read -r -a n <<<"$rec"
 		if ! cur=$(read_sysctl "$name"); then
 			add_row "$name" "?" "$rec" INFO "cannot read $P/$(sysctl_rel "$name")"
@@ -395,7 +395,7 @@ print_table() {
 	printf '%-30s %-24s %-24s %s\n' KNOB CURRENT NEEDED STATUS
 	for i in "${!ROW_NAME[@]}"; do
 		printf '%-30s %-24s %-24s %s\n' "${ROW_NAME[i]}" "${ROW_CUR[i]}" "${ROW_NEED[i]}" "${ROW_STATUS[i]}"
-		[[ ${ROW_STATUS[i]} == LOW ]] && low+=("${ROW_NAME[i]}")
+		if [[ ${ROW_STATUS[i]} == LOW ]]; then low+=("${ROW_NAME[i]}"); fi
 	done
 	local printed=0
 	for i in "${!ROW_NAME[@]}"; do
@@ -426,7 +426,7 @@ make_dirs() {
 	local -a parts
 	IFS=/ read -r -a parts <<<"$1"
 	for part in "${parts[@]}"; do
-		[[ -z $part ]] && continue
+		if [[ -z $part ]]; then continue; fi
 		acc=${acc:+$acc/}$part
 		if [[ ! -d $P/$acc ]]; then
 			mkdir "$P/$acc"
@@ -438,12 +438,12 @@ make_dirs() {
 record_created_dirs() {
 	local d
 	while IFS= read -r d; do
-		[[ -n $d ]] && record dir "$d"
+		if [[ -n $d ]]; then record dir "$d"; fi
 	done <<<"$1"
 }
 
 ensure_backup_dir() {
-	[[ -f $MANIFEST ]] && return 0
+	if [[ -f $MANIFEST ]]; then return 0; fi
 	local created
 	created=$(make_dirs "$BACKUP_REL")
 	: >"$MANIFEST"
@@ -459,7 +459,7 @@ in_manifest() {
 backup_file() {
 	local rel=$1
 	ensure_backup_dir
-	in_manifest "$rel" && return 0
+	if in_manifest "$rel"; then return 0; fi
 	if [[ -e $P/$rel ]]; then
 		mkdir -p "$BK/files/$(dirname "$rel")"
 		cat "$P/$rel" >"$BK/files/$rel"
@@ -518,7 +518,7 @@ apply_sysctls() {
 # Why each knob matters: tuning/README.md.
 "
 	for key in "${SYSCTL_ORDER[@]}"; do
-		[[ -n ${frag[$key]+set} ]] && content+="$key = ${frag[$key]}"$'\n'
+		if [[ -n ${frag[$key]+set} ]]; then content+="$key = ${frag[$key]}"$'\n'; fi
 	done
 	for key in "${!frag[@]}"; do
 		case " ${SYSCTL_ORDER[*]} " in
@@ -588,7 +588,7 @@ do_apply() {
 	echo
 	echo "== applying"
 	local before=0
-	[[ -f $MANIFEST ]] && before=1
+	if [[ -f $MANIFEST ]]; then before=1; fi
 	apply_sysctls
 	apply_limits
 	if ((${#APPLY_SYSCTL[@]} == 0 && APPLY_NOFILE == 0 && APPLY_MEMLOCK == 0)); then

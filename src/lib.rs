@@ -7,4 +7,6 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod check;
+pub mod engine;
 pub mod proto;

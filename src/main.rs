@@ -1,1 +1,247 @@
-fn main() {}
+//! `wsring`: the command-line server (`wsring serve`) and the host check (`wsring check`).
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use wsring::engine::{BackendChoice, EngineConfig, Server};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "wsring",
+    version,
+    about = "A WebSocket server engine on io_uring, thread per core"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: `/echo` echoes every message, `/pubsub/<topic>` publishes every
+    /// message to all subscribers of <topic> (the sender included), `GET /` is a status
+    /// page with a browser demo, `GET /metrics` is Prometheus text.
+    Serve(ServeArgs),
+    /// Check whether this host can hold N connections (read only, no root needed).
+    Check {
+        /// Number of concurrent connections to plan for.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+        /// Root of the /proc tree to read (for tests).
+        #[arg(long, default_value = "/", hide = true)]
+        proc_root: std::path::PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+    /// Worker threads, one io_uring (or epoll) reactor each; 0 = one per online CPU.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// I/O backend: `auto` uses io_uring when the kernel allows it and falls back to
+    /// epoll (logging why); `io-uring` fails instead of falling back.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Largest message or frame accepted (e.g. 16MiB, 65536); larger ones close with 1009.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    max_message_size: u64,
+    /// Largest upgrade request header block; larger requests get HTTP 431.
+    #[arg(long, default_value = "8KiB", value_parser = parse_size)]
+    max_header_bytes: u64,
+    /// Time allowed for a client to send its whole upgrade request (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Ping a connection after this long without receiving anything; 0 disables pings.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    ping_interval: Duration,
+    /// Drop a connection whose pong (or any data) does not arrive this long after a ping.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pong_timeout: Duration,
+    /// Drop a connection whose close reply does not arrive this long after our close.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    close_timeout: Duration,
+    /// On SIGINT/SIGTERM: send close 1001 to everyone, wait this long for the close
+    /// handshakes, then drop the rest. A second signal exits at once.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Most upgraded connections at once (over all workers); 0 = from RLIMIT_NOFILE (raised
+    /// to its hard limit at start). Upgrades beyond get HTTP 503.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive). RUST_LOG wins
+    /// when set.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Do not pin worker i to CPU i.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the workers it starts) so that they can
+/// be received synchronously with `sigwait`; ignores SIGPIPE.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set; pthread_sigmask and signal with valid
+    // arguments.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: set is an initialised sigset; sig is a valid out pointer.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(&args.log_level);
+    let signals = block_signals();
+    let config = EngineConfig {
+        listen: args.listen,
+        threads: args.threads,
+        backend: args.backend,
+        max_message_size: args.max_message_size,
+        max_header_bytes: usize::try_from(args.max_header_bytes).unwrap_or(usize::MAX),
+        handshake_timeout: args.handshake_timeout,
+        ping_interval: (!args.ping_interval.is_zero()).then_some(args.ping_interval),
+        pong_timeout: args.pong_timeout,
+        close_timeout: args.close_timeout,
+        drain_timeout: args.drain_timeout,
+        max_connections: args.max_connections,
+        pin_threads: !args.no_pin,
+    };
+    let configured = (args.max_connections > 0).then_some(args.max_connections as u64);
+    let (_, limits_line) = wsring::check::startup_limits_summary(configured);
+    tracing::info!("{limits_line}");
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsring: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = server.shared().clone();
+    println!(
+        "wsring listening on ws://{} (backend {}, {} workers, max {} connections)",
+        server.local_addr(),
+        server.backend(),
+        shared.stats.len(),
+        shared.config.max_connections
+    );
+    let _ = std::io::stdout().flush();
+    let handle = server.shutdown_handle();
+    let sig = wait_signal(&signals);
+    tracing::info!(signal = sig, "shutting down: closing connections with 1001");
+    handle.shutdown();
+    // A second signal exits at once.
+    std::thread::spawn(move || {
+        let sig = wait_signal(&signals);
+        eprintln!("wsring: second signal ({sig}), exiting now");
+        std::process::exit(1);
+    });
+    server.join();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Check {
+            connections,
+            proc_root,
+        } => {
+            let report = wsring::check::run_check(&wsring::check::CheckOptions {
+                connections,
+                proc_root,
+            });
+            print!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("8k"), Ok(8192));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1s").is_err());
+    }
+}

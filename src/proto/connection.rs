@@ -169,6 +169,10 @@ pub struct Connection {
     config: Arc<Config>,
     decoder: Decoder,
     state: State,
+    /// The peer's close or a protocol error was read: ignore further input. The state
+    /// changes (and the close frame is queued) when the driver polls that event, so that
+    /// replies to the messages before it still go out first.
+    input_done: bool,
     timer: Timer,
     deadline: Option<Instant>,
     /// A data message split over frames or reads.
@@ -194,6 +198,7 @@ impl Connection {
             config,
             decoder: Decoder::new(),
             state: State::Open,
+            input_done: false,
             timer,
             deadline,
             message: Vec::new(),
@@ -216,12 +221,17 @@ impl Connection {
         self.state == State::Closed
     }
 
+    /// The protocol settings this connection runs with.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
     /// Processes bytes read from the peer. Payloads are unmasked in place in `data`; a
     /// frame cut at the end of `data` is carried over to the next call (headers inline,
     /// payloads in a buffer that is freed when the frame completes). Bytes read after the
     /// connection closed are ignored.
     pub fn handle_read(&mut self, data: &mut [u8], now: Instant) {
-        if self.state == State::Closed {
+        if self.state == State::Closed || self.input_done {
             return;
         }
         if let (Timer::Idle | Timer::AwaitPong, Some(d)) = (self.timer, self.config.ping_interval) {
@@ -235,7 +245,7 @@ impl Connection {
 
     fn read_frames(&mut self, mut data: &mut [u8]) -> Result<(), ProtocolError> {
         loop {
-            if self.state == State::Closed {
+            if self.input_done {
                 return Ok(());
             }
             if self.decoder.frame.is_none() {
@@ -408,17 +418,7 @@ impl Connection {
                 .push_back(Event::Pong(Bytes::copy_from_slice(payload))),
             OpCode::Close => {
                 let frame = parse_close_payload(payload)?;
-                if self.state == State::Open {
-                    // Echo the peer's code (§5.5.1); an empty close gets an empty reply.
-                    let reply = match &frame {
-                        Some(f) => close_frame(f.code, ""),
-                        None => encode_frame(OpCode::Close, &[]),
-                    };
-                    self.queue(reply);
-                }
-                self.state = State::Closed;
-                self.timer = Timer::None;
-                self.deadline = None;
+                self.input_done = true;
                 self.events.push_back(Event::Close(frame));
             }
             OpCode::Continuation | OpCode::Text | OpCode::Binary => {}
@@ -426,22 +426,47 @@ impl Connection {
         Ok(())
     }
 
-    /// Fails the connection (§7.1.7): our close frame with the error's code, then closed.
+    /// Fails the connection (§7.1.7): reads nothing more; when the driver polls the
+    /// error, our close frame with its code is queued and the connection is closed.
     fn fail(&mut self, e: ProtocolError) {
-        if self.state == State::Open {
-            self.queue(close_frame(e.close_code(), ""));
-        }
-        self.state = State::Closed;
-        self.timer = Timer::None;
-        self.deadline = None;
+        self.input_done = true;
         self.message = Vec::new();
         self.control = Vec::new();
         self.events.push_back(Event::ProtocolError(e));
     }
 
-    /// The next event, if any. Drain after every `handle_*` call.
+    /// The next event, if any. Drain after every `handle_*` call. Polling the peer's close
+    /// or a protocol error queues our close reply (after whatever the application sent in
+    /// answer to the messages before it) and closes the connection.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        match &event {
+            Event::Close(frame) => {
+                if self.state == State::Open {
+                    // Echo the peer's code (§5.5.1); an empty close gets an empty reply.
+                    let reply = match frame {
+                        Some(f) => close_frame(f.code, ""),
+                        None => encode_frame(OpCode::Close, &[]),
+                    };
+                    self.queue(reply);
+                }
+                self.closed();
+            }
+            Event::ProtocolError(e) => {
+                if self.state == State::Open {
+                    self.queue(close_frame(e.close_code(), ""));
+                }
+                self.closed();
+            }
+            _ => {}
+        }
+        Some(event)
+    }
+
+    fn closed(&mut self) {
+        self.state = State::Closed;
+        self.timer = Timer::None;
+        self.deadline = None;
     }
 
     /// Starts the closing handshake with `code` and `reason` (cut to fit 123 bytes). Does
@@ -544,9 +569,8 @@ impl Connection {
                 self.deadline = Some(now + self.config.pong_timeout);
             }
             Timer::AwaitPong | Timer::Closing => {
-                self.state = State::Closed;
-                self.timer = Timer::None;
-                self.deadline = None;
+                self.closed();
+                self.input_done = true;
                 self.events.push_back(Event::TimedOut);
             }
         }

@@ -28,6 +28,8 @@ pub mod close;
 pub mod connection;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 #[allow(unsafe_code)]
 pub mod mask;

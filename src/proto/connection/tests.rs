@@ -159,8 +159,8 @@ fn closes_with(bytes: &[u8], code: u16) {
 fn closes_with_cfg(bytes: &[u8], code: u16, cfg: Config) {
     let mut c = conn_with(cfg);
     feed(&mut c, bytes);
-    assert!(c.is_closed(), "not closed for {bytes:02x?}");
     let ev = events(&mut c);
+    assert!(c.is_closed(), "not closed for {bytes:02x?}");
     assert!(matches!(ev.last(), Some(Event::ProtocolError(_))), "{ev:?}");
     let tx = written(&mut c);
     assert_eq!(tx.first(), Some(&0x88), "{tx:02x?}");
@@ -203,6 +203,7 @@ fn close_payload_rules() {
     for good in [1000u16, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 4999] {
         let mut c = conn();
         feed(&mut c, &frame(true, 8, &good.to_be_bytes()));
+        events(&mut c);
         let tx = written(&mut c);
         assert_eq!(
             tx,
@@ -213,8 +214,8 @@ fn close_payload_rules() {
     }
     let mut c = conn();
     feed(&mut c, &frame(true, 8, &[]));
-    assert_eq!(written(&mut c), vec![0x88, 0]);
     assert_eq!(events(&mut c), vec![Event::Close(None)]);
+    assert_eq!(written(&mut c), vec![0x88, 0]);
 }
 
 #[test]
@@ -232,6 +233,7 @@ fn utf8_rules() {
     );
     let mut c = conn();
     feed(&mut c, &bytes[..10]);
+    events(&mut c);
     assert!(c.is_closed());
     assert_eq!(&written(&mut c)[..4], &[0x88, 0x02, 0x03, 0xEF]);
     // Binary messages are not checked.
@@ -257,6 +259,31 @@ fn size_limits_close_with_1009() {
     let mut c = conn_with(cfg());
     feed(&mut c, &frame(true, 2, &[0u8; 100]));
     assert_eq!(events(&mut c).len(), 1);
+}
+
+#[test]
+fn replies_to_messages_before_a_close_or_an_error_go_out_first() {
+    for tail in [
+        frame(true, 8, &1000u16.to_be_bytes()),
+        raw_frame(0xC1, true, b"x", 7),
+    ] {
+        let mut c = conn();
+        let mut s = frame(true, 1, b"first");
+        s.extend(tail);
+        s.extend(frame(true, 9, b"never answered"));
+        feed(&mut c, &s);
+        let mut tx = Vec::new();
+        while let Some(ev) = c.poll_event() {
+            if let Event::Text(p) = ev {
+                c.send(OpCode::Text, &p).unwrap(); // the echo of "first"
+            }
+        }
+        tx.extend(written(&mut c));
+        assert_eq!(&tx[..7], &[0x81, 5, b'f', b'i', b'r', b's', b't']);
+        assert_eq!(tx[7], 0x88, "then our close: {tx:02x?}");
+        assert_eq!(tx.len(), 7 + 4, "and no pong: {tx:02x?}");
+        assert!(c.is_closed());
+    }
 }
 
 #[test]

@@ -1,0 +1,259 @@
+//! The epoll backend: for hosts where io_uring is disabled or missing an operation.
+//!
+//! Edge-triggered readiness; every read goes into one receive buffer per worker, so an
+//! idle connection holds no read buffer here either (the protocol core copies only an
+//! incomplete trailing frame). Writes are vectored `sendmsg` calls made at the end of the
+//! loop turn for every connection with bytes queued; a short write waits for `EPOLLOUT`.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use socket2::Socket;
+
+use super::Shared;
+use super::core::{ConnId, Core, Driver, SendOutcome};
+use super::wheel::TICK;
+
+const LISTENER: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
+const READ_BUF: usize = 64 * 1024;
+const MAX_IOV: usize = 64;
+
+fn token(id: ConnId) -> u64 {
+    (u64::from(id.generation) << 32) | u64::from(id.slot)
+}
+
+fn id_of(token: u64) -> ConnId {
+    ConnId {
+        slot: token as u32,
+        generation: (token >> 32) as u32,
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+struct EpollDriver {
+    epfd: i32,
+}
+
+impl Driver for EpollDriver {
+    fn send(&mut self, _id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome {
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut n = 0;
+        for (slot, b) in iov.iter_mut().zip(bufs) {
+            slot.iov_base = b.as_ptr() as *mut libc::c_void;
+            slot.iov_len = b.len();
+            n += 1;
+        }
+        // SAFETY: a zeroed msghdr is valid; it points at `iov`, which outlives the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n;
+        // SAFETY: fd is this connection's open socket; msg and the buffers it points to
+        // are valid for the duration of the call.
+        let r = unsafe { libc::sendmsg(fd as i32, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if r >= 0 {
+            SendOutcome::Wrote(r as usize)
+        } else {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => SendOutcome::WouldBlock,
+                Some(libc::EINTR) => SendOutcome::Wrote(0),
+                _ => SendOutcome::Failed,
+            }
+        }
+    }
+
+    fn close(&mut self, _id: ConnId, fd: u32) -> bool {
+        // SAFETY: fd is this connection's socket, owned by the slot and closed only here;
+        // closing it also removes it from the epoll set.
+        unsafe {
+            libc::epoll_ctl(
+                self.epfd,
+                libc::EPOLL_CTL_DEL,
+                fd as i32,
+                std::ptr::null_mut(),
+            );
+            libc::close(fd as i32);
+        }
+        true
+    }
+}
+
+fn add(epfd: i32, fd: i32, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: epfd and fd are open descriptors; ev is a valid local.
+    cvt(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
+    Ok(())
+}
+
+/// Runs worker `index` on epoll until shutdown.
+///
+/// # Errors
+/// Set-up failures (epoll_create, registering the listener).
+pub fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    listener: Socket,
+    ready: &Sender<Result<(), String>>,
+) -> io::Result<()> {
+    // SAFETY: epoll_create1 has no memory preconditions; the result is checked.
+    let epfd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: epfd is a fresh descriptor we own.
+    let _ep_owner = unsafe { OwnedFd::from_raw_fd(epfd) };
+    let mut listener = Some(listener);
+    if let Some(l) = &listener {
+        add(epfd, l.as_raw_fd(), libc::EPOLLIN as u32, LISTENER)?;
+    }
+    let wake_fd = shared.eventfd(index);
+    add(epfd, wake_fd, libc::EPOLLIN as u32, WAKE)?;
+    let _ = ready.send(Ok(()));
+
+    let mut core = Core::new(index, shared.clone(), Instant::now());
+    let mut driver = EpollDriver { epfd };
+    let mut buf = vec![0u8; READ_BUF];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let tick_ms = TICK.as_millis() as i32;
+    loop {
+        let timeout = if core.has_dirty() { 0 } else { tick_ms };
+        // SAFETY: events is a valid buffer of events.len() entries.
+        let n =
+            unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, timeout) };
+        let n = if n < 0 { 0 } else { n as usize };
+        let now = Instant::now();
+        for ev in events.iter().take(n) {
+            let (flags, tok) = (ev.events, ev.u64);
+            match tok {
+                LISTENER => {
+                    let Some(l) = &listener else { continue };
+                    for _ in 0..256 {
+                        // SAFETY: accept4 on our listener; null address pointers are allowed.
+                        let fd = unsafe {
+                            libc::accept4(
+                                l.as_raw_fd(),
+                                std::ptr::null_mut(),
+                                std::ptr::null_mut(),
+                                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                            )
+                        };
+                        if fd < 0 {
+                            let err = io::Error::last_os_error();
+                            if err.raw_os_error() != Some(libc::EAGAIN) {
+                                tracing::warn!(worker = index, "accept: {err}");
+                            }
+                            break;
+                        }
+                        set_nodelay(fd);
+                        let id = core.on_accept(fd as u32, now);
+                        let interest =
+                            (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
+                                as u32;
+                        if add(epfd, fd, interest, token(id)).is_err() {
+                            core.on_eof(id);
+                        }
+                    }
+                }
+                WAKE => {
+                    let mut v = 0u64;
+                    // SAFETY: reads 8 bytes into a live u64 from our eventfd.
+                    let _ = unsafe { libc::read(wake_fd, (&raw mut v).cast(), 8) };
+                    core.on_inbox();
+                }
+                tok => {
+                    let id = id_of(tok);
+                    let Some(fd) = core.fd_of(id) else { continue };
+                    if flags
+                        & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
+                            as u32
+                        != 0
+                    {
+                        let hup = flags
+                            & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
+                            != 0;
+                        read_all(&mut core, id, fd, &mut buf, hup, now);
+                    }
+                    if flags & libc::EPOLLOUT as u32 != 0 {
+                        core.on_writable(id);
+                    }
+                }
+            }
+        }
+        core.on_tick(now);
+        match shared.shutdown_state() {
+            0 => {}
+            1 => {
+                if !core.draining() {
+                    listener = None; // stop accepting on this worker
+                    core.begin_drain(now, now + shared.config.drain_timeout);
+                }
+            }
+            _ => {
+                core.abort_all(&mut driver);
+                return Ok(());
+            }
+        }
+        core.flush(&mut driver);
+        if core.finished(now) {
+            core.abort_all(&mut driver);
+            return Ok(());
+        }
+    }
+}
+
+fn read_all(core: &mut Core, id: ConnId, fd: u32, buf: &mut [u8], hup: bool, now: Instant) {
+    loop {
+        // SAFETY: fd is the connection's open socket; buf is valid for buf.len() bytes.
+        let r = unsafe { libc::read(fd as i32, buf.as_mut_ptr().cast(), buf.len()) };
+        if r > 0 {
+            let n = r as usize;
+            if let Some(data) = buf.get_mut(..n) {
+                core.on_data(id, data, now);
+            }
+            if core.fd_of(id).is_none() {
+                return;
+            }
+            if n < buf.len() && !hup {
+                // Edge-triggered: a short read means the socket is drained; a FIN that
+                // arrives later raises a new edge (EPOLLRDHUP).
+                return;
+            }
+        } else if r == 0 {
+            core.on_eof(id);
+            return;
+        } else {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => return,
+                Some(libc::EINTR) => {}
+                _ => {
+                    core.on_eof(id);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn set_nodelay(fd: i32) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own with a valid int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! The plain-HTTP pages `wsring serve` answers: `GET /` (status and a browser demo that
+//! joins `/pubsub/demo`) and `GET /metrics` (Prometheus text format).
+
+use std::fmt::Write as _;
+
+use super::{Shared, WorkerStats};
+
+/// A counter's name, help text and field.
+type Counter = (
+    &'static str,
+    &'static str,
+    fn(&WorkerStats) -> &std::sync::atomic::AtomicU64,
+);
+
+/// The status page: counters, uptime and a small demo client.
+pub fn page(shared: &Shared) -> String {
+    let up = shared.started.elapsed().as_secs();
+    let open = shared.open.load(std::sync::atomic::Ordering::Relaxed);
+    let msgs_in = shared.total(|s| &s.messages_in);
+    let msgs_out = shared.total(|s| &s.messages_out);
+    let accepted = shared.total(|s| &s.accepted);
+    format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>wsring</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:44em;margin:2em auto}}#log{{height:14em;overflow:auto;border:1px solid #ccc;padding:.5em;font-family:monospace}}td{{padding:0 1em}}</style>
+</head><body>
+<h1>wsring</h1>
+<table>
+<tr><td>backend</td><td>{backend}, {threads} worker(s)</td></tr>
+<tr><td>connections open</td><td id="open">{open}</td></tr>
+<tr><td>accepted</td><td>{accepted}</td></tr>
+<tr><td>messages in / out</td><td>{msgs_in} / {msgs_out}</td></tr>
+<tr><td>uptime</td><td>{up} s</td></tr>
+</table>
+<p>Endpoints: <code>/echo</code>, <code>/pubsub/&lt;topic&gt;</code>, <code>/metrics</code>.</p>
+<h2>Demo: topic <code>demo</code></h2>
+<div id="log"></div>
+<form id="f"><input id="m" size="40" placeholder="say something to everyone on /pubsub/demo"> <button>send</button></form>
+<script>
+const log = document.getElementById('log');
+const add = t => {{ const d = document.createElement('div'); d.textContent = t; log.appendChild(d); log.scrollTop = log.scrollHeight; }};
+const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/pubsub/demo');
+ws.onopen = () => add('joined /pubsub/demo');
+ws.onmessage = e => add('> ' + e.data);
+ws.onclose = e => add('closed: ' + e.code + ' ' + e.reason);
+document.getElementById('f').onsubmit = e => {{ e.preventDefault(); const m = document.getElementById('m'); if (m.value) ws.send(m.value); m.value = ''; }};
+</script>
+</body></html>
+"#,
+        backend = shared.backend,
+        threads = shared.stats.len(),
+    )
+}
+
+/// Prometheus text exposition of the counters.
+pub fn metrics(shared: &Shared) -> String {
+    let mut out = String::new();
+    let open = shared.open.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP wsring_connections_open Upgraded connections open now."
+    );
+    let _ = writeln!(out, "# TYPE wsring_connections_open gauge");
+    let _ = writeln!(out, "wsring_connections_open {open}");
+    let counters: [Counter; 10] = [
+        ("accepted", "Sockets accepted.", |s| &s.accepted),
+        ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
+        ("rejected", "Handshakes refused with an HTTP error.", |s| {
+            &s.rejected
+        }),
+        (
+            "rejected_full",
+            "Upgrades refused with 503 at the connection cap.",
+            |s| &s.rejected_full,
+        ),
+        ("http_requests", "Plain HTTP requests answered.", |s| {
+            &s.http_requests
+        }),
+        ("closed", "Sockets closed.", |s| &s.closed),
+        ("messages_in", "Messages received.", |s| &s.messages_in),
+        (
+            "messages_out",
+            "Messages sent, pub/sub deliveries included.",
+            |s| &s.messages_out,
+        ),
+        ("bytes_in", "Bytes read.", |s| &s.bytes_in),
+        ("bytes_out", "Bytes written.", |s| &s.bytes_out),
+    ];
+    for (name, help, f) in counters {
+        let _ = writeln!(out, "# HELP wsring_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE wsring_{name}_total counter");
+        let _ = writeln!(out, "wsring_{name}_total {}", shared.total(f));
+    }
+    let _ = writeln!(out, "# HELP wsring_uptime_seconds Seconds since start.");
+    let _ = writeln!(out, "# TYPE wsring_uptime_seconds gauge");
+    let _ = writeln!(
+        out,
+        "wsring_uptime_seconds {}",
+        shared.started.elapsed().as_secs()
+    );
+    out
+}

@@ -1,0 +1,621 @@
+//! The io_uring backend.
+//!
+//! Per worker: one ring (`SINGLE_ISSUER | DEFER_TASKRUN`: only this thread touches it),
+//! a sparse direct-descriptor table that multishot accept allocates into (accepted sockets
+//! never enter the process's descriptor table), one provided-buffer ring shared by every
+//! connection's multishot recv (a buffer is taken only when bytes arrive and is given back
+//! as soon as the core has parsed it, so an idle connection holds none), one send in flight
+//! per connection (a plain `send` for one frame, `sendmsg` gathering every queued frame
+//! otherwise), a repeating kernel timeout that drives the timer wheel, and a read on the
+//! worker's eventfd for cross-worker wake-ups.
+//!
+//! Completion `user_data` = op kind (8 bits) | generation (24 bits) | slot (32 bits).
+//! A slot is freed only after its last operation completed, and a completion whose
+//! generation does not match the slot's is ignored.
+//!
+//! Ownership of memory handed to the kernel: receive buffers belong to the kernel while
+//! they are in the buffer ring and to us from the completion that names them until we put
+//! them back; a send's bytes are `Bytes` held in the connection's transmit queue, which is
+//! not advanced (so not dropped) until the send completes; `SendBuf` (iovecs + msghdr) is
+//! owned per slot and not touched while its send is in flight.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{BufRingEntry, Fd, Fixed, TimeoutFlags, Timespec};
+use io_uring::{IoUring, Probe, Submitter, cqueue, opcode, squeue};
+use socket2::Socket;
+
+use super::core::{ConnId, Core, Driver, SendOutcome};
+use super::wheel::TICK;
+use super::{EngineConfig, Shared};
+
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_CLOSE: u64 = 4;
+const OP_CANCEL: u64 = 5;
+const OP_TICK: u64 = 6;
+const OP_WAKE: u64 = 7;
+
+/// Buffer group id of the worker's provided-buffer ring.
+const BGID: u16 = 0;
+/// Receive buffers per worker, and their size.
+const RING_BUFFERS: u16 = 1024;
+const BUFFER_SIZE: usize = 4096;
+const MAX_IOV: usize = 64;
+const SQ_ENTRIES: u32 = 4096;
+const CQ_ENTRIES: u32 = 32768;
+
+fn user_data(op: u64, id: ConnId) -> u64 {
+    (op << 56) | ((u64::from(id.generation) & 0xFF_FFFF) << 32) | u64::from(id.slot)
+}
+
+fn split(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ((ud >> 32) & 0xFF_FFFF) as u32, ud as u32)
+}
+
+fn builder() -> io_uring::Builder {
+    let mut b = IoUring::builder();
+    b.setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_submit_all()
+        .setup_cqsize(CQ_ENTRIES);
+    b
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    // SAFETY: a zeroed utsname is valid; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: u is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    let release: String = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    let mut parts = release
+        .split(['.', '-'])
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
+/// Checks that io_uring can be set up here with every operation this backend uses.
+///
+/// # Errors
+/// A human-readable reason (disabled by sysctl, seccomp, old kernel, missing op).
+pub fn probe(_config: &EngineConfig) -> Result<(), String> {
+    if !kernel_at_least(6, 1) {
+        return Err("kernel older than 6.1 (multishot recv and buffer rings needed)".into());
+    }
+    let ring = builder().build(8).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            "io_uring_setup refused (EPERM): kernel.io_uring_disabled or a seccomp profile"
+                .to_string()
+        }
+        Some(libc::ENOSYS) => "io_uring_setup not implemented (ENOSYS)".to_string(),
+        Some(libc::ENOMEM) => {
+            "io_uring_setup: out of locked memory (ENOMEM): raise RLIMIT_MEMLOCK".to_string()
+        }
+        _ => format!("io_uring_setup failed: {e}"),
+    })?;
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring probe failed: {e}"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+        (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::AsyncCancel::CODE, "async_cancel"),
+        (opcode::Close::CODE, "close"),
+        (opcode::Timeout::CODE, "timeout"),
+        (opcode::Read::CODE, "read"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("io_uring lacks the {name} operation"));
+        }
+    }
+    ring.submitter()
+        .register_files_sparse(8)
+        .map_err(|e| format!("sparse file table not supported: {e}"))?;
+    let test = BufRing::new(8, 64).map_err(|e| format!("buffer ring allocation: {e}"))?;
+    // SAFETY: the ring memory lives until `test` drops, after `ring` (declared later, so
+    // dropped first) has gone away.
+    unsafe { test.register(&ring.submitter(), 1) }
+        .map_err(|e| format!("provided-buffer rings not supported: {e}"))?;
+    drop(ring);
+    drop(test);
+    Ok(())
+}
+
+/// A provided-buffer ring: `entries` buffers of `size` bytes, in anonymous mappings.
+struct BufRing {
+    ring: *mut BufRingEntry,
+    ring_len: usize,
+    bufs: *mut u8,
+    bufs_len: usize,
+    entries: u16,
+    size: usize,
+    /// Our copy of the tail (published with `publish`).
+    tail: u16,
+}
+
+fn map(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: an anonymous private mapping; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+impl BufRing {
+    fn new(entries: u16, size: usize) -> io::Result<BufRing> {
+        let ring_len = usize::from(entries) * size_of::<BufRingEntry>();
+        let ring = map(ring_len)?.cast::<BufRingEntry>();
+        let bufs_len = usize::from(entries) * size;
+        let bufs = match map(bufs_len) {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: unmapping the mapping made just above.
+                unsafe { libc::munmap(ring.cast(), ring_len) };
+                return Err(e);
+            }
+        };
+        let mut r = BufRing {
+            ring,
+            ring_len,
+            bufs,
+            bufs_len,
+            entries,
+            size,
+            tail: 0,
+        };
+        for bid in 0..entries {
+            r.push(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    /// # Safety
+    /// `self` must outlive the ring it is registered with (or be unregistered first).
+    unsafe fn register(&self, submitter: &Submitter<'_>, bgid: u16) -> io::Result<()> {
+        // SAFETY: the ring memory is page-aligned (mmap), holds `entries` entries, and
+        // outlives the registration per this function's contract.
+        unsafe { submitter.register_buf_ring_with_flags(self.ring as u64, self.entries, bgid, 0) }
+    }
+
+    /// Gives buffer `bid` (back) to the kernel; visible after `publish`.
+    fn push(&mut self, bid: u16) {
+        let index = usize::from(self.tail & (self.entries - 1));
+        // SAFETY: index < entries, inside the ring mapping; the kernel only reads entries
+        // between its head and the published tail, and this one is past the tail.
+        let entry = unsafe { &mut *self.ring.add(index) };
+        // SAFETY: bid < entries, so the buffer lies inside the buffers mapping.
+        entry.set_addr(unsafe { self.bufs.add(usize::from(bid) * self.size) } as u64);
+        entry.set_len(self.size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes the tail to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail field overlays entry 0's `resv`, inside the mapping; the kernel
+        // reads it atomically, so we store it atomically with release ordering.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring).cast_mut().cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`.
+    ///
+    /// # Safety
+    /// The kernel must have handed `bid` to us (a completion named it) and it must not
+    /// have been pushed back yet.
+    unsafe fn get(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let len = len.min(self.size);
+        let bid = usize::from(bid % self.entries);
+        // SAFETY: the buffer lies inside the mapping and, per the contract, is ours.
+        unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid * self.size), len) }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mappings; the io_uring using them is gone by now.
+        unsafe {
+            libc::munmap(self.ring.cast(), self.ring_len);
+            libc::munmap(self.bufs.cast(), self.bufs_len);
+        }
+    }
+}
+
+/// What is in flight for one slot.
+#[derive(Clone, Copy, Default)]
+struct SlotIo {
+    generation: u32,
+    recv: bool,
+    send: bool,
+    close: bool,
+    closing: bool,
+}
+
+/// iovecs + msghdr for a gathering send; owned per slot, untouched while in flight.
+struct SendBuf {
+    iov: [libc::iovec; MAX_IOV],
+    msg: libc::msghdr,
+}
+
+struct UringDriver<'r, 'a> {
+    submitter: &'a Submitter<'r>,
+    sq: &'a mut io_uring::SubmissionQueue<'r>,
+    io: &'a mut Vec<SlotIo>,
+    send_bufs: &'a mut Vec<Option<Box<SendBuf>>>,
+}
+
+/// Pushes an entry, submitting first if the queue is full.
+///
+/// # Safety
+/// Every buffer the entry points to must stay valid until its completion.
+unsafe fn push(
+    submitter: &Submitter<'_>,
+    sq: &mut io_uring::SubmissionQueue<'_>,
+    e: &squeue::Entry,
+) {
+    loop {
+        // SAFETY: forwarded from this function's contract.
+        if unsafe { sq.push(e) }.is_ok() {
+            return;
+        }
+        sq.sync();
+        let _ = submitter.submit();
+        sq.sync();
+    }
+}
+
+impl UringDriver<'_, '_> {
+    fn io(&mut self, slot: u32) -> &mut SlotIo {
+        let i = slot as usize;
+        if self.io.len() <= i {
+            self.io.resize(i + 1, SlotIo::default());
+        }
+        &mut self.io[i]
+    }
+
+    fn arm_recv(&mut self, id: ConnId, fd: u32) {
+        let e = opcode::RecvMulti::new(Fixed(fd), BGID)
+            .build()
+            .user_data(user_data(OP_RECV, id));
+        // SAFETY: multishot recv uses buffers from the provided ring only.
+        unsafe { push(self.submitter, self.sq, &e) };
+        self.io(id.slot).recv = true;
+    }
+}
+
+impl Driver for UringDriver<'_, '_> {
+    fn send(&mut self, id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome {
+        let i = id.slot as usize;
+        if self.send_bufs.len() <= i {
+            self.send_bufs.resize_with(i + 1, || None);
+        }
+        let sb = self.send_bufs[i].get_or_insert_with(|| {
+            Box::new(SendBuf {
+                iov: [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_IOV],
+                // SAFETY: a zeroed msghdr is a valid empty header.
+                msg: unsafe { std::mem::zeroed() },
+            })
+        });
+        let mut n = 0;
+        for (slot, b) in sb.iov.iter_mut().zip(bufs) {
+            slot.iov_base = b.as_ptr() as *mut libc::c_void;
+            slot.iov_len = b.len();
+            n += 1;
+        }
+        let e = if n == 1 {
+            opcode::Send::new(
+                Fixed(fd),
+                sb.iov[0].iov_base as *const u8,
+                sb.iov[0].iov_len as u32,
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+        } else {
+            sb.msg.msg_iov = sb.iov.as_mut_ptr();
+            sb.msg.msg_iovlen = n;
+            opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        }
+        .user_data(user_data(OP_SEND, id));
+        // SAFETY: the bytes are `Bytes` in the connection's transmit queue, kept until
+        // `on_sent` advances it; the msghdr/iovecs live in this slot's boxed SendBuf,
+        // which is neither moved nor rewritten while this send is in flight (the core
+        // keeps at most one send in flight per connection).
+        unsafe { push(self.submitter, self.sq, &e) };
+        self.io(id.slot).send = true;
+        SendOutcome::InFlight
+    }
+
+    fn close(&mut self, id: ConnId, fd: u32) -> bool {
+        let recv = self.io(id.slot).recv;
+        if recv {
+            let e = opcode::AsyncCancel::new(user_data(OP_RECV, id))
+                .build()
+                .user_data(user_data(OP_CANCEL, id));
+            // SAFETY: a cancel request points at no buffer.
+            unsafe { push(self.submitter, self.sq, &e) };
+        }
+        let e = opcode::Close::new(Fixed(fd))
+            .build()
+            .user_data(user_data(OP_CLOSE, id));
+        // SAFETY: a close request points at no buffer.
+        unsafe { push(self.submitter, self.sq, &e) };
+        let io = self.io(id.slot);
+        io.close = true;
+        io.closing = true;
+        false
+    }
+}
+
+/// Runs worker `index` on io_uring until shutdown.
+///
+/// # Errors
+/// Ring set-up failures.
+pub fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    listener: Socket,
+    ready: &Sender<Result<(), String>>,
+) -> io::Result<()> {
+    // Declared before the ring so that it is dropped after it.
+    let mut bufring = BufRing::new(RING_BUFFERS, BUFFER_SIZE)?;
+    let mut ring = builder().build(SQ_ENTRIES)?;
+    let table = (shared.config.max_connections + 1024)
+        .min(super::raise_nofile() as usize)
+        .max(64);
+    ring.submitter().register_files_sparse(table as u32)?;
+    // SAFETY: `bufring` outlives `ring` (declared first, dropped last).
+    unsafe { bufring.register(&ring.submitter(), BGID)? };
+
+    let listener_fd = listener.as_raw_fd();
+    let mut listener = Some(listener);
+    let wake_fd = shared.eventfd(index);
+    let mut wake_buf = Box::new(0u64);
+    let tick = Box::new(Timespec::from(TICK));
+    let none = ConnId {
+        slot: 0,
+        generation: 0,
+    };
+    let mut accept_armed = false;
+    let mut io: Vec<SlotIo> = Vec::new();
+    let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::new();
+    let mut core = Core::new(index, shared.clone(), Instant::now());
+    {
+        let (submitter, mut sq, _) = ring.split();
+        let e = opcode::Timeout::new(&*tick)
+            .flags(TimeoutFlags::MULTISHOT)
+            .build()
+            .user_data(user_data(OP_TICK, none));
+        // SAFETY: `tick` lives until the ring is dropped.
+        unsafe { push(&submitter, &mut sq, &e) };
+        let e = opcode::Read::new(Fd(wake_fd), (&raw mut *wake_buf).cast(), 8)
+            .build()
+            .user_data(user_data(OP_WAKE, none));
+        // SAFETY: `wake_buf` lives until the ring is dropped.
+        unsafe { push(&submitter, &mut sq, &e) };
+    }
+    let _ = ready.send(Ok(()));
+    let mut aborting: Option<Instant> = None;
+    loop {
+        if !accept_armed && listener.is_some() {
+            let e = opcode::AcceptMulti::new(Fd(listener_fd))
+                .allocate_file_index(true)
+                .build()
+                .user_data(user_data(OP_ACCEPT, none));
+            let (submitter, mut sq, _) = ring.split();
+            // SAFETY: accept writes no user memory (no address requested).
+            unsafe { push(&submitter, &mut sq, &e) };
+            accept_armed = true;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        let (submitter, mut sq, mut cq) = ring.split();
+        cq.sync();
+        let mut rearm_wake = false;
+        let mut drv = UringDriver {
+            submitter: &submitter,
+            sq: &mut sq,
+            io: &mut io,
+            send_bufs: &mut send_bufs,
+        };
+        for cqe in &mut cq {
+            let (op, generation, slot) = split(cqe.user_data());
+            let res = cqe.result();
+            let flags = cqe.flags();
+            let more = cqueue::more(flags);
+            match op {
+                OP_ACCEPT => {
+                    if !more {
+                        accept_armed = false;
+                    }
+                    if res >= 0 {
+                        let id = core.on_accept(res as u32, now);
+                        let sio = drv.io(id.slot);
+                        *sio = SlotIo {
+                            generation: id.generation,
+                            ..SlotIo::default()
+                        };
+                        drv.arm_recv(id, res as u32);
+                    } else if res != -libc::ECANCELED {
+                        tracing::warn!(
+                            worker = index,
+                            "accept: {}",
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    }
+                }
+                OP_RECV => {
+                    let id = ConnId {
+                        slot,
+                        generation: drv.io(slot).generation,
+                    };
+                    if id.generation & 0xFF_FFFF != generation {
+                        continue;
+                    }
+                    if res > 0 {
+                        if let Some(bid) = cqueue::buffer_select(flags) {
+                            // SAFETY: the completion hands buffer `bid` to us; it goes
+                            // back to the ring right after the core has parsed it.
+                            let data = unsafe { bufring.get(bid, res as usize) };
+                            core.on_data(id, data, now);
+                            bufring.push(bid);
+                        }
+                    } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
+                        // 0: the peer closed; negative: the socket failed.
+                        core.on_eof(id);
+                    }
+                    if !more {
+                        drv.io(slot).recv = false;
+                        let closing = drv.io(slot).closing;
+                        // Re-arm when the multishot ended for a reason that is not the end
+                        // of the connection (-ENOBUFS: the buffer ring ran dry).
+                        if !closing
+                            && (res > 0 || res == -libc::ENOBUFS)
+                            && let Some(fd) = core.fd_of(id)
+                        {
+                            drv.arm_recv(id, fd);
+                        }
+                        finish_if_idle(&mut core, drv.io, slot);
+                    }
+                }
+                OP_SEND => {
+                    let id = ConnId {
+                        slot,
+                        generation: drv.io(slot).generation,
+                    };
+                    if id.generation & 0xFF_FFFF != generation {
+                        continue;
+                    }
+                    drv.io(slot).send = false;
+                    core.on_sent(id, res);
+                    finish_if_idle(&mut core, drv.io, slot);
+                }
+                OP_CLOSE => {
+                    let sio = drv.io(slot);
+                    if sio.generation & 0xFF_FFFF != generation {
+                        continue;
+                    }
+                    sio.close = false;
+                    finish_if_idle(&mut core, drv.io, slot);
+                }
+                OP_TICK if !more => {
+                    {
+                        let e = opcode::Timeout::new(&*tick)
+                            .flags(TimeoutFlags::MULTISHOT)
+                            .build()
+                            .user_data(user_data(OP_TICK, none));
+                        // SAFETY: `tick` lives until the ring is dropped.
+                        unsafe { push(drv.submitter, drv.sq, &e) };
+                    }
+                }
+                OP_TICK => {}
+                OP_WAKE => rearm_wake = true,
+                _ => {} // OP_CANCEL results carry nothing we need
+            }
+        }
+        bufring.publish();
+        if rearm_wake {
+            core.on_inbox();
+            let e = opcode::Read::new(Fd(wake_fd), (&raw mut *wake_buf).cast(), 8)
+                .build()
+                .user_data(user_data(OP_WAKE, none));
+            // SAFETY: `wake_buf` lives until the ring is dropped.
+            unsafe { push(drv.submitter, drv.sq, &e) };
+        }
+        core.on_tick(now);
+        match shared.shutdown_state() {
+            0 => {}
+            1 => {
+                if !core.draining() {
+                    if accept_armed {
+                        let e = opcode::AsyncCancel::new(user_data(OP_ACCEPT, none))
+                            .build()
+                            .user_data(user_data(OP_CANCEL, none));
+                        // SAFETY: a cancel points at no buffer.
+                        unsafe { push(drv.submitter, drv.sq, &e) };
+                    }
+                    listener = None;
+                    core.begin_drain(now, now + shared.config.drain_timeout);
+                }
+            }
+            _ => {
+                if aborting.is_none() {
+                    listener = None;
+                    aborting = Some(now);
+                    core.abort_all(&mut drv);
+                }
+            }
+        }
+        core.flush(&mut drv);
+        if aborting.is_none() && core.finished(now) {
+            aborting = Some(now);
+            core.abort_all(&mut drv);
+        }
+        drop(sq);
+        drop(cq);
+        if let Some(t) = aborting {
+            // Wait (briefly) for the cancelled operations so no buffer is freed while the
+            // kernel may still use it.
+            if core.is_empty() || now.duration_since(t) > Duration::from_secs(2) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn finish_if_idle(core: &mut Core, io: &mut [SlotIo], slot: u32) {
+    let Some(sio) = io.get_mut(slot as usize) else {
+        return;
+    };
+    if sio.closing && !sio.recv && !sio.send && !sio.close {
+        let id = ConnId {
+            slot,
+            generation: sio.generation,
+        };
+        sio.closing = false;
+        core.on_closed(id);
+    }
+}
