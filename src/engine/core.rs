@@ -54,12 +54,18 @@ pub trait Driver {
 
 #[derive(Debug)]
 enum Phase {
-    /// Reading the upgrade request.
-    Handshake { buf: Vec<u8>, deadline: Instant },
+    /// Reading the upgrade request (boxed: an upgraded connection does not carry it).
+    Handshake(Box<Handshake>),
     /// Upgraded.
     Open,
     /// Answered (an HTTP response or our close): close the socket once written.
     Finish,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    buf: Vec<u8>,
+    deadline: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +97,8 @@ struct Slot {
     tick: u64,
     /// The code to report on close.
     close_code: u16,
+    /// Upgraded, and the 101 may still be queued.
+    just_upgraded: bool,
 }
 
 /// One worker's state.
@@ -179,10 +187,10 @@ impl Core {
         let deadline = now + self.shared.config.handshake_timeout;
         let slot = self.slots.insert(Slot {
             conn: Connection::new(self.shared.proto.clone(), now),
-            phase: Phase::Handshake {
+            phase: Phase::Handshake(Box::new(Handshake {
                 buf: Vec::new(),
                 deadline,
-            },
+            })),
             route: Route::None,
             generation,
             fd,
@@ -194,6 +202,7 @@ impl Core {
             counted: false,
             tick: u64::MAX,
             close_code: 1006,
+            just_upgraded: false,
         }) as u32;
         let id = ConnId { slot, generation };
         self.schedule(id, deadline);
@@ -237,7 +246,8 @@ impl Core {
             return;
         }
         match &mut slot.phase {
-            Phase::Handshake { buf, .. } => {
+            Phase::Handshake(hs) => {
+                let buf = &mut hs.buf;
                 let status = if buf.is_empty() {
                     handshake::parse_request(data, &limits)
                 } else {
@@ -305,6 +315,7 @@ impl Core {
             return;
         };
         slot.counted = true;
+        slot.just_upgraded = true;
         slot.phase = Phase::Open;
         slot.route = route.clone();
         // A fresh connection: its timers start now.
@@ -492,6 +503,14 @@ impl Core {
         match usize::try_from(result) {
             Ok(n) => {
                 slot.conn.advance_transmit(n);
+                if slot.conn.transmit_frames() == 0
+                    && slot.conn.heap_bytes() > 0
+                    && slot.just_upgraded
+                {
+                    // The 101 is out: an idle connection keeps no queue allocation.
+                    slot.just_upgraded = false;
+                    slot.conn.shrink();
+                }
                 self.shared.stats[self.index]
                     .bytes_out
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -548,18 +567,20 @@ impl Core {
             }
             slot.tick = u64::MAX;
             let next = match &slot.phase {
-                Phase::Handshake { deadline, .. } => {
-                    if *deadline <= now {
+                Phase::Handshake(hs) => {
+                    let deadline = hs.deadline;
+                    if deadline <= now {
                         // A slow-drip client: drop it without an answer.
                         slot.dead = true;
                         None
                     } else {
-                        Some(*deadline)
+                        Some(deadline)
                     }
                 }
                 Phase::Open => {
                     slot.conn.handle_timeout(now);
-                    if slot.conn.poll_timeout().is_none() {
+                    if slot.conn.transmit_frames() == 0 {
+                        // The timer fires after a silence: give back what a burst left.
                         slot.conn.shrink();
                     }
                     let next = slot.conn.poll_timeout();
@@ -603,7 +624,7 @@ impl Core {
                         self.schedule(id, at);
                     }
                 }
-                Phase::Handshake { .. } => slot.dead = true,
+                Phase::Handshake(_) => slot.dead = true,
                 Phase::Finish => {}
             }
             self.mark_dirty(id);
@@ -638,6 +659,10 @@ impl Core {
                     }
                     SendOutcome::Wrote(n) => {
                         slot.conn.advance_transmit(n);
+                        if slot.conn.transmit_frames() == 0 && slot.just_upgraded {
+                            slot.just_upgraded = false;
+                            slot.conn.shrink();
+                        }
                         self.shared.stats[self.index]
                             .bytes_out
                             .fetch_add(n as u64, Ordering::Relaxed);

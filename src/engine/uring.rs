@@ -17,7 +17,7 @@
 //! they are in the buffer ring and to us from the completion that names them until we put
 //! them back; a send's bytes are `Bytes` held in the connection's transmit queue, which is
 //! not advanced (so not dropped) until the send completes; `SendBuf` (iovecs + msghdr) is
-//! owned per slot and not touched while its send is in flight.
+//! taken from a per-worker pool for the send and returned when it completes.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -45,7 +45,7 @@ const OP_WAKE: u64 = 7;
 /// Buffer group id of the worker's provided-buffer ring.
 const BGID: u16 = 0;
 /// Receive buffers per worker, and their size.
-const RING_BUFFERS: u16 = 1024;
+const RING_BUFFERS: u16 = 512;
 const BUFFER_SIZE: usize = 4096;
 const MAX_IOV: usize = 64;
 const SQ_ENTRIES: u32 = 4096;
@@ -262,7 +262,8 @@ struct SlotIo {
     closing: bool,
 }
 
-/// iovecs + msghdr for a gathering send; owned per slot, untouched while in flight.
+/// iovecs + msghdr for a gathering send: taken from the pool for one send, untouched while
+/// it is in flight, returned when it completes.
 struct SendBuf {
     iov: [libc::iovec; MAX_IOV],
     msg: libc::msghdr,
@@ -273,6 +274,9 @@ struct UringDriver<'r, 'a> {
     sq: &'a mut io_uring::SubmissionQueue<'r>,
     io: &'a mut Vec<SlotIo>,
     send_bufs: &'a mut Vec<Option<Box<SendBuf>>>,
+    // Boxed on purpose: an in-flight msghdr points into its SendBuf, which must not move.
+    #[allow(clippy::vec_box)]
+    pool: &'a mut Vec<Box<SendBuf>>,
 }
 
 /// Pushes an entry, submitting first if the queue is full.
@@ -316,40 +320,51 @@ impl UringDriver<'_, '_> {
 
 impl Driver for UringDriver<'_, '_> {
     fn send(&mut self, id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome {
-        let i = id.slot as usize;
-        if self.send_bufs.len() <= i {
-            self.send_bufs.resize_with(i + 1, || None);
-        }
-        let sb = self.send_bufs[i].get_or_insert_with(|| {
-            Box::new(SendBuf {
-                iov: [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; MAX_IOV],
-                // SAFETY: a zeroed msghdr is a valid empty header.
-                msg: unsafe { std::mem::zeroed() },
-            })
-        });
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
         let mut n = 0;
-        for (slot, b) in sb.iov.iter_mut().zip(bufs) {
+        for (slot, b) in iov.iter_mut().zip(bufs) {
             slot.iov_base = b.as_ptr() as *mut libc::c_void;
             slot.iov_len = b.len();
             n += 1;
         }
         let e = if n == 1 {
+            // One frame: a plain send, nothing to keep alive but the frame itself.
             opcode::Send::new(
                 Fixed(fd),
-                sb.iov[0].iov_base as *const u8,
-                sb.iov[0].iov_len as u32,
+                iov[0].iov_base as *const u8,
+                iov[0].iov_len as u32,
             )
             .flags(libc::MSG_NOSIGNAL)
             .build()
         } else {
+            // Several frames: one gathering sendmsg. Its iovecs and msghdr come from a
+            // per-worker pool and go back to it when the send completes, so an idle
+            // connection holds none.
+            let mut sb = self.pool.pop().unwrap_or_else(|| {
+                Box::new(SendBuf {
+                    iov: [libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    }; MAX_IOV],
+                    // SAFETY: a zeroed msghdr is a valid empty header.
+                    msg: unsafe { std::mem::zeroed() },
+                })
+            });
+            sb.iov = iov;
             sb.msg.msg_iov = sb.iov.as_mut_ptr();
             sb.msg.msg_iovlen = n;
-            opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
+            let e = opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
                 .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
+                .build();
+            let i = id.slot as usize;
+            if self.send_bufs.len() <= i {
+                self.send_bufs.resize_with(i + 1, || None);
+            }
+            self.send_bufs[i] = Some(sb);
+            e
         }
         .user_data(user_data(OP_SEND, id));
         // SAFETY: the bytes are `Bytes` in the connection's transmit queue, kept until
@@ -414,6 +429,8 @@ pub fn run(
     let mut accept_armed = false;
     let mut io: Vec<SlotIo> = Vec::new();
     let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::new();
+    #[allow(clippy::vec_box)] // see UringDriver::pool
+    let mut pool: Vec<Box<SendBuf>> = Vec::new();
     let mut core = Core::new(index, shared.clone(), Instant::now());
     {
         let (submitter, mut sq, _) = ring.split();
@@ -460,6 +477,7 @@ pub fn run(
             sq: &mut sq,
             io: &mut io,
             send_bufs: &mut send_bufs,
+            pool: &mut pool,
         };
         for cqe in &mut cq {
             let (op, generation, slot) = split(cqe.user_data());
@@ -530,6 +548,9 @@ pub fn run(
                         continue;
                     }
                     drv.io(slot).send = false;
+                    if let Some(sb) = drv.send_bufs.get_mut(slot as usize).and_then(Option::take) {
+                        drv.pool.push(sb);
+                    }
                     core.on_sent(id, res);
                     finish_if_idle(&mut core, drv.io, slot);
                 }

@@ -162,6 +162,16 @@ impl Decoder {
     }
 }
 
+/// Buffers for what is split across frames or reads (boxed: most connections never need
+/// them, and the box is dropped once both are empty).
+#[derive(Debug, Default)]
+struct Partial {
+    /// A data message split over frames or reads.
+    message: Vec<u8>,
+    /// A control payload split over reads.
+    control: Vec<u8>,
+}
+
 /// One WebSocket connection's protocol state (server side). See the module docs for the
 /// order in which a driver calls it.
 #[derive(Debug)]
@@ -175,10 +185,8 @@ pub struct Connection {
     input_done: bool,
     timer: Timer,
     deadline: Option<Instant>,
-    /// A data message split over frames or reads.
-    message: Vec<u8>,
-    /// A control payload split over reads.
-    control: Vec<u8>,
+    /// Reassembly buffers, only while a message or control frame is split.
+    partial: Option<Box<Partial>>,
     events: VecDeque<Event>,
     transmit: VecDeque<Bytes>,
     /// Bytes of the first queued frame already written.
@@ -201,8 +209,7 @@ impl Connection {
             input_done: false,
             timer,
             deadline,
-            message: Vec::new(),
-            control: Vec::new(),
+            partial: None,
             events: VecDeque::new(),
             transmit: VecDeque::new(),
             transmit_offset: 0,
@@ -355,15 +362,19 @@ impl Connection {
             self.decoder.frame = None;
         }
         if op.is_control() {
-            if done && self.control.is_empty() {
+            if done && self.partial.as_ref().is_none_or(|p| p.control.is_empty()) {
                 return self.control_frame(op, chunk);
             }
-            if self.control.len() + chunk.len() > MAX_CONTROL_PAYLOAD {
+            let p = self.partial.get_or_insert_with(Box::default);
+            if p.control.len() + chunk.len() > MAX_CONTROL_PAYLOAD {
                 return Err(ProtocolError::ControlFrameTooLong);
             }
-            self.control.extend_from_slice(chunk);
+            p.control.extend_from_slice(chunk);
             if done {
-                let payload = std::mem::take(&mut self.control);
+                let payload = std::mem::take(&mut p.control);
+                if p.message.is_empty() {
+                    self.partial = None;
+                }
                 return self.control_frame(op, &payload);
             }
             return Ok(());
@@ -383,18 +394,25 @@ impl Connection {
         }
         if self.state != State::Open {
             // After our close, data is still parsed (to find the reply) but not delivered.
-            self.message.clear();
+            if let Some(p) = &mut self.partial {
+                p.message = Vec::new();
+            }
             return Ok(());
         }
-        let payload = if last && self.message.is_empty() {
+        let payload = if last && self.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
             // The whole message is in this read: one copy, straight out of the read buffer.
             Bytes::copy_from_slice(chunk)
         } else {
-            self.message.extend_from_slice(chunk);
+            let p = self.partial.get_or_insert_with(Box::default);
+            p.message.extend_from_slice(chunk);
             if !last {
                 return Ok(());
             }
-            Bytes::from(std::mem::take(&mut self.message))
+            let message = std::mem::take(&mut p.message);
+            if p.control.is_empty() {
+                self.partial = None;
+            }
+            Bytes::from(message)
         };
         self.events.push_back(if text {
             Event::Text(payload)
@@ -430,8 +448,7 @@ impl Connection {
     /// error, our close frame with its code is queued and the connection is closed.
     fn fail(&mut self, e: ProtocolError) {
         self.input_done = true;
-        self.message = Vec::new();
-        self.control = Vec::new();
+        self.partial = None;
         self.events.push_back(Event::ProtocolError(e));
     }
 
@@ -585,20 +602,21 @@ impl Connection {
         if self.transmit.is_empty() {
             self.transmit = VecDeque::new();
         }
-        if self.message.is_empty() {
-            self.message = Vec::new();
-        }
-        if self.control.is_empty() {
-            self.control = Vec::new();
+        if self
+            .partial
+            .as_ref()
+            .is_some_and(|p| p.message.is_empty() && p.control.is_empty())
+        {
+            self.partial = None;
         }
     }
 
     /// Bytes of heap this connection holds beyond its own struct (buffers and queues,
     /// counting capacity, not counting shared frames).
     pub fn heap_bytes(&self) -> usize {
-        self.message.capacity()
-            + self.control.capacity()
-            + self.events.capacity() * std::mem::size_of::<Event>()
+        self.partial.as_ref().map_or(0, |p| {
+            std::mem::size_of::<Partial>() + p.message.capacity() + p.control.capacity()
+        }) + self.events.capacity() * std::mem::size_of::<Event>()
             + self.transmit.capacity() * std::mem::size_of::<Bytes>()
     }
 }

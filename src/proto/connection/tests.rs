@@ -148,7 +148,8 @@ fn large_messages_across_many_reads() {
             vec![Event::Binary(Bytes::from(big.clone()))]
         );
         // Nothing is kept once the message is delivered.
-        assert_eq!(c.message.capacity(), 0);
+        assert_eq!(c.heap_bytes(), c.events.capacity() * size_of::<Event>());
+        assert!(c.partial.is_none());
     }
 }
 
@@ -408,4 +409,9 @@ fn idle_connection_holds_no_heap_and_the_decoder_is_small() {
     c.shrink();
     assert_eq!(c.heap_bytes(), 0);
     assert!(std::mem::size_of::<Decoder>() <= 48);
+    assert!(
+        std::mem::size_of::<Connection>() <= 168,
+        "{}",
+        std::mem::size_of::<Connection>()
+    );
 }
