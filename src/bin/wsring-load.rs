@@ -615,16 +615,8 @@ impl Client {
             }
         }
         match self.shape.mode {
-            Mode::Echo => {
-                if self.publishing {
-                    self.send_message(i);
-                }
-            }
-            Mode::Fanout => {
-                if self.conns[i].publisher {
-                    self.pump_publisher(i);
-                }
-            }
+            Mode::Echo if self.publishing => self.send_message(i),
+            Mode::Fanout if self.conns[i].publisher => self.pump_publisher(i),
             _ => {}
         }
     }
