@@ -7,6 +7,13 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod check;
 pub mod engine;
 pub mod proto;
+pub mod serve;
+
+pub use api::{
+    Accept, Conn, Decision, Handler, Message, Policy, PublishReport, Reject, SendStatus,
+};
+pub use engine::{EngineConfig, Handle, Server};

@@ -84,6 +84,27 @@ struct ServeArgs {
     /// Do not pin worker i to CPU i.
     #[arg(long)]
     no_pin: bool,
+    /// A connection's send queue size past which sends and publishes report backpressure.
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    send_queue_soft: u64,
+    /// A connection's send queue size past which --policy applies.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    send_queue_hard: u64,
+    /// What happens to a connection whose send queue passes the hard limit: close it with
+    /// 1013, drop the new frame, or keep only the newest frame per topic (conflate).
+    #[arg(long, value_enum, default_value_t = PolicyArg::Close)]
+    policy: PolicyArg,
+    /// An Origin allowed to upgrade (repeat the flag for several); without any, every
+    /// origin is allowed. Others get HTTP 403.
+    #[arg(long = "allowed-origin")]
+    allowed_origins: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PolicyArg {
+    Close,
+    Drop,
+    Conflate,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -172,6 +193,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         drain_timeout: args.drain_timeout,
         max_connections: args.max_connections,
         pin_threads: !args.no_pin,
+        send_queue_soft: usize::try_from(args.send_queue_soft).unwrap_or(usize::MAX),
+        send_queue_hard: usize::try_from(args.send_queue_hard).unwrap_or(usize::MAX),
+        policy: match args.policy {
+            PolicyArg::Close => wsring::Policy::Close,
+            PolicyArg::Drop => wsring::Policy::DropNew,
+            PolicyArg::Conflate => wsring::Policy::Conflate,
+        },
+        allowed_origins: args.allowed_origins,
     };
     let configured = (args.max_connections > 0).then_some(args.max_connections as u64);
     let (_, limits_line) = wsring::check::startup_limits_summary(configured);

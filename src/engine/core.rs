@@ -1,11 +1,18 @@
-//! The backend-independent part of a worker: the connection slab, the handshake, routing,
-//! the bench-protocol application (echo and pub/sub), timers and the graceful drain.
+//! The backend-independent part of a worker: the connection slab, the handshake, the
+//! handler callbacks, the per-worker topic registry, backpressure, timers and the graceful
+//! drain.
 //!
 //! A backend ([`super::uring`], [`super::epoll`]) owns the sockets and the system calls.
 //! It tells the core what happened (`on_accept`, `on_data`, `on_eof`, `on_sent`,
-//! `on_closed`, `on_tick`) and, once per loop turn, calls [`Core::flush`], which asks the
-//! backend through the [`Driver`] trait to write every connection that has bytes queued and
-//! to close every connection that is done. Both backends therefore share every rule.
+//! `on_closed`, `on_tick`, `on_commands`) and, once per loop turn, calls [`Core::flush`],
+//! which asks the backend through the [`Driver`] trait to write every connection that has
+//! bytes queued (so all the sends of a fan-out go out in one submission), to pause or
+//! resume reading, and to close every connection that is done. Both backends therefore
+//! share every rule.
+//!
+//! Fan-out: a publish encodes the frame once ([`crate::proto::encode_frame`]) and clones
+//! the `Bytes` (a reference count, no copy) into each local subscriber's queue; other
+//! workers that have subscribers get the same `Bytes` once, through their command inbox.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,18 +20,21 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
+use indexmap::IndexSet;
 use slab::Slab;
 
 use super::wheel::{Entry, TimerWheel};
-use super::{Shared, WorkerStats};
+use super::{Command, Shared, WorkerStats};
+use crate::api::{Decision, Handler, Message, Policy, PublishReport, SendStatus};
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
-use crate::proto::{Connection, Event, HandshakeError, OpCode, encode_frame};
+use crate::proto::{Connection, Event, HandshakeError, OpCode, State, encode_frame};
 
-/// Identifies a slot across reuse: a completion for an old generation is ignored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Identifies a connection on its worker across slot reuse: a completion or command for an
+/// old generation is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnId {
-    /// Index in the slab.
+    /// Index in the worker's slab.
     pub slot: u32,
     /// Generation of the slot.
     pub generation: u32,
@@ -47,9 +57,11 @@ pub enum SendOutcome {
 pub trait Driver {
     /// Writes as much of `bufs` as possible to the connection's socket.
     fn send(&mut self, id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome;
-    /// Closes the connection's socket. Returns `true` if it is already closed (then the
-    /// slot is freed at once), `false` if `on_closed` will follow.
+    /// Closes the connection's socket, cancelling what is in flight on it. Returns `true`
+    /// if it is already closed (the slot is freed at once), `false` if `on_closed` follows.
     fn close(&mut self, id: ConnId, fd: u32) -> bool;
+    /// Stops (`false`) or resumes (`true`) reading from the connection.
+    fn set_reading(&mut self, id: ConnId, fd: u32, on: bool);
 }
 
 #[derive(Debug)]
@@ -58,7 +70,7 @@ enum Phase {
     Handshake(Box<Handshake>),
     /// Upgraded.
     Open,
-    /// Answered (an HTTP response or our close): close the socket once written.
+    /// Answered (an HTTP response): close the socket once written.
     Finish,
 }
 
@@ -68,149 +80,88 @@ struct Handshake {
     deadline: Instant,
 }
 
-#[derive(Debug, Clone)]
-enum Route {
-    None,
-    Echo,
-    PubSub(Arc<str>),
-}
-
-struct Slot {
-    conn: Connection,
-    phase: Phase,
-    route: Route,
-    generation: u32,
-    fd: u32,
+/// Flags of a slot, packed.
+#[derive(Clone, Copy, Debug, Default)]
+struct Flags {
     /// A send is in flight (io_uring).
     sending: bool,
     /// In the dirty list already.
     dirty: bool,
     /// Waiting for the socket to become writable (epoll).
     blocked: bool,
-    /// The peer is gone (EOF or error): write nothing more, close.
+    /// The peer is gone (EOF, error, timeout): write nothing more, close.
     dead: bool,
     /// The socket close has been requested.
     closing: bool,
-    /// Counted as an open WebSocket.
+    /// Counted as an open WebSocket (and `on_open` was called).
     counted: bool,
+    /// Upgraded, and the 101 may still be queued.
+    just_upgraded: bool,
+    /// The handler paused reading.
+    paused: bool,
+    /// What the backend was last told about reading.
+    reading_off: bool,
+}
+
+/// The newest frame per topic held back by the conflation policy.
+type Conflated = Vec<(Arc<str>, Bytes)>;
+
+struct Slot<D> {
+    conn: Connection,
+    phase: Phase,
+    generation: u32,
+    fd: u32,
+    flags: Flags,
     /// The wheel tick this slot is scheduled at (`u64::MAX`: none).
     tick: u64,
     /// The code to report on close.
     close_code: u16,
-    /// Upgraded, and the 101 may still be queued.
-    just_upgraded: bool,
+    /// Topics this connection is subscribed to.
+    topics: Vec<Arc<str>>,
+    /// The handler's per-connection data.
+    data: Option<D>,
+    /// Conflation: the newest frame per topic, held while the queue is over its hard limit.
+    conflated: Option<Box<Conflated>>,
+    /// The peer's close reason (only when it sent one).
+    close_reason: Option<Box<str>>,
 }
 
-/// One worker's state.
-pub struct Core {
+/// Everything of a worker but its handler (so that a callback can hold both).
+pub struct Inner<D> {
     index: usize,
     shared: Arc<Shared>,
-    slots: Slab<Slot>,
+    slots: Slab<Slot<D>>,
     next_generation: u32,
     wheel: TimerWheel,
     expired: Vec<Entry>,
     dirty: Vec<u32>,
-    topics: HashMap<Arc<str>, Vec<ConnId>>,
+    topics: HashMap<Arc<str>, IndexSet<ConnId>>,
     limits: HandshakeLimits,
     draining: Option<Instant>,
+    now: Instant,
 }
 
-impl Core {
-    /// A core for worker `index`.
-    pub fn new(index: usize, shared: Arc<Shared>, now: Instant) -> Core {
-        let limits = HandshakeLimits {
-            max_header_bytes: shared.config.max_header_bytes,
-            ..HandshakeLimits::default()
-        };
-        Core {
-            index,
-            shared,
-            slots: Slab::new(),
-            next_generation: 0,
-            wheel: TimerWheel::new(now),
-            expired: Vec::new(),
-            dirty: Vec::new(),
-            topics: HashMap::new(),
-            limits,
-            draining: None,
-        }
-    }
+/// One worker's state: the handler and the rest.
+pub struct Core<H: Handler> {
+    handler: H,
+    inner: Inner<H::Data>,
+}
 
+/// A connection as a handler sees it, inside a callback.
+pub struct Conn<'a, D> {
+    inner: &'a mut Inner<D>,
+    id: ConnId,
+}
+
+fn slot_of<D>(slots: &mut Slab<Slot<D>>, id: ConnId) -> Option<&mut Slot<D>> {
+    slots
+        .get_mut(id.slot as usize)
+        .filter(|s| s.generation == id.generation)
+}
+
+impl<D> Inner<D> {
     fn stats(&self) -> &WorkerStats {
         &self.shared.stats[self.index]
-    }
-
-    /// Connections this worker holds (any phase).
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Whether the worker holds no connection.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    /// Whether a graceful drain has started.
-    pub fn draining(&self) -> bool {
-        self.draining.is_some()
-    }
-
-    /// Whether the worker may exit: drained and empty, or past the drain deadline.
-    pub fn finished(&self, now: Instant) -> bool {
-        match self.draining {
-            Some(deadline) => self.slots.is_empty() || now >= deadline,
-            None => false,
-        }
-    }
-
-    /// The socket of a live connection (`None` once it is closing or gone).
-    pub fn fd_of(&self, id: ConnId) -> Option<u32> {
-        self.slots
-            .get(id.slot as usize)
-            .filter(|s| s.generation == id.generation && !s.closing)
-            .map(|s| s.fd)
-    }
-
-    /// The id of the connection in `slot`, if any.
-    pub fn id_of(&self, slot: u32) -> Option<ConnId> {
-        self.slots.get(slot as usize).map(|s| ConnId {
-            slot,
-            generation: s.generation,
-        })
-    }
-
-    /// A new socket was accepted (`fd`: descriptor or direct-table index).
-    pub fn on_accept(&mut self, fd: u32, now: Instant) -> ConnId {
-        self.stats().accepted.fetch_add(1, Ordering::Relaxed);
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1);
-        let deadline = now + self.shared.config.handshake_timeout;
-        let slot = self.slots.insert(Slot {
-            conn: Connection::new(self.shared.proto.clone(), now),
-            phase: Phase::Handshake(Box::new(Handshake {
-                buf: Vec::new(),
-                deadline,
-            })),
-            route: Route::None,
-            generation,
-            fd,
-            sending: false,
-            dirty: false,
-            blocked: false,
-            dead: false,
-            closing: false,
-            counted: false,
-            tick: u64::MAX,
-            close_code: 1006,
-            just_upgraded: false,
-        }) as u32;
-        let id = ConnId { slot, generation };
-        self.schedule(id, deadline);
-        if self.draining.is_some() {
-            // Accepted just before the listener closed: refuse politely.
-            self.respond_error(id, HandshakeError::Full);
-        }
-        id
     }
 
     fn schedule(&mut self, id: ConnId, at: Instant) {
@@ -225,24 +176,419 @@ impl Core {
 
     fn mark_dirty(&mut self, id: ConnId) {
         if let Some(s) = slot_of(&mut self.slots, id)
-            && !s.dirty
+            && !s.flags.dirty
         {
-            s.dirty = true;
+            s.flags.dirty = true;
             self.dirty.push(id.slot);
         }
+    }
+
+    fn count_close_sent(&self, code: u16) {
+        self.stats().close_sent(code);
+    }
+
+    /// Queues a frame on one connection, applying the queue limits and the policy.
+    fn queue_frame(&mut self, id: ConnId, frame: Bytes, topic: Option<&Arc<str>>) -> SendStatus {
+        let soft = self.shared.config.send_queue_soft;
+        let hard = self.shared.config.send_queue_hard;
+        let policy = self.shared.config.policy;
+        let now = self.now;
+        let Some(slot) = slot_of(&mut self.slots, id) else {
+            return SendStatus::Closed;
+        };
+        if slot.conn.state() != State::Open || slot.flags.dead || slot.flags.closing {
+            return SendStatus::Closed;
+        }
+        let queued = slot.conn.queued_bytes();
+        let len = frame.len();
+        // An empty queue always takes one frame, so a message larger than the hard limit
+        // can still be sent to a reader that keeps up.
+        let status = if queued > 0 && queued + len > hard {
+            match (policy, topic) {
+                (Policy::Close, _) => {
+                    slot.conn.close(CloseCode::Again, "send queue full", now);
+                    slot.close_code = 1013;
+                    let stats = &self.shared.stats[self.index];
+                    stats.backpressure_closes.fetch_add(1, Ordering::Relaxed);
+                    stats.close_sent(1013);
+                    if let Some(at) = slot.conn.poll_timeout() {
+                        self.schedule(id, at);
+                    }
+                    SendStatus::Dropped
+                }
+                (Policy::Conflate, Some(topic)) => {
+                    let held = slot.conflated.get_or_insert_with(Box::default);
+                    match held.iter_mut().find(|(t, _)| t == topic) {
+                        Some(entry) => entry.1 = frame,
+                        None => held.push((topic.clone(), frame)),
+                    }
+                    self.shared.stats[self.index]
+                        .conflated
+                        .fetch_add(1, Ordering::Relaxed);
+                    return SendStatus::Conflated;
+                }
+                (Policy::DropNew | Policy::Conflate, _) => {
+                    self.shared.stats[self.index]
+                        .dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    return SendStatus::Dropped;
+                }
+            }
+        } else {
+            if slot.conn.send_frame(frame).is_err() {
+                return SendStatus::Closed;
+            }
+            if queued + len > soft {
+                SendStatus::Backpressure
+            } else {
+                SendStatus::Queued
+            }
+        };
+        self.mark_dirty(id);
+        status
+    }
+
+    /// Moves conflated frames into the queue once it is back under the soft limit.
+    fn release_conflated(&mut self, id: ConnId) {
+        let soft = self.shared.config.send_queue_soft;
+        let Some(slot) = slot_of(&mut self.slots, id) else {
+            return;
+        };
+        if slot.conn.queued_bytes() >= soft || slot.conflated.is_none() {
+            return;
+        }
+        if let Some(held) = slot.conflated.take() {
+            for (_, frame) in held.into_iter() {
+                let _ = slot.conn.send_frame(frame);
+            }
+        }
+    }
+
+    /// Queues `frame` on every local subscriber of `topic`.
+    fn fanout_local(&mut self, topic: &Arc<str>, frame: &Bytes) -> PublishReport {
+        let mut report = PublishReport::default();
+        // Taken out of the map for the loop (queue_frame needs `&mut self`) and put back.
+        let Some(subs) = self.topics.remove(topic) else {
+            return report;
+        };
+        for &sub in &subs {
+            match self.queue_frame(sub, frame.clone(), Some(topic)) {
+                SendStatus::Queued => report.queued += 1,
+                SendStatus::Backpressure => {
+                    report.queued += 1;
+                    report.backpressured += 1;
+                }
+                SendStatus::Dropped | SendStatus::Closed => report.dropped += 1,
+                SendStatus::Conflated => report.conflated += 1,
+            }
+        }
+        self.topics.insert(topic.clone(), subs);
+        let stats = &self.shared.stats[self.index];
+        stats
+            .messages_out
+            .fetch_add(report.queued as u64, Ordering::Relaxed);
+        report
+    }
+
+    /// Publishes on this worker: local fan-out now, then once to each other worker that
+    /// has subscribers. Encodes nothing when nobody is subscribed anywhere.
+    pub(crate) fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
+        self.stats().publishes.fetch_add(1, Ordering::Relaxed);
+        let others = self.shared.directory.workers_with(topic, Some(self.index));
+        let local = self.topics.get_key_value(topic).map(|(k, _)| k.clone());
+        if local.is_none() && others == 0 {
+            return PublishReport::default();
+        }
+        let frame = encode_frame(opcode, payload);
+        let topic: Arc<str> = local.unwrap_or_else(|| Arc::from(topic));
+        let mut report = self.fanout_local(&topic, &frame);
+        report.forwarded_workers = self.shared.forward(others, &topic, &frame);
+        report
+    }
+
+    fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        let Some(slot) = slot_of(&mut self.slots, id) else {
+            return false;
+        };
+        if slot.topics.iter().any(|t| &**t == topic) {
+            return false;
+        }
+        let key = match self.topics.get_key_value(topic) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(topic),
+        };
+        slot.topics.push(key.clone());
+        let set = self.topics.entry(key.clone()).or_default();
+        set.insert(id);
+        let n = set.len();
+        self.shared.directory.set(&key, self.index, n);
+        true
+    }
+
+    fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        let Some(slot) = slot_of(&mut self.slots, id) else {
+            return false;
+        };
+        let Some(pos) = slot.topics.iter().position(|t| &**t == topic) else {
+            return false;
+        };
+        let key = slot.topics.swap_remove(pos);
+        if slot.topics.is_empty() {
+            slot.topics = Vec::new();
+        }
+        self.remove_subscriber(&key, id);
+        true
+    }
+
+    fn remove_subscriber(&mut self, key: &Arc<str>, id: ConnId) {
+        let n = match self.topics.get_mut(key) {
+            Some(set) => {
+                set.swap_remove(&id);
+                set.len()
+            }
+            None => return,
+        };
+        if n == 0 {
+            self.topics.remove(key);
+        }
+        self.shared.directory.set(key, self.index, n);
+    }
+
+    fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) {
+        let now = self.now;
+        let Some(slot) = slot_of(&mut self.slots, id) else {
+            return;
+        };
+        if slot.conn.state() != State::Open {
+            return;
+        }
+        slot.conn.close(code, reason, now);
+        slot.close_code = u16::from(code);
+        let at = slot.conn.poll_timeout();
+        self.count_close_sent(u16::from(code));
+        if let Some(at) = at {
+            self.schedule(id, at);
+        }
+        self.mark_dirty(id);
+    }
+}
+
+impl<D> Conn<'_, D> {
+    /// This connection's id on its worker.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The worker this connection lives on.
+    pub fn worker(&self) -> usize {
+        self.inner.index
+    }
+
+    /// The handler's data for this connection.
+    pub fn data(&mut self) -> Option<&mut D> {
+        slot_of(&mut self.inner.slots, self.id).and_then(|s| s.data.as_mut())
+    }
+
+    /// Queues a message on this connection.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
+        self.inner
+            .queue_frame(self.id, encode_frame(opcode, payload), None)
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&mut self, text: &str) -> SendStatus {
+        self.send(OpCode::Text, text.as_bytes())
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&mut self, payload: &[u8]) -> SendStatus {
+        self.send(OpCode::Binary, payload)
+    }
+
+    /// Queues an already encoded frame (see [`crate::proto::encode_frame`]).
+    pub fn send_frame(&mut self, frame: Bytes) -> SendStatus {
+        self.inner.queue_frame(self.id, frame, None)
+    }
+
+    /// Subscribes this connection to `topic`. Returns `false` if it already was.
+    pub fn subscribe(&mut self, topic: &str) -> bool {
+        self.inner.subscribe(self.id, topic)
+    }
+
+    /// Unsubscribes this connection from `topic`. Returns `false` if it was not subscribed.
+    pub fn unsubscribe(&mut self, topic: &str) -> bool {
+        self.inner.unsubscribe(self.id, topic)
+    }
+
+    /// The topics this connection is subscribed to.
+    pub fn topics(&self) -> Vec<String> {
+        self.inner
+            .slots
+            .get(self.id.slot as usize)
+            .map(|s| s.topics.iter().map(|t| t.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Publishes a message to every subscriber of `topic` on every worker (this connection
+    /// included if it is subscribed). The report covers this worker's subscribers.
+    pub fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
+        self.inner.publish(topic, opcode, payload)
+    }
+
+    /// Starts the closing handshake.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        self.inner.close_conn(self.id, code, reason)
+    }
+
+    /// Stops reading from this connection (TCP flow control then slows the peer down).
+    pub fn pause_reading(&mut self) {
+        let id = self.id;
+        if let Some(s) = slot_of(&mut self.inner.slots, id) {
+            s.flags.paused = true;
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// Resumes reading.
+    pub fn resume_reading(&mut self) {
+        let id = self.id;
+        if let Some(s) = slot_of(&mut self.inner.slots, id) {
+            s.flags.paused = false;
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// Bytes queued on this connection and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner
+            .slots
+            .get(self.id.slot as usize)
+            .map_or(0, |s| s.conn.queued_bytes())
+    }
+}
+
+impl<H: Handler> Core<H> {
+    /// A core for worker `index`.
+    pub fn new(index: usize, shared: Arc<Shared>, handler: H, now: Instant) -> Core<H> {
+        let limits = HandshakeLimits {
+            max_header_bytes: shared.config.max_header_bytes,
+            ..HandshakeLimits::default()
+        };
+        Core {
+            handler,
+            inner: Inner {
+                index,
+                shared,
+                slots: Slab::new(),
+                next_generation: 0,
+                wheel: TimerWheel::new(now),
+                expired: Vec::new(),
+                dirty: Vec::new(),
+                topics: HashMap::new(),
+                limits,
+                draining: None,
+                now,
+            },
+        }
+    }
+
+    /// Connections this worker holds (any phase).
+    pub fn len(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Whether the worker holds no connection.
+    pub fn is_empty(&self) -> bool {
+        self.inner.slots.is_empty()
+    }
+
+    /// Local topics (for tests and metrics).
+    pub fn topic_count(&self) -> usize {
+        self.inner.topics.len()
+    }
+
+    /// Whether a graceful drain has started.
+    pub fn draining(&self) -> bool {
+        self.inner.draining.is_some()
+    }
+
+    /// Whether the worker may exit: drained and empty, or past the drain deadline.
+    pub fn finished(&self, now: Instant) -> bool {
+        match self.inner.draining {
+            Some(deadline) => self.inner.slots.is_empty() || now >= deadline,
+            None => false,
+        }
+    }
+
+    /// The socket of a live connection (`None` once it is closing or gone).
+    pub fn fd_of(&self, id: ConnId) -> Option<u32> {
+        self.inner
+            .slots
+            .get(id.slot as usize)
+            .filter(|s| s.generation == id.generation && !s.flags.closing)
+            .map(|s| s.fd)
+    }
+
+    /// Whether the connection wants its bytes read now (not paused, not closing).
+    pub fn wants_read(&self, id: ConnId) -> bool {
+        self.inner
+            .slots
+            .get(id.slot as usize)
+            .is_some_and(|s| s.generation == id.generation && !s.flags.closing && !s.flags.paused)
+    }
+
+    fn id_of(&self, slot: u32) -> Option<ConnId> {
+        self.inner.slots.get(slot as usize).map(|s| ConnId {
+            slot,
+            generation: s.generation,
+        })
+    }
+
+    /// A new socket was accepted (`fd`: descriptor or direct-table index).
+    pub fn on_accept(&mut self, fd: u32, now: Instant) -> ConnId {
+        let inner = &mut self.inner;
+        inner.now = now;
+        inner.stats().accepted.fetch_add(1, Ordering::Relaxed);
+        let generation = inner.next_generation;
+        inner.next_generation = inner.next_generation.wrapping_add(1) & 0xFF_FFFF;
+        let deadline = now + inner.shared.config.handshake_timeout;
+        let slot = inner.slots.insert(Slot {
+            conn: Connection::new(inner.shared.proto.clone(), now),
+            phase: Phase::Handshake(Box::new(Handshake {
+                buf: Vec::new(),
+                deadline,
+            })),
+            generation,
+            fd,
+            flags: Flags::default(),
+            tick: u64::MAX,
+            close_code: 1006,
+            topics: Vec::new(),
+            data: None,
+            conflated: None,
+            close_reason: None,
+        }) as u32;
+        let id = ConnId { slot, generation };
+        inner.schedule(id, deadline);
+        if inner.draining.is_some() {
+            // Accepted just before the listener closed: refuse politely.
+            self.respond_error(id, HandshakeError::Full);
+        }
+        id
     }
 
     /// Bytes arrived on a connection. `data` is the backend's receive buffer: it is
     /// processed (and unmasked) in place and not kept.
     pub fn on_data(&mut self, id: ConnId, data: &mut [u8], now: Instant) {
-        self.shared.stats[self.index]
+        self.inner.now = now;
+        self.inner.shared.stats[self.inner.index]
             .bytes_in
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let limits = self.limits;
-        let Some(slot) = slot_of(&mut self.slots, id) else {
+        let limits = self.inner.limits;
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        if slot.dead || slot.closing {
+        if slot.flags.dead || slot.flags.closing {
             return;
         }
         match &mut slot.phase {
@@ -262,9 +608,9 @@ impl Core {
                     }
                     Ok(ParseStatus::Complete { request, consumed }) => {
                         let rest = if buf.is_empty() {
-                            data.get_mut(consumed..).map(|r| r.to_vec())
+                            data.get(consumed..).map(<[u8]>::to_vec)
                         } else {
-                            buf.get(consumed..).map(|r| r.to_vec())
+                            buf.get(consumed..).map(<[u8]>::to_vec)
                         };
                         self.on_request(id, request, rest.unwrap_or_default(), now);
                     }
@@ -287,54 +633,93 @@ impl Core {
             Ok(u) => u,
             Err(e) => return self.respond_error(id, e),
         };
-        let route = if request.path == "/echo" {
-            Route::Echo
-        } else if let Some(topic) = request
-            .path
-            .strip_prefix("/pubsub/")
-            .filter(|t| !t.is_empty())
+        let origins = &self.inner.shared.config.allowed_origins;
+        if !origins.is_empty()
+            && !request
+                .origin()
+                .is_some_and(|o| origins.iter().any(|a| a == o))
         {
-            Route::PubSub(Arc::from(topic))
-        } else {
-            return self.respond_error(id, HandshakeError::NotFound);
-        };
-        if self.draining.is_some() {
+            return self.respond_error(id, HandshakeError::Forbidden);
+        }
+        if self.inner.draining.is_some() {
             return self.respond_error(id, HandshakeError::Full);
         }
+        let accept = match self.handler.on_upgrade(&request, &upgrade) {
+            Decision::Accept(a) => a,
+            Decision::Reject(r) => {
+                let mut out = Vec::new();
+                let headers: Vec<(&str, &str)> = r
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                handshake::encode_response(
+                    &mut out,
+                    r.status,
+                    "text/plain",
+                    r.body.as_bytes(),
+                    &headers,
+                );
+                self.inner.stats().rejected.fetch_add(1, Ordering::Relaxed);
+                return self.finish_with(id, out);
+            }
+        };
+        let protocol = match &accept.protocol {
+            Some(p) => match upgrade.check_protocol(p) {
+                Ok(p) => Some(p),
+                Err(e) => return self.respond_error(id, e),
+            },
+            None => None,
+        };
         // The cap counts upgraded connections over all workers.
-        let open = self.shared.open.fetch_add(1, Ordering::AcqRel);
-        if open >= self.shared.config.max_connections {
-            self.shared.open.fetch_sub(1, Ordering::AcqRel);
-            self.stats().rejected_full.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.inner.shared;
+        let open = shared.open.fetch_add(1, Ordering::AcqRel);
+        if open >= shared.config.max_connections {
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+            shared.stats[self.inner.index]
+                .rejected_full
+                .fetch_add(1, Ordering::Relaxed);
             return self.respond_error(id, HandshakeError::Full);
         }
         let mut out = Vec::with_capacity(160);
-        handshake::encode_accept(&mut out, &upgrade.key, None, &[]);
-        let proto = self.shared.proto.clone();
-        let Some(slot) = slot_of(&mut self.slots, id) else {
+        let headers: Vec<(&str, &str)> = accept
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
+        let proto = shared.proto.clone();
+        shared.stats[self.inner.index]
+            .upgraded
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        slot.counted = true;
-        slot.just_upgraded = true;
+        slot.flags.counted = true;
+        slot.flags.just_upgraded = true;
         slot.phase = Phase::Open;
-        slot.route = route.clone();
+        slot.data = Some(accept.data);
         // A fresh connection: its timers start now.
         slot.conn = Connection::new(proto, now);
         let _ = slot.conn.send_frame(Bytes::from(out));
-        if let Route::PubSub(topic) = route {
-            self.topics.entry(topic).or_default().push(id);
+        let deadline = slot.conn.poll_timeout();
+        for topic in &accept.topics {
+            self.inner.subscribe(id, topic);
         }
-        self.stats().upgraded.fetch_add(1, Ordering::Relaxed);
-        if !rest.is_empty() {
-            if let Some(slot) = slot_of(&mut self.slots, id) {
-                slot.conn.handle_read(&mut rest, now);
-            }
+        self.handler.on_open(&mut Conn {
+            inner: &mut self.inner,
+            id,
+        });
+        if !rest.is_empty()
+            && let Some(slot) = slot_of(&mut self.inner.slots, id)
+        {
+            slot.conn.handle_read(&mut rest, now);
             self.drain_events(id);
         }
-        if let Some(deadline) = slot_of(&mut self.slots, id).and_then(|s| s.conn.poll_timeout()) {
-            self.schedule(id, deadline);
+        if let Some(at) = deadline {
+            self.inner.schedule(id, at);
         }
-        self.mark_dirty(id);
+        self.inner.mark_dirty(id);
     }
 
     fn respond_http(&mut self, id: ConnId, request: &Request) {
@@ -345,39 +730,25 @@ impl Core {
                 HandshakeError::MethodNotAllowed,
                 &[("Allow", "GET")],
             );
-        } else if request.path == "/" {
-            let body = super::status::page(&self.shared);
-            handshake::encode_response(
-                &mut out,
-                200,
-                "text/html; charset=utf-8",
-                body.as_bytes(),
-                &[],
-            );
-        } else if request.path == "/metrics" {
-            let body = super::status::metrics(&self.shared);
-            handshake::encode_response(
-                &mut out,
-                200,
-                "text/plain; version=0.0.4",
-                body.as_bytes(),
-                &[],
-            );
-        } else if request.path == "/echo" || request.path.starts_with("/pubsub/") {
-            handshake::encode_error(&mut out, HandshakeError::UpgradeRequired, &[]);
         } else {
-            handshake::encode_error(&mut out, HandshakeError::NotFound, &[]);
+            match self.handler.on_http(request) {
+                Some(r) => {
+                    handshake::encode_response(&mut out, r.status, &r.content_type, &r.body, &[])
+                }
+                None => handshake::encode_error(&mut out, HandshakeError::NotFound, &[]),
+            }
         }
-        self.stats().http_requests.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats()
+            .http_requests
+            .fetch_add(1, Ordering::Relaxed);
         self.finish_with(id, out);
     }
 
     fn respond_error(&mut self, id: ConnId, e: HandshakeError) {
         let mut out = Vec::new();
         handshake::encode_error(&mut out, e, &[]);
-        self.shared.stats[self.index]
-            .rejected
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats().rejected.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             slot = id.slot,
             status = e.status(),
@@ -387,179 +758,189 @@ impl Core {
     }
 
     fn finish_with(&mut self, id: ConnId, response: Vec<u8>) {
-        if let Some(slot) = slot_of(&mut self.slots, id) {
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
             slot.phase = Phase::Finish;
             let _ = slot.conn.send_frame(Bytes::from(response));
         }
-        self.mark_dirty(id);
+        self.inner.mark_dirty(id);
     }
 
-    /// Handles the connection's events: the bench protocol's echo and pub/sub.
+    /// Hands the connection's events to the handler.
     fn drain_events(&mut self, id: ConnId) {
         loop {
-            let Some(slot) = slot_of(&mut self.slots, id) else {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 return;
             };
             let Some(event) = slot.conn.poll_event() else {
                 break;
             };
-            let route = slot.route.clone();
-            let data = match event {
-                Event::Text(p) => Some((OpCode::Text, p)),
-                Event::Binary(p) => Some((OpCode::Binary, p)),
-                other => {
-                    self.on_control(id, other);
+            let message = match event {
+                Event::Text(payload) => Some(Message {
+                    opcode: OpCode::Text,
+                    payload,
+                }),
+                Event::Binary(payload) => Some(Message {
+                    opcode: OpCode::Binary,
+                    payload,
+                }),
+                Event::Ping(_) | Event::Pong(_) => None,
+                Event::Close(frame) => {
+                    let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                    slot.close_code = code;
+                    if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
+                        slot.close_reason = Some(f.reason.into_boxed_str());
+                    }
+                    let stats = self.inner.stats();
+                    stats.close_received(code);
+                    if code != 1005 {
+                        stats.close_sent(code); // the echo of the peer's code
+                    }
+                    None
+                }
+                Event::ProtocolError(e) => {
+                    tracing::debug!(slot = id.slot, "protocol error: {e}");
+                    let code = u16::from(e.close_code());
+                    slot.close_code = code;
+                    self.inner.stats().close_sent(code);
+                    self.inner
+                        .stats()
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Event::TimedOut => {
+                    slot.close_code = 1006;
+                    slot.flags.dead = true;
                     None
                 }
             };
-            if let Some((op, payload)) = data {
-                let stats = &self.shared.stats[self.index];
-                stats.messages_in.fetch_add(1, Ordering::Relaxed);
-                match route {
-                    Route::Echo => {
-                        if let Some(slot) = slot_of(&mut self.slots, id) {
-                            let _ = slot.conn.send(op, &payload);
-                        }
-                        self.shared.stats[self.index]
-                            .messages_out
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Route::PubSub(topic) => {
-                        let frame = encode_frame(op, &payload);
-                        self.publish_local(&topic, &frame);
-                        self.shared.forward(self.index, &topic, &frame);
-                    }
-                    Route::None => {}
+            if let Some(m) = message {
+                self.inner
+                    .stats()
+                    .messages_in
+                    .fetch_add(1, Ordering::Relaxed);
+                self.handler.on_message(
+                    &mut Conn {
+                        inner: &mut self.inner,
+                        id,
+                    },
+                    m,
+                );
+            }
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// Runs the commands other threads sent to this worker (publishes, closes).
+    pub fn on_commands(&mut self, now: Instant) {
+        self.inner.now = now;
+        let batch = self.inner.shared.take_commands(self.inner.index);
+        for cmd in batch {
+            match cmd {
+                Command::Publish(topic, frame) => {
+                    self.inner.fanout_local(&topic, &frame);
+                }
+                Command::Close(id, code, reason) => {
+                    self.inner.close_conn(id, CloseCode::from(code), &reason);
                 }
             }
-        }
-        self.mark_dirty(id);
-    }
-
-    fn on_control(&mut self, id: ConnId, event: Event) {
-        let code = match event {
-            Event::Close(frame) => frame.map_or(1005, |f| u16::from(f.code)),
-            Event::ProtocolError(e) => {
-                tracing::debug!(slot = id.slot, "protocol error: {e}");
-                u16::from(e.close_code())
-            }
-            Event::TimedOut => 1006,
-            _ => return,
-        };
-        if let Some(slot) = slot_of(&mut self.slots, id) {
-            slot.close_code = code;
-        }
-    }
-
-    /// Queues `frame` on every local subscriber of `topic`: one reference-counted frame,
-    /// no copy per subscriber.
-    pub fn publish_local(&mut self, topic: &str, frame: &Bytes) {
-        let Some(subs) = self.topics.get(topic) else {
-            return;
-        };
-        let mut delivered = 0u64;
-        for &sub in subs {
-            let Some(slot) = self
-                .slots
-                .get_mut(sub.slot as usize)
-                .filter(|s| s.generation == sub.generation)
-            else {
-                continue;
-            };
-            if slot.conn.send_frame(frame.clone()).is_ok() {
-                delivered += 1;
-                if !slot.dirty {
-                    slot.dirty = true;
-                    self.dirty.push(sub.slot);
-                }
-            }
-        }
-        let stats = &self.shared.stats[self.index];
-        stats.messages_out.fetch_add(delivered, Ordering::Relaxed);
-    }
-
-    /// Drains frames other workers published to this one.
-    pub fn on_inbox(&mut self) {
-        let batch = self.shared.take_inbox(self.index);
-        for (topic, frame) in batch {
-            self.publish_local(&topic, &frame);
         }
     }
 
     /// The peer closed its side, or the socket failed.
     pub fn on_eof(&mut self, id: ConnId) {
-        if let Some(slot) = slot_of(&mut self.slots, id) {
-            slot.dead = true;
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            slot.flags.dead = true;
         }
-        self.mark_dirty(id);
+        self.inner.mark_dirty(id);
     }
 
     /// A send completed with `result` (bytes written, or a negative errno).
     pub fn on_sent(&mut self, id: ConnId, result: i32) {
-        let Some(slot) = slot_of(&mut self.slots, id) else {
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        slot.sending = false;
+        slot.flags.sending = false;
         match usize::try_from(result) {
             Ok(n) => {
-                slot.conn.advance_transmit(n);
-                if slot.conn.transmit_frames() == 0
-                    && slot.conn.heap_bytes() > 0
-                    && slot.just_upgraded
-                {
-                    // The 101 is out: an idle connection keeps no queue allocation.
-                    slot.just_upgraded = false;
-                    slot.conn.shrink();
-                }
-                self.shared.stats[self.index]
-                    .bytes_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.written(id, n);
             }
-            Err(_) => slot.dead = true,
+            Err(_) => slot.flags.dead = true,
         }
-        self.mark_dirty(id);
+        self.inner.mark_dirty(id);
+    }
+
+    /// Accounts `n` bytes written on `id`.
+    fn written(&mut self, id: ConnId, n: usize) {
+        self.inner.shared.stats[self.inner.index]
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        slot.conn.advance_transmit(n);
+        if slot.conn.transmit_frames() == 0 && slot.flags.just_upgraded {
+            // The 101 is out: an idle connection keeps no queue allocation.
+            slot.flags.just_upgraded = false;
+            slot.conn.shrink();
+        }
+        if slot.conflated.is_some() {
+            self.inner.release_conflated(id);
+        }
     }
 
     /// The socket can take more bytes (epoll).
     pub fn on_writable(&mut self, id: ConnId) {
-        if let Some(slot) = slot_of(&mut self.slots, id) {
-            slot.blocked = false;
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            slot.flags.blocked = false;
         }
-        self.mark_dirty(id);
+        self.inner.mark_dirty(id);
     }
 
-    /// The socket is closed and no operation on it is pending: free the slot.
+    /// The socket is closed and no operation on it is pending: tell the handler, leave
+    /// every topic, free the slot.
     pub fn on_closed(&mut self, id: ConnId) {
-        let Some(slot) = slot_of(&mut self.slots, id) else {
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        let route = std::mem::replace(&mut slot.route, Route::None);
-        let counted = slot.counted;
-        self.slots.remove(id.slot as usize);
-        if let Route::PubSub(topic) = route
-            && let Some(subs) = self.topics.get_mut(&topic)
-        {
-            subs.retain(|s| *s != id);
-            if subs.is_empty() {
-                self.topics.remove(&topic);
-            }
+        let counted = slot.flags.counted;
+        let code = slot.close_code;
+        let reason = slot.close_reason.take();
+        if counted {
+            self.handler.on_close(
+                &mut Conn {
+                    inner: &mut self.inner,
+                    id,
+                },
+                code,
+                reason.as_deref().unwrap_or(""),
+            );
+        }
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        let topics = std::mem::take(&mut slot.topics);
+        self.inner.slots.remove(id.slot as usize);
+        for topic in &topics {
+            self.inner.remove_subscriber(topic, id);
         }
         if counted {
-            self.shared.open.fetch_sub(1, Ordering::AcqRel);
+            self.inner.shared.open.fetch_sub(1, Ordering::AcqRel);
         }
-        self.stats().closed.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats().closed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Runs the timers due by `now`.
     pub fn on_tick(&mut self, now: Instant) {
-        let mut expired = std::mem::take(&mut self.expired);
-        self.wheel.expire(now, &mut expired);
+        self.inner.now = now;
+        let mut expired = std::mem::take(&mut self.inner.expired);
+        self.inner.wheel.expire(now, &mut expired);
         for e in expired.drain(..) {
             let id = ConnId {
                 slot: e.slot,
                 generation: e.generation,
             };
-            let Some(slot) = slot_of(&mut self.slots, id) else {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
             if slot.tick != e.tick {
@@ -571,7 +952,7 @@ impl Core {
                     let deadline = hs.deadline;
                     if deadline <= now {
                         // A slow-drip client: drop it without an answer.
-                        slot.dead = true;
+                        slot.flags.dead = true;
                         None
                     } else {
                         Some(deadline)
@@ -590,20 +971,22 @@ impl Core {
                 Phase::Finish => None,
             };
             if let Some(at) = next {
-                self.schedule(id, at);
+                self.inner.schedule(id, at);
             }
-            self.mark_dirty(id);
+            self.inner.mark_dirty(id);
         }
-        self.expired = expired;
+        self.inner.expired = expired;
     }
 
     /// Starts the graceful drain: close 1001 to every open connection, drop the rest.
     pub fn begin_drain(&mut self, now: Instant, deadline: Instant) {
-        if self.draining.is_some() {
+        if self.inner.draining.is_some() {
             return;
         }
-        self.draining = Some(deadline);
+        self.inner.now = now;
+        self.inner.draining = Some(deadline);
         let ids: Vec<ConnId> = self
+            .inner
             .slots
             .iter()
             .map(|(i, s)| ConnId {
@@ -612,41 +995,51 @@ impl Core {
             })
             .collect();
         for id in ids {
-            let Some(slot) = slot_of(&mut self.slots, id) else {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
             match slot.phase {
                 Phase::Open => {
-                    slot.conn
-                        .close(CloseCode::Away, "server shutting down", now);
-                    slot.close_code = 1001;
-                    if let Some(at) = slot.conn.poll_timeout() {
-                        self.schedule(id, at);
-                    }
+                    self.inner
+                        .close_conn(id, CloseCode::Away, "server shutting down");
                 }
-                Phase::Handshake(_) => slot.dead = true,
+                Phase::Handshake(_) => slot.flags.dead = true,
                 Phase::Finish => {}
             }
-            self.mark_dirty(id);
+            self.inner.mark_dirty(id);
         }
     }
 
-    /// Writes and closes what the last events made due. Call once per loop turn, after
-    /// handling every completion: all the turn's writes go out together.
+    /// Writes, pauses/resumes and closes what the last events made due. Call once per
+    /// loop turn, after handling every completion: all the turn's writes go out together.
     pub fn flush(&mut self, driver: &mut dyn Driver) {
-        let mut dirty = std::mem::take(&mut self.dirty);
+        let mut dirty = std::mem::take(&mut self.inner.dirty);
         for &slot_index in &dirty {
             let Some(id) = self.id_of(slot_index) else {
                 continue;
             };
-            let Some(slot) = slot_of(&mut self.slots, id) else {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
-            slot.dirty = false;
-            if slot.closing || slot.sending {
+            slot.flags.dirty = false;
+            if slot.flags.closing {
                 continue;
             }
-            if !slot.dead && !slot.blocked && slot.conn.transmit_frames() > 0 {
+            if slot.flags.paused != slot.flags.reading_off && !slot.flags.dead {
+                slot.flags.reading_off = slot.flags.paused;
+                driver.set_reading(id, slot.fd, !slot.flags.paused);
+            }
+            if slot.flags.sending {
+                if slot.flags.dead {
+                    // A timed-out or failed peer with a send parked on a full socket.
+                    slot.flags.closing = true;
+                    if driver.close(id, slot.fd) {
+                        self.on_closed(id);
+                    }
+                }
+                continue;
+            }
+            if !slot.flags.dead && !slot.flags.blocked && slot.conn.transmit_frames() > 0 {
                 let fd = slot.fd;
                 let outcome = {
                     let mut bufs = slot.conn.transmit();
@@ -654,54 +1047,50 @@ impl Core {
                 };
                 match outcome {
                     SendOutcome::InFlight => {
-                        slot.sending = true;
+                        slot.flags.sending = true;
                         continue;
                     }
                     SendOutcome::Wrote(n) => {
-                        slot.conn.advance_transmit(n);
-                        if slot.conn.transmit_frames() == 0 && slot.just_upgraded {
-                            slot.just_upgraded = false;
-                            slot.conn.shrink();
-                        }
-                        self.shared.stats[self.index]
-                            .bytes_out
-                            .fetch_add(n as u64, Ordering::Relaxed);
+                        self.written(id, n);
+                        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+                            continue;
+                        };
                         if slot.conn.transmit_frames() > 0 {
-                            slot.blocked = true;
+                            slot.flags.blocked = true;
                             continue;
                         }
                     }
                     SendOutcome::WouldBlock => {
-                        slot.blocked = true;
+                        slot.flags.blocked = true;
                         continue;
                     }
-                    SendOutcome::Failed => slot.dead = true,
+                    SendOutcome::Failed => slot.flags.dead = true,
                 }
             }
-            let done = slot.dead
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+                continue;
+            };
+            let done = slot.flags.dead
                 || (slot.conn.transmit_frames() == 0
                     && (matches!(slot.phase, Phase::Finish) || slot.conn.is_closed()));
-            if done && !slot.closing {
-                slot.closing = true;
+            if done && !slot.flags.closing {
+                slot.flags.closing = true;
                 if driver.close(id, slot.fd) {
                     self.on_closed(id);
                 }
             }
         }
         dirty.clear();
-        // Slots made dirty while flushing (none today) wait for the next turn.
-        dirty.append(&mut self.dirty);
-        self.dirty = dirty;
-        for &s in &self.dirty {
-            if let Some(slot) = self.slots.get_mut(s as usize) {
-                slot.dirty = true;
-            }
-        }
+        // Slots made dirty while flushing (a handler's on_close publishing, say) wait for
+        // the next turn.
+        dirty.append(&mut self.inner.dirty);
+        self.inner.dirty = dirty;
     }
 
-    /// Drops every connection at once (past the drain deadline, or on a second signal).
+    /// Drops every connection at once (past the drain deadline, or on abort).
     pub fn abort_all(&mut self, driver: &mut dyn Driver) {
         let ids: Vec<ConnId> = self
+            .inner
             .slots
             .iter()
             .map(|(i, s)| ConnId {
@@ -710,10 +1099,11 @@ impl Core {
             })
             .collect();
         for id in ids {
-            if let Some(slot) = slot_of(&mut self.slots, id)
-                && !slot.closing
+            if let Some(slot) = slot_of(&mut self.inner.slots, id)
+                && !slot.flags.closing
             {
-                slot.closing = true;
+                slot.flags.closing = true;
+                slot.flags.dead = true;
                 if driver.close(id, slot.fd) {
                     self.on_closed(id);
                 }
@@ -723,12 +1113,6 @@ impl Core {
 
     /// Whether any connection waits to be flushed.
     pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.inner.dirty.is_empty()
     }
-}
-
-fn slot_of(slots: &mut Slab<Slot>, id: ConnId) -> Option<&mut Slot> {
-    slots
-        .get_mut(id.slot as usize)
-        .filter(|s| s.generation == id.generation)
 }

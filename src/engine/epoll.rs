@@ -16,6 +16,7 @@ use socket2::Socket;
 use super::Shared;
 use super::core::{ConnId, Core, Driver, SendOutcome};
 use super::wheel::TICK;
+use crate::api::Handler;
 
 const LISTENER: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;
@@ -43,6 +44,9 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 struct EpollDriver {
     epfd: i32,
+    /// Connections whose reading was resumed: read them after the flush (edge-triggered
+    /// readiness that arrived while paused is not reported again).
+    resumed: Vec<(ConnId, u32)>,
 }
 
 impl Driver for EpollDriver {
@@ -75,6 +79,12 @@ impl Driver for EpollDriver {
         }
     }
 
+    fn set_reading(&mut self, id: ConnId, fd: u32, on: bool) {
+        if on {
+            self.resumed.push((id, fd));
+        }
+    }
+
     fn close(&mut self, _id: ConnId, fd: u32) -> bool {
         // SAFETY: fd is this connection's socket, owned by the slot and closed only here;
         // closing it also removes it from the epoll set.
@@ -102,9 +112,10 @@ fn add(epfd: i32, fd: i32, events: u32, token: u64) -> io::Result<()> {
 ///
 /// # Errors
 /// Set-up failures (epoll_create, registering the listener).
-pub fn run(
+pub fn run<H: Handler>(
     index: usize,
     shared: Arc<Shared>,
+    handler: H,
     listener: Socket,
     ready: &Sender<Result<(), String>>,
 ) -> io::Result<()> {
@@ -120,8 +131,11 @@ pub fn run(
     add(epfd, wake_fd, libc::EPOLLIN as u32, WAKE)?;
     let _ = ready.send(Ok(()));
 
-    let mut core = Core::new(index, shared.clone(), Instant::now());
-    let mut driver = EpollDriver { epfd };
+    let mut core = Core::new(index, shared.clone(), handler, Instant::now());
+    let mut driver = EpollDriver {
+        epfd,
+        resumed: Vec::new(),
+    };
     let mut buf = vec![0u8; READ_BUF];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let tick_ms = TICK.as_millis() as i32;
@@ -168,7 +182,7 @@ pub fn run(
                     let mut v = 0u64;
                     // SAFETY: reads 8 bytes into a live u64 from our eventfd.
                     let _ = unsafe { libc::read(wake_fd, (&raw mut v).cast(), 8) };
-                    core.on_inbox();
+                    core.on_commands(now);
                 }
                 tok => {
                     let id = id_of(tok);
@@ -204,6 +218,12 @@ pub fn run(
             }
         }
         core.flush(&mut driver);
+        while !driver.resumed.is_empty() {
+            for (id, fd) in std::mem::take(&mut driver.resumed) {
+                read_all(&mut core, id, fd, &mut buf, true, now);
+            }
+            core.flush(&mut driver);
+        }
         if core.finished(now) {
             core.abort_all(&mut driver);
             return Ok(());
@@ -211,7 +231,14 @@ pub fn run(
     }
 }
 
-fn read_all(core: &mut Core, id: ConnId, fd: u32, buf: &mut [u8], hup: bool, now: Instant) {
+fn read_all<H: Handler>(
+    core: &mut Core<H>,
+    id: ConnId,
+    fd: u32,
+    buf: &mut [u8],
+    hup: bool,
+    now: Instant,
+) {
     loop {
         // SAFETY: fd is the connection's open socket; buf is valid for buf.len() bytes.
         let r = unsafe { libc::read(fd as i32, buf.as_mut_ptr().cast(), buf.len()) };
@@ -220,7 +247,7 @@ fn read_all(core: &mut Core, id: ConnId, fd: u32, buf: &mut [u8], hup: bool, now
             if let Some(data) = buf.get_mut(..n) {
                 core.on_data(id, data, now);
             }
-            if core.fd_of(id).is_none() {
+            if !core.wants_read(id) {
                 return;
             }
             if n < buf.len() && !hup {

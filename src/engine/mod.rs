@@ -27,10 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::proto;
+use crate::api::{Handler, Policy};
+use crate::proto::{self, OpCode};
+pub use core::ConnId;
 
 /// Which I/O backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -88,6 +93,79 @@ pub struct EngineConfig {
     pub max_connections: usize,
     /// Pin worker `i` to CPU `i`.
     pub pin_threads: bool,
+    /// A connection's send queue: past this many bytes `send`/`publish` report
+    /// backpressure.
+    pub send_queue_soft: usize,
+    /// A connection's send queue: past this many bytes the [`Policy`] applies.
+    pub send_queue_hard: usize,
+    /// What happens past the hard limit.
+    pub policy: Policy,
+    /// Origins allowed to upgrade (exact match of the `Origin` header); empty allows all.
+    /// Others get HTTP 403.
+    pub allowed_origins: Vec<String>,
+}
+
+/// A configuration value that cannot work.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// More workers than the engine supports.
+    #[error("threads must be at most {MAX_WORKERS} (got {0})")]
+    TooManyThreads(usize),
+    /// A size that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// The soft limit is above the hard limit.
+    #[error("send_queue_soft ({soft}) must not exceed send_queue_hard ({hard})")]
+    SoftAboveHard {
+        /// Soft limit.
+        soft: usize,
+        /// Hard limit.
+        hard: usize,
+    },
+    /// The header limit is too small for any real upgrade request.
+    #[error("max_header_bytes must be at least 256 (got {0})")]
+    HeaderLimitTooSmall(usize),
+}
+
+/// The most workers one server runs (topic directory bitmasks are 64 bits wide).
+pub const MAX_WORKERS: usize = 64;
+
+impl EngineConfig {
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.threads > MAX_WORKERS {
+            return Err(ConfigError::TooManyThreads(self.threads));
+        }
+        if self.max_message_size == 0 {
+            return Err(ConfigError::Zero("max_message_size"));
+        }
+        if self.max_header_bytes < 256 {
+            return Err(ConfigError::HeaderLimitTooSmall(self.max_header_bytes));
+        }
+        for (name, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("pong_timeout", self.pong_timeout),
+            ("close_timeout", self.close_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.send_queue_hard == 0 {
+            return Err(ConfigError::Zero("send_queue_hard"));
+        }
+        if self.send_queue_soft > self.send_queue_hard {
+            return Err(ConfigError::SoftAboveHard {
+                soft: self.send_queue_soft,
+                hard: self.send_queue_hard,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for EngineConfig {
@@ -105,6 +183,10 @@ impl Default for EngineConfig {
             drain_timeout: Duration::from_secs(10),
             max_connections: 0,
             pin_threads: true,
+            send_queue_soft: 256 * 1024,
+            send_queue_hard: 1024 * 1024,
+            policy: Policy::Close,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -132,11 +214,51 @@ pub struct WorkerStats {
     pub bytes_in: AtomicU64,
     /// Bytes written.
     pub bytes_out: AtomicU64,
+    /// Publishes made on this worker (handlers and `Handle`).
+    pub publishes: AtomicU64,
+    /// Frames dropped by the drop policy.
+    pub dropped: AtomicU64,
+    /// Frames conflated (replaced by a newer one of their topic).
+    pub conflated: AtomicU64,
+    /// Connections closed (1013) by the close policy.
+    pub backpressure_closes: AtomicU64,
+    /// Connections failed for a protocol error.
+    pub protocol_errors: AtomicU64,
+    /// Close codes sent, by code (1000..=1015 at index code-1000; others at 16).
+    pub close_codes_sent: [AtomicU64; 17],
+    /// Close codes received, indexed the same way.
+    pub close_codes_received: [AtomicU64; 17],
 }
 
-/// A cross-worker inbox: published frames for this worker's subscribers.
+fn code_index(code: u16) -> usize {
+    match code {
+        1000..=1015 => usize::from(code - 1000),
+        _ => 16,
+    }
+}
+
+impl WorkerStats {
+    pub(crate) fn close_sent(&self, code: u16) {
+        self.close_codes_sent[code_index(code)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn close_received(&self, code: u16) {
+        self.close_codes_received[code_index(code)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Work handed to a worker by other threads.
+#[derive(Debug)]
+pub enum Command {
+    /// Fan this frame out to the worker's subscribers of the topic.
+    Publish(Arc<str>, Bytes),
+    /// Close a connection of this worker with a code and reason.
+    Close(ConnId, u16, String),
+}
+
+/// A cross-worker inbox: commands for this worker, with one coalesced wake-up.
 struct Inbox {
-    queue: Mutex<Vec<(Arc<str>, Bytes)>>,
+    queue: Mutex<Vec<Command>>,
     wake_pending: AtomicBool,
     eventfd: OwnedFd,
 }
@@ -158,27 +280,100 @@ pub struct Shared {
     inboxes: Box<[Inbox]>,
     /// 0 running, 1 draining, 2 abort.
     shutdown: AtomicU8,
+    /// Which workers have subscribers of which topic.
+    pub(crate) directory: Directory,
 }
 
-impl Shared {
-    /// Hands a frame published on worker `from` to every other worker.
-    pub fn forward(&self, from: usize, topic: &Arc<str>, frame: &Bytes) {
-        for (i, inbox) in self.inboxes.iter().enumerate() {
-            if i == from {
-                continue;
+/// Topic -> subscribers per worker, over all workers. Written when a worker's local
+/// subscriber count of a topic changes; read by every publish that may cross workers.
+#[derive(Default)]
+pub(crate) struct Directory {
+    map: RwLock<HashMap<Arc<str>, Box<[AtomicUsize]>>>,
+    workers: usize,
+}
+
+impl Directory {
+    /// Records that `worker` has `n` subscribers of `topic`; forgets topics nobody has.
+    pub(crate) fn set(&self, topic: &Arc<str>, worker: usize, n: usize) {
+        if let Ok(map) = self.map.read()
+            && let Some(counts) = map.get(topic)
+        {
+            counts[worker].store(n, Ordering::Release);
+            if n > 0 {
+                return;
             }
-            if let Ok(mut q) = inbox.queue.lock() {
-                q.push((topic.clone(), frame.clone()));
-            }
-            // One wake-up per batch, not per message.
-            if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
-                wake(&inbox.eventfd);
-            }
+        }
+        let Ok(mut map) = self.map.write() else {
+            return;
+        };
+        if n > 0 {
+            let counts = map
+                .entry(topic.clone())
+                .or_insert_with(|| (0..self.workers).map(|_| AtomicUsize::new(0)).collect());
+            counts[worker].store(n, Ordering::Release);
+        } else if map
+            .get(topic)
+            .is_some_and(|c| c.iter().all(|x| x.load(Ordering::Acquire) == 0))
+        {
+            map.remove(topic);
         }
     }
 
-    /// Takes worker `index`'s inbox.
-    pub fn take_inbox(&self, index: usize) -> Vec<(Arc<str>, Bytes)> {
+    /// Bitmask of the workers with subscribers of `topic`, except `except`.
+    pub(crate) fn workers_with(&self, topic: &str, except: Option<usize>) -> u64 {
+        let Ok(map) = self.map.read() else { return 0 };
+        let Some(counts) = map.get(topic) else {
+            return 0;
+        };
+        let mut mask = 0u64;
+        for (i, c) in counts.iter().enumerate() {
+            if Some(i) != except && c.load(Ordering::Acquire) > 0 {
+                mask |= 1 << i;
+            }
+        }
+        mask
+    }
+
+    /// Subscribers of `topic` over all workers.
+    pub(crate) fn count(&self, topic: &str) -> usize {
+        let Ok(map) = self.map.read() else { return 0 };
+        map.get(topic)
+            .map_or(0, |c| c.iter().map(|x| x.load(Ordering::Acquire)).sum())
+    }
+
+    /// Topics with at least one subscriber.
+    pub(crate) fn topics(&self) -> usize {
+        self.map.read().map_or(0, |m| m.len())
+    }
+}
+
+impl Shared {
+    /// Hands a frame to every worker in the bitmask `workers`; returns how many.
+    pub(crate) fn forward(&self, workers: u64, topic: &Arc<str>, frame: &Bytes) -> usize {
+        let mut n = 0;
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            if workers & (1 << i) == 0 {
+                continue;
+            }
+            self.send_command(inbox, Command::Publish(topic.clone(), frame.clone()));
+            n += 1;
+        }
+        n
+    }
+
+    fn send_command(&self, inbox: &Inbox, cmd: Command) {
+        if let Ok(mut q) = inbox.queue.lock() {
+            q.push(cmd);
+        }
+        // One wake-up per batch, not per message: the flag is cleared by the worker
+        // before it takes the batch.
+        if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
+            wake(&inbox.eventfd);
+        }
+    }
+
+    /// Takes worker `index`'s commands.
+    pub(crate) fn take_commands(&self, index: usize) -> Vec<Command> {
         let Some(inbox) = self.inboxes.get(index) else {
             return Vec::new();
         };
@@ -224,13 +419,70 @@ fn wake(fd: &OwnedFd) {
     let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
 }
 
-/// Triggers the graceful shutdown from any thread.
+/// A connection anywhere in the server: its worker and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GlobalConnId {
+    /// The worker.
+    pub worker: usize,
+    /// The connection on that worker.
+    pub id: ConnId,
+}
+
+/// `Send + Clone`: publishes, closes connections, reads counters and shuts the server
+/// down from any thread.
 #[derive(Clone)]
-pub struct ShutdownHandle {
+pub struct Handle {
     shared: Arc<Shared>,
 }
 
-impl ShutdownHandle {
+/// The old name of [`Handle`].
+pub type ShutdownHandle = Handle;
+
+impl Handle {
+    /// Publishes a message to every subscriber of `topic` on every worker: encoded once,
+    /// handed once to each worker that has subscribers. Returns the number of workers it
+    /// was handed to (0: nobody is subscribed; nothing was encoded).
+    pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
+        let workers = self.shared.directory.workers_with(topic, None);
+        if workers == 0 {
+            return 0;
+        }
+        let frame = proto::encode_frame(opcode, payload);
+        self.shared.forward(workers, &Arc::from(topic), &frame)
+    }
+
+    /// Publishes a text message (see [`Handle::publish`]).
+    pub fn publish_text(&self, topic: &str, text: &str) -> usize {
+        self.publish(topic, OpCode::Text, text.as_bytes())
+    }
+
+    /// Asks the connection's worker to close it with `code` and `reason`.
+    pub fn close(&self, conn: GlobalConnId, code: u16, reason: &str) {
+        if let Some(inbox) = self.shared.inboxes.get(conn.worker) {
+            self.shared
+                .send_command(inbox, Command::Close(conn.id, code, reason.to_string()));
+        }
+    }
+
+    /// Subscribers of `topic` over all workers.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.shared.directory.count(topic)
+    }
+
+    /// Topics with at least one subscriber.
+    pub fn topic_count(&self) -> usize {
+        self.shared.directory.topics()
+    }
+
+    /// Upgraded connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        status::metrics(&self.shared)
+    }
     /// Stop accepting, send close 1001 to every connection, wait for the close handshakes
     /// until the drain deadline, then drop the rest.
     pub fn shutdown(&self) {
@@ -300,7 +552,25 @@ impl Server {
     /// # Errors
     /// Binding failures, `--backend io-uring` on a host without usable io_uring, or a
     /// worker that could not set up its reactor.
-    pub fn start(mut config: EngineConfig) -> std::io::Result<Server> {
+    pub fn start(config: EngineConfig) -> std::io::Result<Server> {
+        Server::start_with(config, crate::serve::BenchProtocol::new)
+    }
+
+    /// Starts the server with a handler per worker made by `factory` (called once per
+    /// worker, on that worker's thread, with a [`Handle`] to the server).
+    ///
+    /// # Errors
+    /// An invalid configuration ([`EngineConfig::validate`]), binding failures,
+    /// `--backend io-uring` on a host without usable io_uring, or a worker that could not
+    /// set up its reactor.
+    pub fn start_with<H, F>(mut config: EngineConfig, factory: F) -> std::io::Result<Server>
+    where
+        H: Handler,
+        F: Fn(Handle) -> H + Send + Sync + 'static,
+    {
+        config
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let nofile = raise_nofile();
         if config.max_connections == 0 {
             config.max_connections =
@@ -311,7 +581,8 @@ impl Server {
         } else {
             config.threads
         };
-        config.threads = threads;
+        config.threads = threads.min(MAX_WORKERS);
+        let threads = config.threads;
         let backend = match config.backend {
             BackendChoice::Epoll => Backend::Epoll,
             BackendChoice::IoUring => match uring::probe(&config) {
@@ -370,21 +641,34 @@ impl Server {
             backend,
             inboxes: inboxes.into_boxed_slice(),
             shutdown: AtomicU8::new(0),
+            directory: Directory {
+                map: RwLock::new(HashMap::new()),
+                workers: threads,
+            },
         });
+        let factory = Arc::new(factory);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut workers = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
             let ready = ready_tx.clone();
+            let factory = factory.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("wsring-{index}"))
                 .spawn(move || {
                     if shared.config.pin_threads {
                         pin_to_cpu(index);
                     }
+                    let handler = factory(Handle {
+                        shared: shared.clone(),
+                    });
                     let result = match backend {
-                        Backend::IoUring => uring::run(index, shared.clone(), listener, &ready),
-                        Backend::Epoll => epoll::run(index, shared.clone(), listener, &ready),
+                        Backend::IoUring => {
+                            uring::run(index, shared.clone(), handler, listener, &ready)
+                        }
+                        Backend::Epoll => {
+                            epoll::run(index, shared.clone(), handler, listener, &ready)
+                        }
                     };
                     if let Err(e) = result {
                         tracing::error!(worker = index, "worker stopped: {e}");
@@ -426,11 +710,16 @@ impl Server {
         self.shared.backend
     }
 
-    /// A handle that shuts the server down from any thread.
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
+    /// A handle that publishes, closes and shuts down from any thread.
+    pub fn handle(&self) -> Handle {
+        Handle {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Same as [`Server::handle`].
+    pub fn shutdown_handle(&self) -> Handle {
+        self.handle()
     }
 
     /// The shared state (configuration, counters).

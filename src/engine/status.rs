@@ -62,7 +62,7 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_connections_open gauge");
     let _ = writeln!(out, "wsring_connections_open {open}");
-    let counters: [Counter; 10] = [
+    let counters: [Counter; 15] = [
         ("accepted", "Sockets accepted.", |s| &s.accepted),
         ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
         ("rejected", "Handshakes refused with an HTTP error.", |s| {
@@ -85,12 +85,70 @@ pub fn metrics(shared: &Shared) -> String {
         ),
         ("bytes_in", "Bytes read.", |s| &s.bytes_in),
         ("bytes_out", "Bytes written.", |s| &s.bytes_out),
+        ("publishes", "Publishes (handlers and Handle).", |s| {
+            &s.publishes
+        }),
+        (
+            "dropped_frames",
+            "Frames dropped by the drop policy.",
+            |s| &s.dropped,
+        ),
+        (
+            "conflated_frames",
+            "Frames replaced by a newer one of their topic.",
+            |s| &s.conflated,
+        ),
+        (
+            "backpressure_closes",
+            "Connections closed with 1013 by the close policy.",
+            |s| &s.backpressure_closes,
+        ),
+        (
+            "protocol_errors",
+            "Connections failed for a protocol error.",
+            |s| &s.protocol_errors,
+        ),
     ];
     for (name, help, f) in counters {
         let _ = writeln!(out, "# HELP wsring_{name}_total {help}");
         let _ = writeln!(out, "# TYPE wsring_{name}_total counter");
         let _ = writeln!(out, "wsring_{name}_total {}", shared.total(f));
     }
+    for (name, help, pick) in [
+        ("close_codes_sent", "Close frames sent, by code.", 0),
+        ("close_codes_received", "Close frames received, by code.", 1),
+    ] {
+        let _ = writeln!(out, "# HELP wsring_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE wsring_{name}_total counter");
+        for i in 0..17 {
+            let n: u64 = shared
+                .stats
+                .iter()
+                .map(|s| {
+                    let arr = if pick == 0 {
+                        &s.close_codes_sent
+                    } else {
+                        &s.close_codes_received
+                    };
+                    arr[i].load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .sum();
+            if n > 0 {
+                let code = if i < 16 {
+                    (1000 + i).to_string()
+                } else {
+                    "other".into()
+                };
+                let _ = writeln!(out, "wsring_{name}_total{{code=\"{code}\"}} {n}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP wsring_topics Topics with at least one subscriber."
+    );
+    let _ = writeln!(out, "# TYPE wsring_topics gauge");
+    let _ = writeln!(out, "wsring_topics {}", shared.directory.topics());
     let _ = writeln!(out, "# HELP wsring_uptime_seconds Seconds since start.");
     let _ = writeln!(out, "# TYPE wsring_uptime_seconds gauge");
     let _ = writeln!(

@@ -33,6 +33,7 @@ use socket2::Socket;
 use super::core::{ConnId, Core, Driver, SendOutcome};
 use super::wheel::TICK;
 use super::{EngineConfig, Shared};
+use crate::api::Handler;
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
@@ -256,6 +257,8 @@ impl Drop for BufRing {
 #[derive(Clone, Copy, Default)]
 struct SlotIo {
     generation: u32,
+    /// Reading is paused: do not re-arm the recv.
+    paused: bool,
     recv: bool,
     send: bool,
     close: bool,
@@ -306,6 +309,14 @@ impl UringDriver<'_, '_> {
             self.io.resize(i + 1, SlotIo::default());
         }
         &mut self.io[i]
+    }
+
+    fn cancel(&mut self, op: u64, id: ConnId) {
+        let e = opcode::AsyncCancel::new(user_data(op, id))
+            .build()
+            .user_data(user_data(OP_CANCEL, id));
+        // SAFETY: a cancel request points at no buffer.
+        unsafe { push(self.submitter, self.sq, &e) };
     }
 
     fn arm_recv(&mut self, id: ConnId, fd: u32) {
@@ -376,14 +387,26 @@ impl Driver for UringDriver<'_, '_> {
         SendOutcome::InFlight
     }
 
+    fn set_reading(&mut self, id: ConnId, fd: u32, on: bool) {
+        let io = self.io(id.slot);
+        io.paused = !on;
+        if on {
+            if !io.recv {
+                self.arm_recv(id, fd);
+            }
+        } else if io.recv {
+            self.cancel(OP_RECV, id);
+        }
+    }
+
     fn close(&mut self, id: ConnId, fd: u32) -> bool {
-        let recv = self.io(id.slot).recv;
-        if recv {
-            let e = opcode::AsyncCancel::new(user_data(OP_RECV, id))
-                .build()
-                .user_data(user_data(OP_CANCEL, id));
-            // SAFETY: a cancel request points at no buffer.
-            unsafe { push(self.submitter, self.sq, &e) };
+        let io = *self.io(id.slot);
+        if io.recv {
+            self.cancel(OP_RECV, id);
+        }
+        if io.send {
+            // A send parked on a full socket of a peer that stopped reading.
+            self.cancel(OP_SEND, id);
         }
         let e = opcode::Close::new(Fixed(fd))
             .build()
@@ -401,9 +424,10 @@ impl Driver for UringDriver<'_, '_> {
 ///
 /// # Errors
 /// Ring set-up failures.
-pub fn run(
+pub fn run<H: Handler>(
     index: usize,
     shared: Arc<Shared>,
+    handler: H,
     listener: Socket,
     ready: &Sender<Result<(), String>>,
 ) -> io::Result<()> {
@@ -431,7 +455,7 @@ pub fn run(
     let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::new();
     #[allow(clippy::vec_box)] // see UringDriver::pool
     let mut pool: Vec<Box<SendBuf>> = Vec::new();
-    let mut core = Core::new(index, shared.clone(), Instant::now());
+    let mut core = Core::new(index, shared.clone(), handler, Instant::now());
     {
         let (submitter, mut sq, _) = ring.split();
         let e = opcode::Timeout::new(&*tick)
@@ -527,7 +551,7 @@ pub fn run(
                     }
                     if !more {
                         drv.io(slot).recv = false;
-                        let closing = drv.io(slot).closing;
+                        let closing = drv.io(slot).closing || drv.io(slot).paused;
                         // Re-arm when the multishot ended for a reason that is not the end
                         // of the connection (-ENOBUFS: the buffer ring ran dry).
                         if !closing
@@ -579,7 +603,7 @@ pub fn run(
         }
         bufring.publish();
         if rearm_wake {
-            core.on_inbox();
+            core.on_commands(now);
             let e = opcode::Read::new(Fd(wake_fd), (&raw mut *wake_buf).cast(), 8)
                 .build()
                 .user_data(user_data(OP_WAKE, none));
@@ -627,7 +651,7 @@ pub fn run(
     }
 }
 
-fn finish_if_idle(core: &mut Core, io: &mut [SlotIo], slot: u32) {
+fn finish_if_idle<H: Handler>(core: &mut Core<H>, io: &mut [SlotIo], slot: u32) {
     let Some(sio) = io.get_mut(slot as usize) else {
         return;
     };

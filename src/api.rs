@@ -1,0 +1,205 @@
+//! The embedding API: what a Rust service implements ([`Handler`]) and what it is handed
+//! ([`Conn`] inside callbacks, [`crate::engine::Handle`] from any thread).
+//!
+//! One handler instance runs per worker, on that worker's thread, so a handler needs no
+//! locks: the engine calls it with the connection it concerns. Every convenience here is a
+//! thin layer over the engine's core; no io_uring or epoll type appears in it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::proto::OpCode;
+use crate::proto::handshake::{Request, Upgrade};
+
+pub use crate::engine::core::{Conn, ConnId};
+
+/// A complete message received from a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// [`OpCode::Text`] or [`OpCode::Binary`].
+    pub opcode: OpCode,
+    /// The payload (for text: UTF-8, already validated).
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// Whether it is a text message.
+    pub fn is_text(&self) -> bool {
+        self.opcode == OpCode::Text
+    }
+
+    /// The text of a text message (`None` for binary).
+    pub fn text(&self) -> Option<&str> {
+        if self.is_text() {
+            simdutf8::basic::from_utf8(&self.payload).ok()
+        } else {
+            None
+        }
+    }
+}
+
+/// What `on_upgrade` decides: accept (with a subprotocol, topics and user data) or
+/// reject with an HTTP status.
+#[derive(Debug)]
+pub enum Decision<D> {
+    /// Upgrade the connection.
+    Accept(Accept<D>),
+    /// Answer with this status and close.
+    Reject(Reject),
+}
+
+/// Accepting an upgrade.
+#[derive(Debug)]
+pub struct Accept<D> {
+    /// The subprotocol to answer with; it must be one the client offered (else 500).
+    pub protocol: Option<String>,
+    /// Topics to subscribe the connection to right away.
+    pub topics: Vec<String>,
+    /// Per-connection data, handed back in every callback.
+    pub data: D,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl<D> Accept<D> {
+    /// Accept with `data`, no subprotocol, no topics.
+    pub fn new(data: D) -> Accept<D> {
+        Accept {
+            protocol: None,
+            topics: Vec::new(),
+            data,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Also subscribe to `topic`.
+    pub fn subscribe(mut self, topic: impl Into<String>) -> Self {
+        self.topics.push(topic.into());
+        self
+    }
+
+    /// Answer with subprotocol `p` (must be one the client offered).
+    pub fn protocol(mut self, p: impl Into<String>) -> Self {
+        self.protocol = Some(p.into());
+        self
+    }
+}
+
+/// Rejecting an upgrade (or answering a plain HTTP request).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reject {
+    /// HTTP status, e.g. 401 or 403.
+    pub status: u16,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: String,
+}
+
+impl Reject {
+    /// A rejection with `status` and a one-line body.
+    pub fn status(status: u16) -> Reject {
+        Reject {
+            status,
+            headers: Vec::new(),
+            body: format!("{}\n", crate::proto::handshake::reason_phrase(status)),
+        }
+    }
+}
+
+/// An HTTP response to a plain (non-upgrade) request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status.
+    pub status: u16,
+    /// Content type.
+    pub content_type: String,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// The result of queuing a frame on one connection (uWebSockets' SUCCESS / BACKPRESSURE /
+/// DROPPED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; the queue is below its soft limit.
+    Queued,
+    /// Queued, but the queue is now over its soft limit: slow down.
+    Backpressure,
+    /// Not queued: over the hard limit and the policy drops, or the policy closed the
+    /// connection (1013).
+    Dropped,
+    /// Kept as the newest frame of its topic, to be sent when the queue drains
+    /// (conflation policy).
+    Conflated,
+    /// The connection is closing or gone.
+    Closed,
+}
+
+/// What happens when a connection's send queue passes its hard limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Close the connection with 1013 (try again later). The default.
+    #[default]
+    Close,
+    /// Drop the new frame.
+    DropNew,
+    /// Keep only the newest frame per topic until the queue drains (tickers, order books).
+    /// Frames sent directly (not published) are dropped.
+    Conflate,
+}
+
+/// What one publish did on one worker (summed over workers by
+/// [`crate::engine::Handle::publish`] only for the local part).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishReport {
+    /// Subscribers the frame was queued on (below or over the soft limit).
+    pub queued: usize,
+    /// Of those, how many are over their soft limit.
+    pub backpressured: usize,
+    /// Subscribers that dropped the frame or were closed by the policy.
+    pub dropped: usize,
+    /// Subscribers that conflated it.
+    pub conflated: usize,
+    /// Other workers the frame was handed to.
+    pub forwarded_workers: usize,
+}
+
+/// The application: one instance per worker, called on that worker's thread.
+///
+/// Every method has a default, so a handler implements only what it needs. The default
+/// `on_upgrade` accepts every request with `Default` user data.
+pub trait Handler: Send + 'static {
+    /// Per-connection user data.
+    type Data: Send + 'static;
+
+    /// A valid WebSocket upgrade request arrived (the RFC's rules and the Origin
+    /// allow-list are already checked). Decide: accept or reject.
+    fn on_upgrade(&mut self, request: &Request, upgrade: &Upgrade) -> Decision<Self::Data>;
+
+    /// A plain HTTP request (no `Upgrade` header). `None` answers 404.
+    fn on_http(&mut self, request: &Request) -> Option<HttpResponse> {
+        let _ = request;
+        None
+    }
+
+    /// The connection is open (the 101 is queued).
+    fn on_open(&mut self, conn: &mut Conn<'_, Self::Data>) {
+        let _ = conn;
+    }
+
+    /// A complete message arrived.
+    fn on_message(&mut self, conn: &mut Conn<'_, Self::Data>, message: Message) {
+        let _ = (conn, message);
+    }
+
+    /// The connection is closed: `code` is the peer's close code, ours when we failed it,
+    /// 1005 when its close carried none, 1006 when it vanished or timed out.
+    fn on_close(&mut self, conn: &mut Conn<'_, Self::Data>, code: u16, reason: &str) {
+        let _ = (conn, code, reason);
+    }
+}
+
+/// Builds one handler per worker.
+pub type HandlerFactory<H> = Arc<dyn Fn(usize) -> H + Send + Sync>;
