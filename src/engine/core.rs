@@ -45,8 +45,14 @@ pub struct ConnId {
 pub enum SendOutcome {
     /// A send is in flight; `on_sent` will follow.
     InFlight,
-    /// `n` bytes were written now (may be fewer than queued).
-    Wrote(usize),
+    /// `n` bytes were written now; `all`: every byte offered was taken (the socket may
+    /// take more), otherwise the socket buffer is full and `on_writable` will follow.
+    Wrote {
+        /// Bytes written.
+        n: usize,
+        /// Whether all offered bytes were written.
+        all: bool,
+    },
     /// The socket buffer is full: the backend will call `on_writable`.
     WouldBlock,
     /// The socket is broken.
@@ -809,7 +815,7 @@ impl<H: Handler> Core<H> {
                     None
                 }
                 Event::TimedOut => {
-                    slot.close_code = 1006;
+                    // 1006 unless we had started a close with a code of our own.
                     slot.flags.dead = true;
                     None
                 }
@@ -1039,7 +1045,13 @@ impl<H: Handler> Core<H> {
                 }
                 continue;
             }
-            if !slot.flags.dead && !slot.flags.blocked && slot.conn.transmit_frames() > 0 {
+            // A backend may take fewer frames per call than are queued (iovec limit):
+            // write again while the socket takes everything offered.
+            let mut rounds = 0;
+            while let Some(slot) = slot_of(&mut self.inner.slots, id) {
+                if slot.flags.dead || slot.flags.blocked || slot.conn.transmit_frames() == 0 {
+                    break;
+                }
                 let fd = slot.fd;
                 let outcome = {
                     let mut bufs = slot.conn.transmit();
@@ -1048,28 +1060,40 @@ impl<H: Handler> Core<H> {
                 match outcome {
                     SendOutcome::InFlight => {
                         slot.flags.sending = true;
-                        continue;
+                        break;
                     }
-                    SendOutcome::Wrote(n) => {
+                    SendOutcome::Wrote { n, all } => {
                         self.written(id, n);
-                        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
-                            continue;
-                        };
-                        if slot.conn.transmit_frames() > 0 {
+                        rounds += 1;
+                        if !all
+                            && let Some(slot) = slot_of(&mut self.inner.slots, id)
+                            && slot.conn.transmit_frames() > 0
+                        {
                             slot.flags.blocked = true;
-                            continue;
+                            break;
+                        }
+                        if rounds >= 16 {
+                            // Fairness: the rest goes next turn.
+                            self.inner.mark_dirty(id);
+                            break;
                         }
                     }
                     SendOutcome::WouldBlock => {
                         slot.flags.blocked = true;
-                        continue;
+                        break;
                     }
-                    SendOutcome::Failed => slot.flags.dead = true,
+                    SendOutcome::Failed => {
+                        slot.flags.dead = true;
+                        break;
+                    }
                 }
             }
             let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
+            if slot.flags.sending || slot.flags.dirty {
+                continue;
+            }
             let done = slot.flags.dead
                 || (slot.conn.transmit_frames() == 0
                     && (matches!(slot.phase, Phase::Finish) || slot.conn.is_closed()));

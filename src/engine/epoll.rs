@@ -56,9 +56,11 @@ impl Driver for EpollDriver {
             iov_len: 0,
         }; MAX_IOV];
         let mut n = 0;
+        let mut offered = 0;
         for (slot, b) in iov.iter_mut().zip(bufs) {
             slot.iov_base = b.as_ptr() as *mut libc::c_void;
             slot.iov_len = b.len();
+            offered += b.len();
             n += 1;
         }
         // SAFETY: a zeroed msghdr is valid; it points at `iov`, which outlives the call.
@@ -69,11 +71,14 @@ impl Driver for EpollDriver {
         // are valid for the duration of the call.
         let r = unsafe { libc::sendmsg(fd as i32, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if r >= 0 {
-            SendOutcome::Wrote(r as usize)
+            SendOutcome::Wrote {
+                n: r as usize,
+                all: r as usize == offered,
+            }
         } else {
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EAGAIN) => SendOutcome::WouldBlock,
-                Some(libc::EINTR) => SendOutcome::Wrote(0),
+                Some(libc::EINTR) => SendOutcome::Wrote { n: 0, all: true },
                 _ => SendOutcome::Failed,
             }
         }

@@ -259,6 +259,8 @@ pub enum Command {
 /// A cross-worker inbox: commands for this worker, with one coalesced wake-up.
 struct Inbox {
     queue: Mutex<Vec<Command>>,
+    /// Bytes of published frames queued here and not yet taken by the worker.
+    pending_bytes: AtomicUsize,
     wake_pending: AtomicBool,
     eventfd: OwnedFd,
 }
@@ -355,6 +357,7 @@ impl Shared {
             if workers & (1 << i) == 0 {
                 continue;
             }
+            inbox.pending_bytes.fetch_add(frame.len(), Ordering::AcqRel);
             self.send_command(inbox, Command::Publish(topic.clone(), frame.clone()));
             n += 1;
         }
@@ -378,11 +381,36 @@ impl Shared {
             return Vec::new();
         };
         inbox.wake_pending.store(false, Ordering::Release);
-        inbox
+        let batch = inbox
             .queue
             .lock()
             .map(|mut q| std::mem::take(&mut *q))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let bytes: usize = batch
+            .iter()
+            .map(|c| match c {
+                Command::Publish(_, f) => f.len(),
+                Command::Close(..) => 0,
+            })
+            .sum();
+        inbox.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        batch
+    }
+
+    /// Blocks (briefly, repeatedly) while any worker in `workers` has more than
+    /// [`HANDLE_QUEUE_LIMIT`] bytes of published frames waiting: a thread publishing
+    /// faster than the workers fan out is slowed down instead of growing memory.
+    fn wait_for_room(&self, workers: u64) {
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            if workers & (1 << i) == 0 {
+                continue;
+            }
+            while inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
+                && self.shutdown_state() == 0
+            {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
     }
 
     /// The eventfd that wakes worker `index`.
@@ -419,6 +447,10 @@ fn wake(fd: &OwnedFd) {
     let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
 }
 
+/// Bytes of published frames that may wait in one worker's inbox before
+/// [`Handle::publish`] blocks its caller.
+pub const HANDLE_QUEUE_LIMIT: usize = 16 * 1024 * 1024;
+
 /// A connection anywhere in the server: its worker and its id there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GlobalConnId {
@@ -442,11 +474,16 @@ impl Handle {
     /// Publishes a message to every subscriber of `topic` on every worker: encoded once,
     /// handed once to each worker that has subscribers. Returns the number of workers it
     /// was handed to (0: nobody is subscribed; nothing was encoded).
+    ///
+    /// Blocks while a target worker already has [`HANDLE_QUEUE_LIMIT`] bytes of frames
+    /// waiting (a publisher faster than the fan-out is slowed down, memory stays bounded).
+    /// Call it from your own threads, not from a handler (use [`crate::api::Conn::publish`]).
     pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
         let workers = self.shared.directory.workers_with(topic, None);
         if workers == 0 {
             return 0;
         }
+        self.shared.wait_for_room(workers);
         let frame = proto::encode_frame(opcode, payload);
         self.shared.forward(workers, &Arc::from(topic), &frame)
     }
@@ -620,6 +657,7 @@ impl Server {
             }
             inboxes.push(Inbox {
                 queue: Mutex::new(Vec::new()),
+                pending_bytes: AtomicUsize::new(0),
                 wake_pending: AtomicBool::new(false),
                 // SAFETY: fd is a fresh descriptor we own.
                 eventfd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
