@@ -60,7 +60,7 @@ impl Impl {
             if std::is_x86_feature_detected!("avx2") {
                 v.push(Impl::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f") {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
                 v.push(Impl::Avx512);
             }
         }
@@ -92,8 +92,11 @@ impl Impl {
                     // SAFETY: the CPU supports AVX2 (checked on this line).
                     return unsafe { x86::avx2(buf, m) };
                 }
-                Impl::Avx512 if std::is_x86_feature_detected!("avx512f") => {
-                    // SAFETY: the CPU supports AVX-512F (checked on this line).
+                Impl::Avx512
+                    if std::is_x86_feature_detected!("avx512f")
+                        && std::is_x86_feature_detected!("avx512bw") =>
+                {
+                    // SAFETY: the CPU supports AVX-512F and AVX-512BW (checked just above).
                     return unsafe { x86::avx512(buf, m) };
                 }
                 _ => {}
@@ -103,10 +106,16 @@ impl Impl {
     }
 }
 
+/// Below this many bytes the inlined 8-bytes-at-a-time loop beats any dispatch.
+const SIMD_THRESHOLD: usize = 64;
+
 /// Unmasks `buf` in place with `mask`, the first byte of `buf` being at position `offset`
 /// (mod 4) of the payload. Uses the fastest implementation this CPU has.
 #[inline]
 pub fn unmask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    if buf.len() < SIMD_THRESHOLD {
+        return unmask_scalar(buf, mask, offset);
+    }
     Impl::best().apply(buf, mask, offset)
 }
 
@@ -115,14 +124,12 @@ pub fn unmask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// XORs the tail (shorter than one vector) byte-wise; `done` is a multiple of 4, so
-    /// the key phase at the tail is `m[0]`.
+    /// XORs the tail (shorter than one vector) 8 bytes at a time; `done` is a multiple of
+    /// 4, so the key phase at the tail is `m[0]`.
     #[inline(always)]
     fn tail(buf: &mut [u8], done: usize, m: [u8; 4]) {
         if let Some(rest) = buf.get_mut(done..) {
-            for (b, k) in rest.iter_mut().zip(m.iter().cycle()) {
-                *b ^= k;
-            }
+            super::unmask_scalar(rest, m, 0);
         }
     }
 
@@ -176,8 +183,8 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must support AVX-512F.
-    #[target_feature(enable = "avx512f")]
+    /// The CPU must support AVX-512F and AVX-512BW (the byte-masked tail).
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn avx512(buf: &mut [u8], m: [u8; 4]) {
         let key = _mm512_set1_epi32(i32::from_ne_bytes(m));
         let n = buf.len() / 64 * 64;
