@@ -73,10 +73,12 @@ impl Handler for Chat {
     }
 
     fn on_http(&mut self, request: &Request) -> Option<HttpResponse> {
-        (request.path == "/").then(|| HttpResponse {
-            status: 200,
-            content_type: "text/html; charset=utf-8".into(),
-            body: Bytes::from_static(PAGE.as_bytes()),
+        (request.path == "/").then(|| {
+            HttpResponse::new(
+                200,
+                "text/html; charset=utf-8",
+                Bytes::from_static(PAGE.as_bytes()),
+            )
         })
     }
 

@@ -117,6 +117,20 @@ pub struct HttpResponse {
     pub content_type: String,
     /// Body.
     pub body: Bytes,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpResponse {
+    /// A response with `status`, `content_type` and `body`, no extra header.
+    pub fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
+        HttpResponse {
+            status,
+            content_type: content_type.to_string(),
+            body: body.into(),
+            headers: Vec::new(),
+        }
+    }
 }
 
 /// The result of queuing a frame on one connection (uWebSockets' SUCCESS / BACKPRESSURE /

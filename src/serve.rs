@@ -54,21 +54,28 @@ impl Handler for BenchProtocol {
     fn on_http(&mut self, request: &Request) -> Option<HttpResponse> {
         let shared = self.handle.shared();
         match request.path.as_str() {
-            "/" => Some(HttpResponse {
-                status: 200,
-                content_type: "text/html; charset=utf-8".into(),
-                body: Bytes::from(status::page(shared)),
-            }),
-            "/metrics" => Some(HttpResponse {
-                status: 200,
-                content_type: "text/plain; version=0.0.4".into(),
-                body: Bytes::from(status::metrics(shared)),
-            }),
-            p if p == "/echo" || p.starts_with("/pubsub/") => Some(HttpResponse {
-                status: 426,
-                content_type: "text/plain".into(),
-                body: Bytes::from_static(b"this path only upgrades to WebSocket\n"),
-            }),
+            "/" => Some(HttpResponse::new(
+                200,
+                "text/html; charset=utf-8",
+                status::page(shared),
+            )),
+            "/metrics" => Some(HttpResponse::new(
+                200,
+                "text/plain; version=0.0.4",
+                status::metrics(shared),
+            )),
+            p if p == "/echo" || p.starts_with("/pubsub/") => {
+                let mut r = HttpResponse::new(
+                    426,
+                    "text/plain",
+                    Bytes::from_static(b"this path only upgrades to WebSocket\n"),
+                );
+                r.headers = vec![
+                    ("Upgrade".into(), "websocket".into()),
+                    ("Sec-WebSocket-Version".into(), "13".into()),
+                ];
+                Some(r)
+            }
             _ => None,
         }
     }

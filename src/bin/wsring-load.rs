@@ -942,6 +942,34 @@ fn parent(args: &Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if shape.mode == Mode::Idle {
+        // Warm-up: push traffic through one connection first, so the server's per-worker
+        // buffers (receive buffer ring, completion queue, allocator arenas) are already
+        // touched when the baseline is taken; the idle figure is then the marginal cost of
+        // a connection, not the first touch of fixed per-core memory.
+        let warm = Command::new(&exe)
+            .args(["--target", &args.target.to_string(), "--mode", "echo"])
+            .args([
+                "--connections",
+                "4",
+                "--size",
+                "2048",
+                "--window",
+                "32",
+                "--duration",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !warm.is_ok_and(|s| s.success()) {
+            eprintln!("wsring-load: warm-up against {} failed", args.target);
+        }
+    }
+    if shape.mode == Mode::Idle {
+        // Let freed warm-up memory settle (allocators return pages after a delay).
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let before_connect = args.server_pid.and_then(sample_server);
     let slab_before = slab_kb();
     let mut children = Vec::new();
@@ -983,15 +1011,20 @@ fn parent(args: &Args) -> ExitCode {
             shape.duration
         );
     }
-    let connected = args.server_pid.and_then(sample_server);
-    let slab_connected = slab_kb();
-    let start = args.server_pid.and_then(sample_server);
     for c in children.iter_mut() {
         if let Some(stdin) = c.stdin.as_mut() {
             let _ = writeln!(stdin, "GO");
             let _ = stdin.flush();
         }
     }
+    let start = args.server_pid.and_then(sample_server);
+    // Idle: sample near the end of the hold, when the server has settled.
+    let (connected, slab_connected) = if shape.mode == Mode::Idle {
+        std::thread::sleep(Duration::from_secs_f64((shape.duration - 1.0).max(0.5)));
+        (args.server_pid.and_then(sample_server), slab_kb())
+    } else {
+        (None, 0)
+    };
     // Progress: one line per second, summed over children.
     let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
     for (i, r) in readers.into_iter().enumerate() {

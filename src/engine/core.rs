@@ -244,6 +244,9 @@ impl<D> Inner<D> {
             if slot.conn.send_frame(frame).is_err() {
                 return SendStatus::Closed;
             }
+            self.shared.stats[self.index]
+                .messages_out
+                .fetch_add(1, Ordering::Relaxed);
             if queued + len > soft {
                 SendStatus::Backpressure
             } else {
@@ -289,10 +292,6 @@ impl<D> Inner<D> {
             }
         }
         self.topics.insert(topic.clone(), subs);
-        let stats = &self.shared.stats[self.index];
-        stats
-            .messages_out
-            .fetch_add(report.queued as u64, Ordering::Relaxed);
         report
     }
 
@@ -739,7 +738,18 @@ impl<H: Handler> Core<H> {
         } else {
             match self.handler.on_http(request) {
                 Some(r) => {
-                    handshake::encode_response(&mut out, r.status, &r.content_type, &r.body, &[])
+                    let headers: Vec<(&str, &str)> = r
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_str()))
+                        .collect();
+                    handshake::encode_response(
+                        &mut out,
+                        r.status,
+                        &r.content_type,
+                        &r.body,
+                        &headers,
+                    )
                 }
                 None => handshake::encode_error(&mut out, HandshakeError::NotFound, &[]),
             }

@@ -360,6 +360,11 @@ pub fn encode_error(out: &mut Vec<u8>, err: HandshakeError, extra: &[(&str, &str
         let mut all = vec![("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")];
         all.extend_from_slice(extra);
         encode_response(out, status, "text/plain", body.as_bytes(), &all);
+    } else if status == 405 && !extra.iter().any(|(n, _)| n.eq_ignore_ascii_case("allow")) {
+        // RFC 9110 §15.5.6: a 405 names the allowed methods.
+        let mut all = vec![("Allow", "GET")];
+        all.extend_from_slice(extra);
+        encode_response(out, status, "text/plain", body.as_bytes(), &all);
     } else {
         encode_response(out, status, "text/plain", body.as_bytes(), extra);
     }

@@ -60,7 +60,8 @@ impl Impl {
             if std::is_x86_feature_detected!("avx2") {
                 v.push(Impl::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+            {
                 v.push(Impl::Avx512);
             }
         }

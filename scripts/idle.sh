@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Memory per idle connection: starts `wsring serve` (one worker, pinned to CPU 0), opens
+# N upgraded connections with wsring-load (pinned to CPU 1, spread over 2 processes),
+# holds them, and reports the server's RSS growth and the kernel's Slab growth per
+# connection (the Slab figure includes the client sockets, which live on this machine
+# too). Fails when the server's RSS grows by more than the hard limit per connection.
+#
+#   scripts/idle.sh [--connections 15000] [--backend io-uring|epoll] [--limit 1024]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+connections=15000
+backend=io-uring
+limit=1024
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --connections) connections=$2; shift 2 ;;
+        --backend) backend=$2; shift 2 ;;
+        --limit) limit=$2; shift 2 ;;
+        *) echo "usage: $0 [--connections N] [--backend io-uring|epoll] [--limit BYTES]" >&2; exit 2 ;;
+    esac
+done
+cargo build --release --quiet --bins
+out=$(mktemp)
+taskset -c 0 target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend "$backend" --log-level warn >"$out" 2>&1 &
+pid=$!
+trap 'kill "$pid" 2>/dev/null || true; rm -f "$out"' EXIT
+addr=""
+for _ in $(seq 1 100); do
+    addr=$(grep -o 'ws://[0-9.:]*' "$out" | head -n1 | sed 's#ws://##') || true
+    [ -n "$addr" ] && break
+    sleep 0.1
+done
+[ -n "$addr" ] || { echo "idle: server did not start" >&2; cat "$out" >&2; exit 1; }
+result=$(timeout 300 taskset -c 1 target/release/wsring-load --target "$addr" --scenario idle \
+    --connections "$connections" --procs 2 --server-pid "$pid" 2>/dev/null)
+echo "$result"
+python3 - "$result" "$limit" "$backend" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1]); limit = float(sys.argv[2])
+per = r["rss_bytes_per_conn"]
+print(f"idle ({sys.argv[3]}): {r['idle_connections']} connections, server RSS {per:.0f} B/connection, "
+      f"kernel Slab {r['slab_bytes_per_conn']:.0f} B/connection (both ends)")
+if r["idle_connections"] < r["connections"]:
+    sys.exit(f"idle: only {r['idle_connections']} of {r['connections']} connections opened")
+if per > limit:
+    sys.exit(f"idle: {per:.0f} B per connection exceeds the {limit:.0f} B limit")
+PY
