@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: format, lints, unit + integration tests, benches build, and the
-# Autobahn|Testsuite conformance run when the suite is available.
+# The whole test suite: format, lints, unit + integration tests, benches build, the
+# system checks (churn, idle memory), and the Autobahn|Testsuite conformance run when the
+# suite is available.
 #
 #   scripts/test.sh
 #
@@ -23,6 +24,12 @@ cargo test --all-targets
 
 step "cargo bench --no-run"
 cargo bench --no-run
+
+step "system checks: connection churn and memory per idle connection (both backends)"
+for backend in io-uring epoll; do
+    scripts/churn.sh --backend "$backend" --connections 100000
+    scripts/idle.sh --backend "$backend" --connections 15000
+done
 
 if [ -x scripts/autobahn.sh ]; then
     step "Autobahn|Testsuite"

@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use wsring::engine::{BackendChoice, EngineConfig, Server};
 
+// The system allocator by default: it keeps less memory per idle connection than
+// mimalloc (see the `server-mimalloc` feature in Cargo.toml for the figures).
+#[cfg(feature = "server-mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
