@@ -394,8 +394,12 @@ impl<D> Conn<'_, D> {
         slot_of(&mut self.inner.slots, self.id).and_then(|s| s.data.as_mut())
     }
 
-    /// Queues a message on this connection.
+    /// Queues a message (or a ping/pong) on this connection. A control frame over 125
+    /// bytes, or a close frame (use [`Conn::close`]), is not sent: `Dropped`.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
+        if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
+            return SendStatus::Dropped;
+        }
         self.inner
             .queue_frame(self.id, encode_frame(opcode, payload), None)
     }

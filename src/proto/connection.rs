@@ -104,6 +104,9 @@ pub enum SendError {
     /// The connection is closing or closed: only a close reply may still be sent.
     #[error("connection is closing")]
     Closing,
+    /// A control frame (ping, pong, close) may carry at most 125 bytes (§5.5).
+    #[error("control frame payload over 125 bytes")]
+    ControlTooLong,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -501,8 +504,12 @@ impl Connection {
     /// Queues a message as one unmasked frame.
     ///
     /// # Errors
-    /// [`SendError::Closing`] once the connection is closing.
+    /// [`SendError::Closing`] once the connection is closing;
+    /// [`SendError::ControlTooLong`] for a control frame over 125 bytes.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        if opcode.is_control() && payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlTooLong);
+        }
         self.send_frame(encode_frame(opcode, payload))
     }
 

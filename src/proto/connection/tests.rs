@@ -383,6 +383,16 @@ fn close_deadline_drops_the_connection() {
 }
 
 #[test]
+fn control_frames_over_125_bytes_are_refused() {
+    let mut c = conn();
+    assert_eq!(
+        c.send(OpCode::Ping, &[0; 126]),
+        Err(SendError::ControlTooLong)
+    );
+    assert_eq!(c.send(OpCode::Ping, &[0; 125]), Ok(()));
+}
+
+#[test]
 fn short_writes_resume_where_they_stopped() {
     let mut c = conn();
     c.send(OpCode::Text, b"abc").unwrap();
