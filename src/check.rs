@@ -46,16 +46,18 @@ pub const HEADROOM_FDS: u64 = 1024;
 pub const RESERVED_FDS_PER_PROCESS: u64 = 64;
 
 /// Kernel memory of one idle TCP socket (struct tcp_sock, its file, dentry, inode and
-/// epoll/io_uring bookkeeping): about 3.6 KiB, the floor no tuning removes. DESIGN.md budget,
-/// pending the measurement by the idle benchmark.
+/// epoll/io_uring bookkeeping): about 3.6 KiB, the floor no tuning removes. DESIGN.md budget;
+/// `scripts/idle.sh` measured 8-9.5 KiB of Slab growth per loopback connection for both
+/// ends together (client and server socket), i.e. about 4-4.7 KiB per end.
 pub const KERNEL_TCP_SOCKET_BYTES: u64 = 3_686;
 
 /// Kernel memory of the io_uring multishot recv request parked on each idle connection:
-/// about 0.9 KiB. DESIGN.md budget, pending the measurement by the idle benchmark.
+/// about 0.9 KiB. DESIGN.md budget (included in the Slab figure above when measured).
 pub const IO_URING_RECV_BYTES: u64 = 922;
 
-/// wsring's own user-space memory per idle connection: the hard limit of 1 KiB (the target
-/// is 128 B). DESIGN.md budget, pending the measurement by the idle benchmark.
+/// wsring's own user-space memory per idle connection, planned at its hard limit of 1 KiB
+/// (the target is 128 B; `scripts/idle.sh` measured about 300 B of server RSS per idle
+/// connection at 15,000 connections).
 pub const WSRING_USER_BYTES: u64 = 1_024;
 
 /// Memory per idle connection, all parts together: 5.5 KiB.
