@@ -84,6 +84,10 @@ struct ServeArgs {
     /// when set.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// On shutdown, close connections with 1012 (service restart: clients should
+    /// reconnect) instead of 1001 (going away).
+    #[arg(long)]
+    restart: bool,
     /// Do not pin worker i to CPU i.
     #[arg(long)]
     no_pin: bool,
@@ -194,6 +198,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         pong_timeout: args.pong_timeout,
         close_timeout: args.close_timeout,
         drain_timeout: args.drain_timeout,
+        drain_close_code: if args.restart { 1012 } else { 1001 },
         max_connections: args.max_connections,
         pin_threads: !args.no_pin,
         send_queue_soft: usize::try_from(args.send_queue_soft).unwrap_or(usize::MAX),

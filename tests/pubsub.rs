@@ -297,6 +297,34 @@ fn auth_rejection_returns_the_status_and_opens_nothing(backend: BackendChoice) {
     });
 }
 
+fn origins_outside_the_allow_list_get_403(backend: BackendChoice) {
+    let s = start(backend, |c| {
+        c.allowed_origins = vec!["https://ok.example".into()]
+    });
+    rt().block_on(async {
+        for (origin, want) in [
+            ("https://evil.example", "HTTP/1.1 403 "),
+            ("", "HTTP/1.1 403 "),
+            ("https://ok.example", "HTTP/1.1 101 "),
+        ] {
+            let mut tcp = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+            let origin_line = if origin.is_empty() {
+                String::new()
+            } else {
+                format!("Origin: {origin}\r\n")
+            };
+            tcp.write_all(format!("GET /sub/o HTTP/1.1\r\nHost: x\r\n{origin_line}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes()).await.unwrap();
+            let mut head = vec![0u8; 13];
+            tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut head))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&head), want, "origin {origin:?}");
+        }
+        assert_eq!(s.app.opened.load(Ordering::SeqCst), 1);
+    });
+}
+
 fn the_chosen_subprotocol_is_echoed(backend: BackendChoice) {
     let s = start(backend, |_| {});
     rt().block_on(async {
@@ -553,6 +581,7 @@ both_backends!(
     publish_from_a_plain_thread,
     auth_rejection_returns_the_status_and_opens_nothing,
     the_chosen_subprotocol_is_echoed,
+    origins_outside_the_allow_list_get_403,
     a_slow_reader_is_closed_with_1013_and_memory_stays_bounded,
     a_slow_reader_keeps_only_the_newest_frame_under_conflation,
     unsubscribe_and_close_leave_no_registry_entries,

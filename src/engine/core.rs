@@ -1005,6 +1005,7 @@ impl<H: Handler> Core<H> {
         }
         self.inner.now = now;
         self.inner.draining = Some(deadline);
+        let code = CloseCode::from(self.inner.shared.config.drain_close_code);
         let ids: Vec<ConnId> = self
             .inner
             .slots
@@ -1020,8 +1021,7 @@ impl<H: Handler> Core<H> {
             };
             match slot.phase {
                 Phase::Open => {
-                    self.inner
-                        .close_conn(id, CloseCode::Away, "server shutting down");
+                    self.inner.close_conn(id, code, "server shutting down");
                 }
                 Phase::Handshake(_) => slot.flags.dead = true,
                 Phase::Finish => {}

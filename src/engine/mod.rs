@@ -89,6 +89,8 @@ pub struct EngineConfig {
     pub close_timeout: Duration,
     /// Graceful shutdown: how long to wait for close handshakes.
     pub drain_timeout: Duration,
+    /// Graceful shutdown: the close code sent (1001 going away; 1012 for a restart).
+    pub drain_close_code: u16,
     /// Upgraded connections allowed over all workers (0: from RLIMIT_NOFILE); 503 beyond.
     pub max_connections: usize,
     /// Pin worker `i` to CPU `i`.
@@ -103,6 +105,99 @@ pub struct EngineConfig {
     /// Origins allowed to upgrade (exact match of the `Origin` header); empty allows all.
     /// Others get HTTP 403.
     pub allowed_origins: Vec<String>,
+}
+
+/// A chainable way to fill an [`EngineConfig`] and start a [`Server`]:
+///
+/// ```no_run
+/// # use wsring::engine::Server;
+/// let server = Server::builder()
+///     .listen("127.0.0.1:9001".parse().unwrap())
+///     .threads(2)
+///     .start(wsring::serve::BenchProtocol::new)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ServerBuilder {
+    config: EngineConfig,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        impl ServerBuilder {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: $ty) -> Self {
+                    self.config.$name = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters!(
+    /// Address to listen on.
+    listen: SocketAddr,
+    /// Worker threads (0: one per CPU).
+    threads: usize,
+    /// Backend choice.
+    backend: BackendChoice,
+    /// Largest message or frame (1009 beyond).
+    max_message_size: u64,
+    /// Largest handshake header block (431 beyond).
+    max_header_bytes: usize,
+    /// Time allowed for the upgrade request.
+    handshake_timeout: Duration,
+    /// Ping after this much silence (`None`: never).
+    ping_interval: Option<Duration>,
+    /// Drop when the pong does not come within this.
+    pong_timeout: Duration,
+    /// Drop when the close reply does not come within this.
+    close_timeout: Duration,
+    /// Graceful shutdown deadline.
+    drain_timeout: Duration,
+    /// Close code of the graceful shutdown (1001, or 1012 for a restart).
+    drain_close_code: u16,
+    /// Upgraded connections allowed (0: from RLIMIT_NOFILE).
+    max_connections: usize,
+    /// Pin workers to CPUs.
+    pin_threads: bool,
+    /// Send queue soft limit (bytes).
+    send_queue_soft: usize,
+    /// Send queue hard limit (bytes).
+    send_queue_hard: usize,
+    /// What happens past the hard limit.
+    policy: Policy,
+    /// Origins allowed to upgrade (empty: all).
+    allowed_origins: Vec<String>,
+);
+
+impl ServerBuilder {
+    /// The configuration built so far.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Checks the configuration (see [`EngineConfig::validate`]).
+    ///
+    /// # Errors
+    /// The first [`ConfigError`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.config.validate()
+    }
+
+    /// Starts the server with a handler per worker.
+    ///
+    /// # Errors
+    /// As [`Server::start_with`].
+    pub fn start<H, F>(self, factory: F) -> std::io::Result<Server>
+    where
+        H: Handler,
+        F: Fn(Handle) -> H + Send + Sync + 'static,
+    {
+        Server::start_with(self.config, factory)
+    }
 }
 
 /// A configuration value that cannot work.
@@ -123,6 +218,9 @@ pub enum ConfigError {
         /// Hard limit.
         hard: usize,
     },
+    /// A close code that may not be sent.
+    #[error("drain_close_code {0} is not a code a server may send (use 1001 or 1012)")]
+    BadCloseCode(u16),
     /// The header limit is too small for any real upgrade request.
     #[error("max_header_bytes must be at least 256 (got {0})")]
     HeaderLimitTooSmall(usize),
@@ -155,6 +253,10 @@ impl EngineConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
+        let code = crate::proto::CloseCode::from(self.drain_close_code);
+        if !code.is_allowed() {
+            return Err(ConfigError::BadCloseCode(self.drain_close_code));
+        }
         if self.send_queue_hard == 0 {
             return Err(ConfigError::Zero("send_queue_hard"));
         }
@@ -181,6 +283,7 @@ impl Default for EngineConfig {
             pong_timeout: Duration::from_secs(20),
             close_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            drain_close_code: 1001,
             max_connections: 0,
             pin_threads: true,
             send_queue_soft: 256 * 1024,
@@ -583,6 +686,11 @@ fn bind(addr: SocketAddr, nonblocking: bool) -> std::io::Result<Socket> {
 }
 
 impl Server {
+    /// A builder over [`EngineConfig`]'s defaults.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
     /// Binds, picks the backend and starts the workers. Returns once every worker is
     /// ready to accept.
     ///
@@ -790,5 +898,53 @@ fn pin_to_cpu(index: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpus[index % cpus.len()], &mut set);
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_refuses_configurations_that_cannot_work() {
+        assert_eq!(EngineConfig::default().validate(), Ok(()));
+        let b = Server::builder();
+        assert_eq!(
+            b.clone().threads(65).validate(),
+            Err(ConfigError::TooManyThreads(65))
+        );
+        assert_eq!(
+            b.clone().max_message_size(0).validate(),
+            Err(ConfigError::Zero("max_message_size"))
+        );
+        assert_eq!(
+            b.clone().send_queue_soft(2).send_queue_hard(1).validate(),
+            Err(ConfigError::SoftAboveHard { soft: 2, hard: 1 })
+        );
+        assert_eq!(
+            b.clone().pong_timeout(Duration::ZERO).validate(),
+            Err(ConfigError::Zero("pong_timeout"))
+        );
+        assert_eq!(
+            b.clone().drain_close_code(1006).validate(),
+            Err(ConfigError::BadCloseCode(1006))
+        );
+        assert_eq!(
+            b.clone().max_header_bytes(10).validate(),
+            Err(ConfigError::HeaderLimitTooSmall(10))
+        );
+        assert_eq!(b.drain_close_code(1012).validate(), Ok(()));
+    }
+
+    #[test]
+    fn an_invalid_configuration_does_not_start() {
+        let err = Server::builder()
+            .send_queue_soft(10)
+            .send_queue_hard(5)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .start(crate::serve::BenchProtocol::new)
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     }
 }
