@@ -279,7 +279,12 @@ struct Client {
     hist: Histogram,
     publishing: bool,
     measuring: bool,
+    /// The process's one receive buffer.
+    scratch: Vec<u8>,
 }
+
+/// Size of the receive scratch buffer.
+const SCRATCH: usize = 256 * 1024;
 
 fn nonblocking_socket(target: SocketAddr) -> std::io::Result<i32> {
     let domain = if target.is_ipv4() {
@@ -339,6 +344,7 @@ impl Client {
             hist: Histogram::new(),
             publishing: false,
             measuring: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -465,52 +471,64 @@ impl Client {
 
     /// Handles readable bytes on connection `i`.
     fn on_readable(&mut self, i: usize) {
-        const CHUNK: usize = 256 * 1024;
+        // One scratch buffer per process: a connection keeps only an incomplete tail, so
+        // thousands of subscribers cost no read buffer each.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(SCRATCH, 0);
         loop {
             let fd = self.conns[i].fd;
             if fd < 0 {
-                return;
+                break;
             }
-            // Read straight into the connection's buffer, after what is left of the last read.
-            let rbuf = &mut self.conns[i].rbuf;
-            rbuf.reserve(CHUNK);
-            let have = rbuf.len();
-            // SAFETY: reading into the vector's spare capacity (at least CHUNK bytes); the
-            // length is extended only by what the kernel wrote.
-            let r = unsafe { libc::read(fd, rbuf.as_mut_ptr().add(have).cast(), CHUNK) };
+            // SAFETY: reading into a live buffer of `scratch.len()` bytes from our socket.
+            let r = unsafe { libc::read(fd, scratch.as_mut_ptr().cast(), scratch.len()) };
             if r > 0 {
-                // SAFETY: the kernel initialised `r` bytes past `have`.
-                unsafe { rbuf.set_len(have + r as usize) };
-                self.process(i);
-                if (r as usize) < CHUNK {
-                    return;
+                let n = r as usize;
+                if self.conns[i].rbuf.is_empty() {
+                    let used = self.process(i, &scratch[..n]);
+                    if self.conns[i].st != St::Done {
+                        self.conns[i].rbuf.extend_from_slice(&scratch[used..n]);
+                    }
+                } else {
+                    let mut buf = std::mem::take(&mut self.conns[i].rbuf);
+                    buf.extend_from_slice(&scratch[..n]);
+                    let used = self.process(i, &buf);
+                    buf.drain(..used);
+                    if self.conns[i].st != St::Done {
+                        self.conns[i].rbuf = buf;
+                    }
+                }
+                if n < scratch.len() {
+                    break;
                 }
             } else if r == 0 {
                 if self.conns[i].st == St::Open {
                     self.c.closed_by_server += 1;
                 }
                 self.close_conn(i);
-                return;
+                break;
             } else {
                 let e = std::io::Error::last_os_error().raw_os_error();
                 if e != Some(libc::EAGAIN) {
                     self.c.errors += 1;
                     self.close_conn(i);
                 }
-                return;
+                break;
             }
         }
+        self.scratch = scratch;
     }
 
-    fn process(&mut self, i: usize) {
+    /// Handles the bytes `data` of connection `i` (handshake answer, then frames) and
+    /// returns how many it consumed; the caller keeps the rest for the next read.
+    fn process(&mut self, i: usize, data: &[u8]) -> usize {
+        let mut off = 0;
         if self.conns[i].st == St::Upgrading || self.conns[i].st == St::Connecting {
-            let buf = &self.conns[i].rbuf;
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return;
+            let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return 0;
             };
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let rest = buf[end + 4..].to_vec();
-            self.conns[i].rbuf = rest;
+            let head = String::from_utf8_lossy(&data[..end]).to_string();
+            off = end + 4;
             let want = accept_key(&self.conns[i].key);
             let ok101 = head.starts_with("HTTP/1.1 101");
             let accept_ok = head.lines().any(|l| {
@@ -521,7 +539,7 @@ impl Client {
             if !ok101 {
                 self.c.errors += 1;
                 self.close_conn(i);
-                return;
+                return data.len();
             }
             if !accept_ok {
                 self.c.bad_accept += 1;
@@ -530,18 +548,15 @@ impl Client {
             self.conns[i].st = St::Open;
             self.on_open(i);
         }
-        // Frames: the buffer is taken out while its frames are handled (no copy per frame).
-        let buf = std::mem::take(&mut self.conns[i].rbuf);
-        let mut off = 0;
         loop {
-            let rest = &buf[off..];
+            let rest = &data[off..];
             let (h, hl) = match FrameHeader::parse(rest, 0) {
                 Ok(Parsed::Complete { header, header_len }) => (header, header_len),
                 Ok(Parsed::Incomplete { .. }) => break,
                 Err(_) => {
                     self.c.corrupt += 1;
                     self.close_conn(i);
-                    return;
+                    return data.len();
                 }
             };
             let len = h.payload_len as usize;
@@ -551,17 +566,10 @@ impl Client {
             off += hl + len;
             self.on_frame(i, h.opcode, &rest[hl..hl + len]);
             if self.conns[i].st == St::Done {
-                return;
+                return data.len();
             }
         }
-        let mut buf = buf;
-        buf.drain(..off);
-        if self.conns[i].rbuf.is_empty() {
-            self.conns[i].rbuf = buf;
-        } else {
-            buf.extend_from_slice(&self.conns[i].rbuf);
-            self.conns[i].rbuf = buf;
-        }
+        off
     }
 
     fn on_open(&mut self, i: usize) {

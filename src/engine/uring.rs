@@ -46,8 +46,8 @@ const OP_WAKE: u64 = 7;
 /// Buffer group id of the worker's provided-buffer ring.
 const BGID: u16 = 0;
 /// Receive buffers per worker, and their size.
-const RING_BUFFERS: u16 = 512;
-const BUFFER_SIZE: usize = 4096;
+const RING_BUFFERS: u16 = 256;
+const BUFFER_SIZE: usize = 16 * 1024;
 const MAX_IOV: usize = 64;
 const SQ_ENTRIES: u32 = 4096;
 const CQ_ENTRIES: u32 = 32768;

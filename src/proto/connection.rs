@@ -407,6 +407,13 @@ impl Connection {
             Bytes::copy_from_slice(chunk)
         } else {
             let p = self.partial.get_or_insert_with(Box::default);
+            if p.message.capacity() - p.message.len() < chunk.len() {
+                // Reserve for the rest of this frame at once (no doubling copies), but no
+                // more than 1 MiB ahead of the bytes that actually arrived: a header that
+                // announces 16 MiB must not make us allocate 16 MiB before any payload.
+                let ahead = usize::try_from(self.decoder.remaining).unwrap_or(usize::MAX);
+                p.message.reserve(chunk.len() + ahead.min(1 << 20));
+            }
             p.message.extend_from_slice(chunk);
             if !last {
                 return Ok(());
