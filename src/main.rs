@@ -184,7 +184,21 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// glibc's allocator returns freed memory at the top of the heap to the kernel (trim) and
+/// serves large blocks with mmap; with messages of tens of KiB that meant a page-fault storm
+/// per message (64 KiB echo: 57 server CPU-s per million messages instead of 21). Keep
+/// up to 64 MiB of freed heap and serve blocks up to 32 MiB from the heap.
+fn tune_allocator() {
+    #[cfg(all(target_env = "gnu", not(feature = "server-mimalloc")))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
+    tune_allocator();
     init_logging(&args.log_level);
     let signals = block_signals();
     let config = EngineConfig {
