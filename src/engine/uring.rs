@@ -45,7 +45,11 @@ const OP_WAKE: u64 = 7;
 
 /// Buffer group id of the worker's provided-buffer ring.
 const BGID: u16 = 0;
-/// Receive buffers per worker, and their size.
+/// Receive buffers per worker, and their size: with incremental consumption (kernel 6.12+,
+/// each completion takes only the bytes it needs from a buffer) few large buffers; without
+/// it more, smaller ones. 4 MiB per worker either way.
+const INC_RING_BUFFERS: u16 = 64;
+const INC_BUFFER_SIZE: usize = 64 * 1024;
 const RING_BUFFERS: u16 = 256;
 const BUFFER_SIZE: usize = 16 * 1024;
 const MAX_IOV: usize = 64;
@@ -149,6 +153,10 @@ struct BufRing {
     size: usize,
     /// Our copy of the tail (published with `publish`).
     tail: u16,
+    /// Registered with incremental consumption (`IOU_PBUF_RING_INC`).
+    incremental: bool,
+    /// Incremental mode: bytes of each buffer already handed to us.
+    offsets: Vec<u32>,
 }
 
 fn map(len: usize) -> io::Result<*mut u8> {
@@ -191,6 +199,8 @@ impl BufRing {
             entries,
             size,
             tail: 0,
+            incremental: false,
+            offsets: vec![0; usize::from(entries)],
         };
         for bid in 0..entries {
             r.push(bid);
@@ -205,6 +215,29 @@ impl BufRing {
         // SAFETY: the ring memory is page-aligned (mmap), holds `entries` entries, and
         // outlives the registration per this function's contract.
         unsafe { submitter.register_buf_ring_with_flags(self.ring as u64, self.entries, bgid, 0) }
+    }
+
+    /// Registers with incremental consumption (`IOU_PBUF_RING_INC`).
+    ///
+    /// # Safety
+    /// As [`BufRing::register`].
+    unsafe fn register_incremental(
+        &mut self,
+        submitter: &Submitter<'_>,
+        bgid: u16,
+    ) -> io::Result<()> {
+        const IOU_PBUF_RING_INC: u16 = 2;
+        // SAFETY: as in `register`.
+        unsafe {
+            submitter.register_buf_ring_with_flags(
+                self.ring as u64,
+                self.entries,
+                bgid,
+                IOU_PBUF_RING_INC,
+            )
+        }?;
+        self.incremental = true;
+        Ok(())
     }
 
     /// Gives buffer `bid` (back) to the kernel; visible after `publish`.
@@ -230,16 +263,31 @@ impl BufRing {
         }
     }
 
-    /// The first `len` bytes of buffer `bid`.
+    /// The `len` bytes a completion put into buffer `bid`, and whether the buffer goes
+    /// back to the kernel after them (`false` in incremental mode while the kernel keeps
+    /// filling the rest of it: the completion carried `IORING_CQE_F_BUF_MORE`).
     ///
     /// # Safety
-    /// The kernel must have handed `bid` to us (a completion named it) and it must not
-    /// have been pushed back yet.
-    unsafe fn get(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        let len = len.min(self.size);
-        let bid = usize::from(bid % self.entries);
-        // SAFETY: the buffer lies inside the mapping and, per the contract, is ours.
-        unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid * self.size), len) }
+    /// A completion must have named `bid` with `len` bytes, and the bytes must not have
+    /// been taken before; they stay ours until the buffer is pushed back.
+    unsafe fn take(&mut self, bid: u16, len: usize, more: bool) -> (&mut [u8], bool) {
+        let b = usize::from(bid % self.entries);
+        let offset = if self.incremental {
+            self.offsets.get(b).map_or(0, |o| *o as usize)
+        } else {
+            0
+        };
+        let start = offset.min(self.size);
+        let len = len.min(self.size - start);
+        let recycle = !(self.incremental && more);
+        if let Some(o) = self.offsets.get_mut(b) {
+            *o = if recycle { 0 } else { (start + len) as u32 };
+        }
+        // SAFETY: the bytes lie inside buffer `b` of the mapping and, per the contract,
+        // the kernel wrote them and handed them to us.
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(self.bufs.add(b * self.size + start), len) };
+        (data, recycle)
     }
 }
 
@@ -432,14 +480,25 @@ pub fn run<H: Handler>(
     ready: &Sender<Result<(), String>>,
 ) -> io::Result<()> {
     // Declared before the ring so that it is dropped after it.
-    let mut bufring = BufRing::new(RING_BUFFERS, BUFFER_SIZE)?;
+    let mut bufring = BufRing::new(INC_RING_BUFFERS, INC_BUFFER_SIZE)?;
     let mut ring = builder().build(SQ_ENTRIES)?;
     let table = (shared.config.max_connections + 1024)
         .min(super::raise_nofile() as usize)
         .max(64);
     ring.submitter().register_files_sparse(table as u32)?;
-    // SAFETY: `bufring` outlives `ring` (declared first, dropped last).
-    unsafe { bufring.register(&ring.submitter(), BGID)? };
+    // SAFETY: `bufring` outlives `ring` (declared first, dropped last); a failed
+    // registration registers nothing, so the replacement below is safe too.
+    if unsafe { bufring.register_incremental(&ring.submitter(), BGID) }.is_err() {
+        bufring = BufRing::new(RING_BUFFERS, BUFFER_SIZE)?;
+        // SAFETY: as above.
+        unsafe { bufring.register(&ring.submitter(), BGID)? };
+    }
+    if index == 0 {
+        tracing::debug!(
+            incremental = bufring.incremental,
+            "provided-buffer ring registered"
+        );
+    }
 
     let listener_fd = listener.as_raw_fd();
     let mut listener = Some(listener);
@@ -539,11 +598,17 @@ pub fn run<H: Handler>(
                     }
                     if res > 0 {
                         if let Some(bid) = cqueue::buffer_select(flags) {
-                            // SAFETY: the completion hands buffer `bid` to us; it goes
-                            // back to the ring right after the core has parsed it.
-                            let data = unsafe { bufring.get(bid, res as usize) };
+                            // SAFETY: the completion hands these bytes of buffer `bid` to
+                            // us; the buffer goes back to the ring right after the core has
+                            // parsed them (or, in incremental mode, once the kernel is done
+                            // filling it).
+                            let (data, recycle) = unsafe {
+                                bufring.take(bid, res as usize, cqueue::buffer_more(flags))
+                            };
                             core.on_data(id, data, now);
-                            bufring.push(bid);
+                            if recycle {
+                                bufring.push(bid);
+                            }
                         }
                     } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
                         // 0: the peer closed; negative: the socket failed.
