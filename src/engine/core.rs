@@ -24,7 +24,7 @@ use indexmap::IndexSet;
 use slab::Slab;
 
 use super::wheel::{Entry, TimerWheel};
-use super::{Command, Shared, WorkerStats};
+use super::{Bump, Command, Shared, WorkerStats};
 use crate::api::{Decision, Handler, Message, Policy, PublishReport, SendStatus};
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
@@ -215,7 +215,7 @@ impl<D> Inner<D> {
                     slot.conn.close(CloseCode::Again, "send queue full", now);
                     slot.close_code = 1013;
                     let stats = &self.shared.stats[self.index];
-                    stats.backpressure_closes.fetch_add(1, Ordering::Relaxed);
+                    stats.backpressure_closes.bump(1);
                     stats.close_sent(1013);
                     if let Some(at) = slot.conn.poll_timeout() {
                         self.schedule(id, at);
@@ -228,15 +228,11 @@ impl<D> Inner<D> {
                         Some(entry) => entry.1 = frame,
                         None => held.push((topic.clone(), frame)),
                     }
-                    self.shared.stats[self.index]
-                        .conflated
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats[self.index].conflated.bump(1);
                     return SendStatus::Conflated;
                 }
                 (Policy::DropNew | Policy::Conflate, _) => {
-                    self.shared.stats[self.index]
-                        .dropped
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats[self.index].dropped.bump(1);
                     return SendStatus::Dropped;
                 }
             }
@@ -244,9 +240,6 @@ impl<D> Inner<D> {
             if slot.conn.send_frame(frame).is_err() {
                 return SendStatus::Closed;
             }
-            self.shared.stats[self.index]
-                .messages_out
-                .fetch_add(1, Ordering::Relaxed);
             if queued + len > soft {
                 SendStatus::Backpressure
             } else {
@@ -292,13 +285,16 @@ impl<D> Inner<D> {
             }
         }
         self.topics.insert(topic.clone(), subs);
+        self.shared.stats[self.index]
+            .messages_out
+            .bump(report.queued as u64);
         report
     }
 
     /// Publishes on this worker: local fan-out now, then once to each other worker that
     /// has subscribers. Encodes nothing when nobody is subscribed anywhere.
     pub(crate) fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
-        self.stats().publishes.fetch_add(1, Ordering::Relaxed);
+        self.stats().publishes.bump(1);
         let others = self.shared.directory.workers_with(topic, Some(self.index));
         let local = self.topics.get_key_value(topic).map(|(k, _)| k.clone());
         if local.is_none() && others == 0 {
@@ -400,8 +396,7 @@ impl<D> Conn<'_, D> {
         if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
             return SendStatus::Dropped;
         }
-        self.inner
-            .queue_frame(self.id, encode_frame(opcode, payload), None)
+        self.send_frame(encode_frame(opcode, payload))
     }
 
     /// Queues a text message.
@@ -416,7 +411,13 @@ impl<D> Conn<'_, D> {
 
     /// Queues an already encoded frame (see [`crate::proto::encode_frame`]).
     pub fn send_frame(&mut self, frame: Bytes) -> SendStatus {
-        self.inner.queue_frame(self.id, frame, None)
+        let status = self.inner.queue_frame(self.id, frame, None);
+        if matches!(status, SendStatus::Queued | SendStatus::Backpressure) {
+            self.inner.shared.stats[self.inner.index]
+                .messages_out
+                .bump(1);
+        }
+        status
     }
 
     /// Subscribes this connection to `topic`. Returns `false` if it already was.
@@ -557,7 +558,7 @@ impl<H: Handler> Core<H> {
     pub fn on_accept(&mut self, fd: u32, now: Instant) -> ConnId {
         let inner = &mut self.inner;
         inner.now = now;
-        inner.stats().accepted.fetch_add(1, Ordering::Relaxed);
+        inner.stats().accepted.bump(1);
         let generation = inner.next_generation;
         inner.next_generation = inner.next_generation.wrapping_add(1) & 0xFF_FFFF;
         let deadline = now + inner.shared.config.handshake_timeout;
@@ -592,7 +593,7 @@ impl<H: Handler> Core<H> {
         self.inner.now = now;
         self.inner.shared.stats[self.inner.index]
             .bytes_in
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+            .bump(data.len() as u64);
         let limits = self.inner.limits;
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
@@ -669,7 +670,7 @@ impl<H: Handler> Core<H> {
                     r.body.as_bytes(),
                     &headers,
                 );
-                self.inner.stats().rejected.fetch_add(1, Ordering::Relaxed);
+                self.inner.stats().rejected.bump(1);
                 return self.finish_with(id, out);
             }
         };
@@ -685,9 +686,7 @@ impl<H: Handler> Core<H> {
         let open = shared.open.fetch_add(1, Ordering::AcqRel);
         if open >= shared.config.max_connections {
             shared.open.fetch_sub(1, Ordering::AcqRel);
-            shared.stats[self.inner.index]
-                .rejected_full
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats[self.inner.index].rejected_full.bump(1);
             return self.respond_error(id, HandshakeError::Full);
         }
         let mut out = Vec::with_capacity(160);
@@ -698,9 +697,7 @@ impl<H: Handler> Core<H> {
             .collect();
         handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
         let proto = shared.proto.clone();
-        shared.stats[self.inner.index]
-            .upgraded
-            .fetch_add(1, Ordering::Relaxed);
+        shared.stats[self.inner.index].upgraded.bump(1);
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
@@ -758,17 +755,14 @@ impl<H: Handler> Core<H> {
                 None => handshake::encode_error(&mut out, HandshakeError::NotFound, &[]),
             }
         }
-        self.inner
-            .stats()
-            .http_requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats().http_requests.bump(1);
         self.finish_with(id, out);
     }
 
     fn respond_error(&mut self, id: ConnId, e: HandshakeError) {
         let mut out = Vec::new();
         handshake::encode_error(&mut out, e, &[]);
-        self.inner.stats().rejected.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats().rejected.bump(1);
         tracing::debug!(
             slot = id.slot,
             status = e.status(),
@@ -822,10 +816,7 @@ impl<H: Handler> Core<H> {
                     let code = u16::from(e.close_code());
                     slot.close_code = code;
                     self.inner.stats().close_sent(code);
-                    self.inner
-                        .stats()
-                        .protocol_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.inner.stats().protocol_errors.bump(1);
                     None
                 }
                 Event::TimedOut => {
@@ -835,10 +826,7 @@ impl<H: Handler> Core<H> {
                 }
             };
             if let Some(m) = message {
-                self.inner
-                    .stats()
-                    .messages_in
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.stats().messages_in.bump(1);
                 self.handler.on_message(
                     &mut Conn {
                         inner: &mut self.inner,
@@ -887,14 +875,25 @@ impl<H: Handler> Core<H> {
             }
             Err(_) => slot.flags.dead = true,
         }
-        self.inner.mark_dirty(id);
+        // Most completions leave nothing to do: skip the flush pass for those (a fan-out
+        // to thousands of subscribers completes thousands of sends per turn).
+        let idle = slot_of(&mut self.inner.slots, id).is_some_and(|s| {
+            !s.flags.dead
+                && s.conn.transmit_frames() == 0
+                && matches!(s.phase, Phase::Open)
+                && !s.conn.is_closed()
+                && s.flags.paused == s.flags.reading_off
+        });
+        if !idle {
+            self.inner.mark_dirty(id);
+        }
     }
 
     /// Accounts `n` bytes written on `id`.
     fn written(&mut self, id: ConnId, n: usize) {
         self.inner.shared.stats[self.inner.index]
             .bytes_out
-            .fetch_add(n as u64, Ordering::Relaxed);
+            .bump(n as u64);
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
@@ -947,7 +946,7 @@ impl<H: Handler> Core<H> {
         if counted {
             self.inner.shared.open.fetch_sub(1, Ordering::AcqRel);
         }
-        self.inner.stats().closed.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats().closed.bump(1);
     }
 
     /// Runs the timers due by `now`.

@@ -333,6 +333,22 @@ pub struct WorkerStats {
     pub close_codes_received: [AtomicU64; 17],
 }
 
+/// Adds to a counter that only its own worker writes: a plain load and store (no locked
+/// read-modify-write on the hot path); readers on other threads see a recent value.
+pub(crate) trait Bump {
+    fn bump(&self, n: u64);
+}
+
+impl Bump for AtomicU64 {
+    #[inline]
+    fn bump(&self, n: u64) {
+        self.store(
+            self.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 fn code_index(code: u16) -> usize {
     match code {
         1000..=1015 => usize::from(code - 1000),
@@ -342,11 +358,11 @@ fn code_index(code: u16) -> usize {
 
 impl WorkerStats {
     pub(crate) fn close_sent(&self, code: u16) {
-        self.close_codes_sent[code_index(code)].fetch_add(1, Ordering::Relaxed);
+        self.close_codes_sent[code_index(code)].bump(1);
     }
 
     pub(crate) fn close_received(&self, code: u16) {
-        self.close_codes_received[code_index(code)].fetch_add(1, Ordering::Relaxed);
+        self.close_codes_received[code_index(code)].bump(1);
     }
 }
 
