@@ -16,18 +16,11 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--connections N] [--backend io-uring|epoll]" >&2; exit 2 ;;
     esac
 done
-cargo build --release --quiet --bins
-out=$(mktemp)
-taskset -c 0 target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend "$backend" --log-level warn >"$out" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null || true; rm -f "$out"' EXIT
-addr=""
-for _ in $(seq 1 100); do
-    addr=$(grep -o 'ws://[0-9.:]*' "$out" | head -n1 | sed 's#ws://##') || true
-    [ -n "$addr" ] && break
-    sleep 0.1
-done
-[ -n "$addr" ] || { echo "churn: server did not start" >&2; cat "$out" >&2; exit 1; }
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+start_server "$backend"
+pid=$SERVER_PID
+addr=$SERVER_ADDR
 fds_before=$(find /proc/"$pid"/fd -mindepth 1 -maxdepth 1 | wc -l)
 metric() { curl -s "http://$addr/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 done_upgrades=0

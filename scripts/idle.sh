@@ -19,18 +19,11 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--connections N] [--backend io-uring|epoll] [--limit BYTES]" >&2; exit 2 ;;
     esac
 done
-cargo build --release --quiet --bins
-out=$(mktemp)
-taskset -c 0 target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend "$backend" --log-level warn >"$out" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null || true; rm -f "$out"' EXIT
-addr=""
-for _ in $(seq 1 100); do
-    addr=$(grep -o 'ws://[0-9.:]*' "$out" | head -n1 | sed 's#ws://##') || true
-    [ -n "$addr" ] && break
-    sleep 0.1
-done
-[ -n "$addr" ] || { echo "idle: server did not start" >&2; cat "$out" >&2; exit 1; }
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+start_server "$backend"
+pid=$SERVER_PID
+addr=$SERVER_ADDR
 result=$(timeout 300 taskset -c 1 target/release/wsring-load --target "$addr" --scenario idle \
     --connections "$connections" --procs 2 --server-pid "$pid" 2>/dev/null)
 echo "$result"

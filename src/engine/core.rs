@@ -1005,15 +1005,7 @@ impl<H: Handler> Core<H> {
         self.inner.now = now;
         self.inner.draining = Some(deadline);
         let code = CloseCode::from(self.inner.shared.config.drain_close_code);
-        let ids: Vec<ConnId> = self
-            .inner
-            .slots
-            .iter()
-            .map(|(i, s)| ConnId {
-                slot: i as u32,
-                generation: s.generation,
-            })
-            .collect();
+        let ids = self.all_ids();
         for id in ids {
             let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
@@ -1124,17 +1116,21 @@ impl<H: Handler> Core<H> {
         self.inner.dirty = dirty;
     }
 
-    /// Drops every connection at once (past the drain deadline, or on abort).
-    pub fn abort_all(&mut self, driver: &mut dyn Driver) {
-        let ids: Vec<ConnId> = self
-            .inner
+    /// The ids of every connection this worker holds.
+    fn all_ids(&self) -> Vec<ConnId> {
+        self.inner
             .slots
             .iter()
             .map(|(i, s)| ConnId {
                 slot: i as u32,
                 generation: s.generation,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Drops every connection at once (past the drain deadline, or on abort).
+    pub fn abort_all(&mut self, driver: &mut dyn Driver) {
+        let ids = self.all_ids();
         for id in ids {
             if let Some(slot) = slot_of(&mut self.inner.slots, id)
                 && !slot.flags.closing

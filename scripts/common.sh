@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Shared by scripts/idle.sh and scripts/churn.sh (sourced, not run).
+
+# start_server BACKEND: builds the release binaries, starts `wsring serve` on a free port
+# pinned to CPU 0 with one worker, and sets SERVER_PID and SERVER_ADDR (HOST:PORT). The
+# server is stopped by PID when the calling script exits.
+start_server() {
+    local backend=$1 out
+    cargo build --release --quiet --bins
+    out=$(mktemp)
+    taskset -c 0 target/release/wsring serve --listen 127.0.0.1:0 --threads 1 \
+        --backend "$backend" --log-level warn >"$out" 2>&1 &
+    SERVER_PID=$!
+    # shellcheck disable=SC2064  # expand now: the trap must kill this server and file
+    trap "kill $SERVER_PID 2>/dev/null || true; rm -f '$out'" EXIT
+    SERVER_ADDR=""
+    for _ in $(seq 1 100); do
+        SERVER_ADDR=$(grep -o 'ws://[0-9.:]*' "$out" | head -n1 | sed 's#ws://##') || true
+        [ -n "$SERVER_ADDR" ] && return 0
+        sleep 0.1
+    done
+    echo "server ($backend) did not start:" >&2
+    cat "$out" >&2
+    exit 1
+}
