@@ -469,6 +469,59 @@ impl Directory {
 }
 
 impl Shared {
+    fn new(config: EngineConfig, threads: usize, backend: Backend) -> std::io::Result<Arc<Shared>> {
+        let mut inboxes = Vec::new();
+        for _ in 0..threads {
+            // SAFETY: eventfd has no memory preconditions; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            inboxes.push(Inbox {
+                queue: Mutex::new(Vec::new()),
+                pending_bytes: AtomicUsize::new(0),
+                wake_pending: AtomicBool::new(false),
+                // SAFETY: fd is a fresh descriptor we own.
+                eventfd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            });
+        }
+        let proto = Arc::new(proto::Config {
+            max_message_size: config.max_message_size,
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            close_timeout: config.close_timeout,
+            allowed_rsv: 0,
+        });
+        Ok(Arc::new(Shared {
+            config,
+            proto,
+            stats: (0..threads).map(|_| WorkerStats::default()).collect(),
+            open: AtomicUsize::new(0),
+            started: Instant::now(),
+            backend,
+            inboxes: inboxes.into_boxed_slice(),
+            shutdown: AtomicU8::new(0),
+            directory: Directory {
+                map: RwLock::new(HashMap::new()),
+                workers: threads,
+            },
+        }))
+    }
+
+    /// Shared state for one worker that no thread runs: for driving a [`core::Core`]
+    /// by hand without sockets (the `broadcast` bench).
+    ///
+    /// # Errors
+    /// If an eventfd cannot be created.
+    #[doc(hidden)]
+    pub fn detached(mut config: EngineConfig) -> std::io::Result<Arc<Shared>> {
+        config.threads = 1;
+        if config.max_connections == 0 {
+            config.max_connections = usize::MAX;
+        }
+        Shared::new(config, 1, Backend::Epoll)
+    }
+
     /// Hands a frame to every worker in the bitmask `workers`; returns how many.
     pub(crate) fn forward(&self, workers: u64, topic: &Arc<str>, frame: &Bytes) -> usize {
         let mut n = 0;
@@ -590,6 +643,12 @@ pub struct Handle {
 pub type ShutdownHandle = Handle;
 
 impl Handle {
+    /// A handle on shared state built without a server (see [`Shared::detached`]).
+    #[doc(hidden)]
+    pub fn from_shared(shared: Arc<Shared>) -> Handle {
+        Handle { shared }
+    }
+
     /// Publishes a message to every subscriber of `topic` on every worker: encoded once,
     /// handed once to each worker that has subscribers. Returns the number of workers it
     /// was handed to (0: nobody is subscribed; nothing was encoded).
@@ -772,42 +831,7 @@ impl Server {
         for _ in 1..threads {
             listeners.push(bind(local_addr, backend == Backend::Epoll)?);
         }
-        let mut inboxes = Vec::new();
-        for _ in 0..threads {
-            // SAFETY: eventfd has no memory preconditions; the result is checked.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            inboxes.push(Inbox {
-                queue: Mutex::new(Vec::new()),
-                pending_bytes: AtomicUsize::new(0),
-                wake_pending: AtomicBool::new(false),
-                // SAFETY: fd is a fresh descriptor we own.
-                eventfd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
-            });
-        }
-        let proto = Arc::new(proto::Config {
-            max_message_size: config.max_message_size,
-            ping_interval: config.ping_interval,
-            pong_timeout: config.pong_timeout,
-            close_timeout: config.close_timeout,
-            allowed_rsv: 0,
-        });
-        let shared = Arc::new(Shared {
-            config,
-            proto,
-            stats: (0..threads).map(|_| WorkerStats::default()).collect(),
-            open: AtomicUsize::new(0),
-            started: Instant::now(),
-            backend,
-            inboxes: inboxes.into_boxed_slice(),
-            shutdown: AtomicU8::new(0),
-            directory: Directory {
-                map: RwLock::new(HashMap::new()),
-                workers: threads,
-            },
-        });
+        let shared = Shared::new(config, threads, backend)?;
         let factory = Arc::new(factory);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut workers = Vec::new();
