@@ -159,6 +159,14 @@ pub struct Conn<'a, D> {
     id: ConnId,
 }
 
+/// Borrows owned `(name, value)` headers as the `&str` pairs the encoders take.
+fn header_refs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect()
+}
+
 fn slot_of<D>(slots: &mut Slab<Slot<D>>, id: ConnId) -> Option<&mut Slot<D>> {
     slots
         .get_mut(id.slot as usize)
@@ -658,11 +666,7 @@ impl<H: Handler> Core<H> {
             Decision::Accept(a) => a,
             Decision::Reject(r) => {
                 let mut out = Vec::new();
-                let headers: Vec<(&str, &str)> = r
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
+                let headers = header_refs(&r.headers);
                 handshake::encode_response(
                     &mut out,
                     r.status,
@@ -690,11 +694,7 @@ impl<H: Handler> Core<H> {
             return self.respond_error(id, HandshakeError::Full);
         }
         let mut out = Vec::with_capacity(160);
-        let headers: Vec<(&str, &str)> = accept
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
+        let headers = header_refs(&accept.headers);
         handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
         let proto = shared.proto.clone();
         shared.stats[self.inner.index].upgraded.bump(1);
@@ -739,11 +739,7 @@ impl<H: Handler> Core<H> {
         } else {
             match self.handler.on_http(request) {
                 Some(r) => {
-                    let headers: Vec<(&str, &str)> = r
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_str()))
-                        .collect();
+                    let headers = header_refs(&r.headers);
                     handshake::encode_response(
                         &mut out,
                         r.status,

@@ -231,11 +231,6 @@ impl Connection {
         self.state == State::Closed
     }
 
-    /// The protocol settings this connection runs with.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
-    }
-
     /// Processes bytes read from the peer. Payloads are unmasked in place in `data`; a
     /// frame cut at the end of `data` is carried over to the next call (headers inline,
     /// payloads in a buffer that is freed when the frame completes). Bytes read after the
