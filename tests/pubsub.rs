@@ -125,8 +125,13 @@ impl Handler for App {
     }
 }
 
+/// RSS is per process and the tests of this file run in parallel threads: they take this
+/// lock one at a time, so one test's memory never shows in another's RSS bound.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Running {
     server: Option<Server>,
+    _serial: std::sync::MutexGuard<'static, ()>,
     handle: Handle,
     port: u16,
     app: App,
@@ -142,6 +147,7 @@ impl Drop for Running {
 }
 
 fn start(backend: BackendChoice, configure: impl FnOnce(&mut EngineConfig)) -> Running {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut config = EngineConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         threads: 2,
@@ -154,6 +160,7 @@ fn start(backend: BackendChoice, configure: impl FnOnce(&mut EngineConfig)) -> R
     let a = app.clone();
     let server = Server::start_with(config, move |_| a.clone()).expect("server starts");
     Running {
+        _serial: serial,
         handle: server.handle(),
         port: server.local_addr().port(),
         server: Some(server),
