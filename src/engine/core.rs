@@ -70,10 +70,10 @@ pub trait Driver {
     fn set_reading(&mut self, id: ConnId, fd: u32, on: bool);
 }
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// Reading the upgrade request (boxed: an upgraded connection does not carry it).
-    Handshake(Box<Handshake>),
+    /// Reading the upgrade request (its buffer and deadline are in the slot's [`Extra`]).
+    Handshake,
     /// Upgraded.
     Open,
     /// Answered (an HTTP response): close the socket once written.
@@ -86,51 +86,108 @@ struct Handshake {
     deadline: Instant,
 }
 
-/// Flags of a slot, packed.
-#[derive(Clone, Copy, Debug, Default)]
-struct Flags {
+/// Flags of a slot, packed in two bytes (the slot is in every connection's footprint).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Flags(u16);
+
+impl Flags {
     /// A send is in flight (io_uring).
-    sending: bool,
+    const SENDING: u16 = 1;
     /// In the dirty list already.
-    dirty: bool,
+    const DIRTY: u16 = 1 << 1;
     /// Waiting for the socket to become writable (epoll).
-    blocked: bool,
+    const BLOCKED: u16 = 1 << 2;
     /// The peer is gone (EOF, error, timeout): write nothing more, close.
-    dead: bool,
+    const DEAD: u16 = 1 << 3;
     /// The socket close has been requested.
-    closing: bool,
+    const CLOSING: u16 = 1 << 4;
     /// Counted as an open WebSocket (and `on_open` was called).
-    counted: bool,
+    const COUNTED: u16 = 1 << 5;
     /// Upgraded, and the 101 may still be queued.
-    just_upgraded: bool,
+    const JUST_UPGRADED: u16 = 1 << 6;
     /// The handler paused reading.
-    paused: bool,
+    const PAUSED: u16 = 1 << 7;
     /// What the backend was last told about reading.
-    reading_off: bool,
+    const READING_OFF: u16 = 1 << 8;
+
+    fn has(self, flag: u16) -> bool {
+        self.0 & flag != 0
+    }
+
+    fn set(&mut self, flag: u16, on: bool) {
+        if on {
+            self.0 |= flag;
+        } else {
+            self.0 &= !flag;
+        }
+    }
 }
 
 /// The newest frame per topic held back by the conflation policy.
 type Conflated = Vec<(Arc<str>, Bytes)>;
 
-struct Slot<D> {
-    conn: Connection,
-    phase: Phase,
-    generation: u32,
-    fd: u32,
-    flags: Flags,
-    /// The wheel tick this slot is scheduled at (`u64::MAX`: none).
-    tick: u64,
-    /// The code to report on close.
-    close_code: u16,
+/// What only some connections need: boxed, and dropped when empty, so that an idle
+/// upgraded connection without topics is its [`Slot`] alone.
+#[derive(Debug, Default)]
+struct Extra {
+    /// While reading the upgrade request.
+    handshake: Option<Handshake>,
     /// Topics this connection is subscribed to.
     topics: Vec<Arc<str>>,
-    /// The handler's per-connection data.
-    data: Option<D>,
     /// Conflation: the newest frame per topic, held while the queue is over its hard limit.
-    conflated: Option<Box<Conflated>>,
+    conflated: Conflated,
     /// The peer's close reason (only when it sent one).
     close_reason: Option<Box<str>>,
 }
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.handshake.is_none()
+            && self.topics.is_empty()
+            && self.conflated.is_empty()
+            && self.close_reason.is_none()
+    }
+}
+
+/// One connection. Kept at 64 bytes (asserted below): with the timer-wheel entry and the
+/// backend's per-slot bytes it is the whole user-space cost of an idle connection.
+struct Slot<D> {
+    conn: Connection,
+    extra: Option<Box<Extra>>,
+    /// The wheel tick this slot is scheduled at (`u64::MAX`: none).
+    tick: u64,
+    generation: u32,
+    fd: u32,
+    /// The code to report on close.
+    close_code: u16,
+    flags: Flags,
+    phase: Phase,
+    /// The handler's per-connection data.
+    data: Option<D>,
+}
+
+impl<D> Slot<D> {
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the extra part once it holds nothing.
+    fn tidy(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
+    }
+
+    fn topics(&self) -> &[Arc<str>] {
+        self.extra.as_ref().map_or(&[], |e| &e.topics)
+    }
+
+    fn has_conflated(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| !e.conflated.is_empty())
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 64);
 
 /// Everything of a worker but its handler (so that a callback can hold both).
 pub struct Inner<D> {
@@ -190,9 +247,9 @@ impl<D> Inner<D> {
 
     fn mark_dirty(&mut self, id: ConnId) {
         if let Some(s) = slot_of(&mut self.slots, id)
-            && !s.flags.dirty
+            && !s.flags.has(Flags::DIRTY)
         {
-            s.flags.dirty = true;
+            s.flags.set(Flags::DIRTY, true);
             self.dirty.push(id.slot);
         }
     }
@@ -210,7 +267,10 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return SendStatus::Closed;
         };
-        if slot.conn.state() != State::Open || slot.flags.dead || slot.flags.closing {
+        if slot.conn.state() != State::Open
+            || slot.flags.has(Flags::DEAD)
+            || slot.flags.has(Flags::CLOSING)
+        {
             return SendStatus::Closed;
         }
         let queued = slot.conn.queued_bytes();
@@ -231,7 +291,7 @@ impl<D> Inner<D> {
                     SendStatus::Dropped
                 }
                 (Policy::Conflate, Some(topic)) => {
-                    let held = slot.conflated.get_or_insert_with(Box::default);
+                    let held = &mut slot.extra().conflated;
                     match held.iter_mut().find(|(t, _)| t == topic) {
                         Some(entry) => entry.1 = frame,
                         None => held.push((topic.clone(), frame)),
@@ -264,13 +324,13 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return;
         };
-        if slot.conn.queued_bytes() >= soft || slot.conflated.is_none() {
+        if slot.conn.queued_bytes() >= soft || !slot.has_conflated() {
             return;
         }
-        if let Some(held) = slot.conflated.take() {
-            for (_, frame) in held.into_iter() {
-                let _ = slot.conn.send_frame(frame);
-            }
+        let held = std::mem::take(&mut slot.extra().conflated);
+        slot.tidy();
+        for (_, frame) in held {
+            let _ = slot.conn.send_frame(frame);
         }
     }
 
@@ -319,14 +379,14 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
-        if slot.topics.iter().any(|t| &**t == topic) {
+        if slot.topics().iter().any(|t| &**t == topic) {
             return false;
         }
         let key = match self.topics.get_key_value(topic) {
             Some((k, _)) => k.clone(),
             None => Arc::from(topic),
         };
-        slot.topics.push(key.clone());
+        slot.extra().topics.push(key.clone());
         let set = self.topics.entry(key.clone()).or_default();
         set.insert(id);
         let n = set.len();
@@ -338,13 +398,15 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
-        let Some(pos) = slot.topics.iter().position(|t| &**t == topic) else {
+        let Some(pos) = slot.topics().iter().position(|t| &**t == topic) else {
             return false;
         };
-        let key = slot.topics.swap_remove(pos);
-        if slot.topics.is_empty() {
-            slot.topics = Vec::new();
+        let extra = slot.extra();
+        let key = extra.topics.swap_remove(pos);
+        if extra.topics.is_empty() {
+            extra.topics = Vec::new();
         }
+        slot.tidy();
         self.remove_subscriber(&key, id);
         true
     }
@@ -443,7 +505,7 @@ impl<D> Conn<'_, D> {
         self.inner
             .slots
             .get(self.id.slot as usize)
-            .map(|s| s.topics.iter().map(|t| t.to_string()).collect())
+            .map(|s| s.topics().iter().map(|t| t.to_string()).collect())
             .unwrap_or_default()
     }
 
@@ -462,7 +524,7 @@ impl<D> Conn<'_, D> {
     pub fn pause_reading(&mut self) {
         let id = self.id;
         if let Some(s) = slot_of(&mut self.inner.slots, id) {
-            s.flags.paused = true;
+            s.flags.set(Flags::PAUSED, true);
         }
         self.inner.mark_dirty(id);
     }
@@ -471,7 +533,7 @@ impl<D> Conn<'_, D> {
     pub fn resume_reading(&mut self) {
         let id = self.id;
         if let Some(s) = slot_of(&mut self.inner.slots, id) {
-            s.flags.paused = false;
+            s.flags.set(Flags::PAUSED, false);
         }
         self.inner.mark_dirty(id);
     }
@@ -543,16 +605,17 @@ impl<H: Handler> Core<H> {
         self.inner
             .slots
             .get(id.slot as usize)
-            .filter(|s| s.generation == id.generation && !s.flags.closing)
+            .filter(|s| s.generation == id.generation && !s.flags.has(Flags::CLOSING))
             .map(|s| s.fd)
     }
 
     /// Whether the connection wants its bytes read now (not paused, not closing).
     pub fn wants_read(&self, id: ConnId) -> bool {
-        self.inner
-            .slots
-            .get(id.slot as usize)
-            .is_some_and(|s| s.generation == id.generation && !s.flags.closing && !s.flags.paused)
+        self.inner.slots.get(id.slot as usize).is_some_and(|s| {
+            s.generation == id.generation
+                && !s.flags.has(Flags::CLOSING)
+                && !s.flags.has(Flags::PAUSED)
+        })
     }
 
     fn id_of(&self, slot: u32) -> Option<ConnId> {
@@ -572,19 +635,20 @@ impl<H: Handler> Core<H> {
         let deadline = now + inner.shared.config.handshake_timeout;
         let slot = inner.slots.insert(Slot {
             conn: Connection::new(inner.shared.proto.clone(), now),
-            phase: Phase::Handshake(Box::new(Handshake {
-                buf: Vec::new(),
-                deadline,
+            extra: Some(Box::new(Extra {
+                handshake: Some(Handshake {
+                    buf: Vec::new(),
+                    deadline,
+                }),
+                ..Extra::default()
             })),
+            tick: u64::MAX,
             generation,
             fd,
-            flags: Flags::default(),
-            tick: u64::MAX,
             close_code: 1006,
-            topics: Vec::new(),
+            flags: Flags::default(),
+            phase: Phase::Handshake,
             data: None,
-            conflated: None,
-            close_reason: None,
         }) as u32;
         let id = ConnId { slot, generation };
         inner.schedule(id, deadline);
@@ -606,11 +670,14 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        if slot.flags.dead || slot.flags.closing {
+        if slot.flags.has(Flags::DEAD) || slot.flags.has(Flags::CLOSING) {
             return;
         }
-        match &mut slot.phase {
-            Phase::Handshake(hs) => {
+        match slot.phase {
+            Phase::Handshake => {
+                let Some(hs) = slot.extra.as_mut().and_then(|e| e.handshake.as_mut()) else {
+                    return;
+                };
                 let buf = &mut hs.buf;
                 let status = if buf.is_empty() {
                     handshake::parse_request(data, &limits)
@@ -701,9 +768,11 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        slot.flags.counted = true;
-        slot.flags.just_upgraded = true;
+        slot.flags.set(Flags::COUNTED, true);
+        slot.flags.set(Flags::JUST_UPGRADED, true);
         slot.phase = Phase::Open;
+        slot.extra().handshake = None;
+        slot.tidy();
         slot.data = Some(accept.data);
         // A fresh connection: its timers start now.
         slot.conn = Connection::new(proto, now);
@@ -770,6 +839,8 @@ impl<H: Handler> Core<H> {
     fn finish_with(&mut self, id: ConnId, response: Vec<u8>) {
         if let Some(slot) = slot_of(&mut self.inner.slots, id) {
             slot.phase = Phase::Finish;
+            slot.extra().handshake = None;
+            slot.tidy();
             let _ = slot.conn.send_frame(Bytes::from(response));
         }
         self.inner.mark_dirty(id);
@@ -798,7 +869,7 @@ impl<H: Handler> Core<H> {
                     let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
                     slot.close_code = code;
                     if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
-                        slot.close_reason = Some(f.reason.into_boxed_str());
+                        slot.extra().close_reason = Some(f.reason.into_boxed_str());
                     }
                     let stats = self.inner.stats();
                     stats.close_received(code);
@@ -817,7 +888,7 @@ impl<H: Handler> Core<H> {
                 }
                 Event::TimedOut => {
                     // 1006 unless we had started a close with a code of our own.
-                    slot.flags.dead = true;
+                    slot.flags.set(Flags::DEAD, true);
                     None
                 }
             };
@@ -854,7 +925,7 @@ impl<H: Handler> Core<H> {
     /// The peer closed its side, or the socket failed.
     pub fn on_eof(&mut self, id: ConnId) {
         if let Some(slot) = slot_of(&mut self.inner.slots, id) {
-            slot.flags.dead = true;
+            slot.flags.set(Flags::DEAD, true);
         }
         self.inner.mark_dirty(id);
     }
@@ -864,21 +935,21 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        slot.flags.sending = false;
+        slot.flags.set(Flags::SENDING, false);
         match usize::try_from(result) {
             Ok(n) => {
                 self.written(id, n);
             }
-            Err(_) => slot.flags.dead = true,
+            Err(_) => slot.flags.set(Flags::DEAD, true),
         }
         // Most completions leave nothing to do: skip the flush pass for those (a fan-out
         // to thousands of subscribers completes thousands of sends per turn).
         let idle = slot_of(&mut self.inner.slots, id).is_some_and(|s| {
-            !s.flags.dead
+            !s.flags.has(Flags::DEAD)
                 && s.conn.transmit_frames() == 0
                 && matches!(s.phase, Phase::Open)
                 && !s.conn.is_closed()
-                && s.flags.paused == s.flags.reading_off
+                && s.flags.has(Flags::PAUSED) == s.flags.has(Flags::READING_OFF)
         });
         if !idle {
             self.inner.mark_dirty(id);
@@ -894,12 +965,12 @@ impl<H: Handler> Core<H> {
             return;
         };
         slot.conn.advance_transmit(n);
-        if slot.conn.transmit_frames() == 0 && slot.flags.just_upgraded {
+        if slot.conn.transmit_frames() == 0 && slot.flags.has(Flags::JUST_UPGRADED) {
             // The 101 is out: an idle connection keeps no queue allocation.
-            slot.flags.just_upgraded = false;
+            slot.flags.set(Flags::JUST_UPGRADED, false);
             slot.conn.shrink();
         }
-        if slot.conflated.is_some() {
+        if slot.has_conflated() {
             self.inner.release_conflated(id);
         }
     }
@@ -907,7 +978,7 @@ impl<H: Handler> Core<H> {
     /// The socket can take more bytes (epoll).
     pub fn on_writable(&mut self, id: ConnId) {
         if let Some(slot) = slot_of(&mut self.inner.slots, id) {
-            slot.flags.blocked = false;
+            slot.flags.set(Flags::BLOCKED, false);
         }
         self.inner.mark_dirty(id);
     }
@@ -918,9 +989,9 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        let counted = slot.flags.counted;
+        let counted = slot.flags.has(Flags::COUNTED);
         let code = slot.close_code;
-        let reason = slot.close_reason.take();
+        let reason = slot.extra.as_mut().and_then(|e| e.close_reason.take());
         if counted {
             self.handler.on_close(
                 &mut Conn {
@@ -934,7 +1005,7 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        let topics = std::mem::take(&mut slot.topics);
+        let topics = slot.extra.take().map(|e| e.topics).unwrap_or_default();
         self.inner.slots.remove(id.slot as usize);
         for topic in &topics {
             self.inner.remove_subscriber(topic, id);
@@ -949,7 +1020,13 @@ impl<H: Handler> Core<H> {
     pub fn on_tick(&mut self, now: Instant) {
         self.inner.now = now;
         let mut expired = std::mem::take(&mut self.inner.expired);
+        let tick = self.inner.wheel.current();
         self.inner.wheel.expire(now, &mut expired);
+        if self.inner.wheel.current() != tick {
+            // Once per wheel tick (this runs every loop turn): spare connection buffers a
+            // burst left behind go back to the allocator gradually.
+            crate::proto::connection::trim_spares();
+        }
         for e in expired.drain(..) {
             let id = ConnId {
                 slot: e.slot,
@@ -962,12 +1039,16 @@ impl<H: Handler> Core<H> {
                 continue; // stale: rescheduled since
             }
             slot.tick = u64::MAX;
-            let next = match &slot.phase {
-                Phase::Handshake(hs) => {
-                    let deadline = hs.deadline;
+            let next = match slot.phase {
+                Phase::Handshake => {
+                    let deadline = slot
+                        .extra
+                        .as_ref()
+                        .and_then(|e| e.handshake.as_ref())
+                        .map_or(now, |hs| hs.deadline);
                     if deadline <= now {
                         // A slow-drip client: drop it without an answer.
-                        slot.flags.dead = true;
+                        slot.flags.set(Flags::DEAD, true);
                         None
                     } else {
                         Some(deadline)
@@ -1010,7 +1091,7 @@ impl<H: Handler> Core<H> {
                 Phase::Open => {
                     self.inner.close_conn(id, code, "server shutting down");
                 }
-                Phase::Handshake(_) => slot.flags.dead = true,
+                Phase::Handshake => slot.flags.set(Flags::DEAD, true),
                 Phase::Finish => {}
             }
             self.inner.mark_dirty(id);
@@ -1028,18 +1109,21 @@ impl<H: Handler> Core<H> {
             let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
-            slot.flags.dirty = false;
-            if slot.flags.closing {
+            slot.flags.set(Flags::DIRTY, false);
+            if slot.flags.has(Flags::CLOSING) {
                 continue;
             }
-            if slot.flags.paused != slot.flags.reading_off && !slot.flags.dead {
-                slot.flags.reading_off = slot.flags.paused;
-                driver.set_reading(id, slot.fd, !slot.flags.paused);
+            if slot.flags.has(Flags::PAUSED) != slot.flags.has(Flags::READING_OFF)
+                && !slot.flags.has(Flags::DEAD)
+            {
+                slot.flags
+                    .set(Flags::READING_OFF, slot.flags.has(Flags::PAUSED));
+                driver.set_reading(id, slot.fd, !slot.flags.has(Flags::PAUSED));
             }
-            if slot.flags.sending {
-                if slot.flags.dead {
+            if slot.flags.has(Flags::SENDING) {
+                if slot.flags.has(Flags::DEAD) {
                     // A timed-out or failed peer with a send parked on a full socket.
-                    slot.flags.closing = true;
+                    slot.flags.set(Flags::CLOSING, true);
                     if driver.close(id, slot.fd) {
                         self.on_closed(id);
                     }
@@ -1050,7 +1134,10 @@ impl<H: Handler> Core<H> {
             // write again while the socket takes everything offered.
             let mut rounds = 0;
             while let Some(slot) = slot_of(&mut self.inner.slots, id) {
-                if slot.flags.dead || slot.flags.blocked || slot.conn.transmit_frames() == 0 {
+                if slot.flags.has(Flags::DEAD)
+                    || slot.flags.has(Flags::BLOCKED)
+                    || slot.conn.transmit_frames() == 0
+                {
                     break;
                 }
                 let fd = slot.fd;
@@ -1060,7 +1147,7 @@ impl<H: Handler> Core<H> {
                 };
                 match outcome {
                     SendOutcome::InFlight => {
-                        slot.flags.sending = true;
+                        slot.flags.set(Flags::SENDING, true);
                         break;
                     }
                     SendOutcome::Wrote { n, all } => {
@@ -1070,7 +1157,7 @@ impl<H: Handler> Core<H> {
                             && let Some(slot) = slot_of(&mut self.inner.slots, id)
                             && slot.conn.transmit_frames() > 0
                         {
-                            slot.flags.blocked = true;
+                            slot.flags.set(Flags::BLOCKED, true);
                             break;
                         }
                         if rounds >= 16 {
@@ -1080,11 +1167,11 @@ impl<H: Handler> Core<H> {
                         }
                     }
                     SendOutcome::WouldBlock => {
-                        slot.flags.blocked = true;
+                        slot.flags.set(Flags::BLOCKED, true);
                         break;
                     }
                     SendOutcome::Failed => {
-                        slot.flags.dead = true;
+                        slot.flags.set(Flags::DEAD, true);
                         break;
                     }
                 }
@@ -1092,14 +1179,14 @@ impl<H: Handler> Core<H> {
             let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
-            if slot.flags.sending || slot.flags.dirty {
+            if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
                 continue;
             }
-            let done = slot.flags.dead
+            let done = slot.flags.has(Flags::DEAD)
                 || (slot.conn.transmit_frames() == 0
                     && (matches!(slot.phase, Phase::Finish) || slot.conn.is_closed()));
-            if done && !slot.flags.closing {
-                slot.flags.closing = true;
+            if done && !slot.flags.has(Flags::CLOSING) {
+                slot.flags.set(Flags::CLOSING, true);
                 if driver.close(id, slot.fd) {
                     self.on_closed(id);
                 }
@@ -1129,10 +1216,10 @@ impl<H: Handler> Core<H> {
         let ids = self.all_ids();
         for id in ids {
             if let Some(slot) = slot_of(&mut self.inner.slots, id)
-                && !slot.flags.closing
+                && !slot.flags.has(Flags::CLOSING)
             {
-                slot.flags.closing = true;
-                slot.flags.dead = true;
+                slot.flags.set(Flags::CLOSING, true);
+                slot.flags.set(Flags::DEAD, true);
                 if driver.close(id, slot.fd) {
                     self.on_closed(id);
                 }

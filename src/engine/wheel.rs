@@ -49,6 +49,11 @@ impl TimerWheel {
         u64::try_from(t).unwrap_or(u64::MAX).max(self.current)
     }
 
+    /// The next tick not yet expired.
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
     /// Schedules a check of `slot` at `tick`.
     pub fn schedule(&mut self, slot: u32, generation: u32, tick: u64) {
         let b = (tick % BUCKETS as u64) as usize;

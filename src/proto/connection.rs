@@ -17,13 +17,16 @@
 //! `Closed` (the peer sent close and we replied, or the peer broke a rule and we sent our
 //! close code, or a deadline passed). Once closing, nothing but a close reply is queued.
 //!
-//! The idle footprint is small on purpose: the receive side keeps only the frame decoder
-//! (see [`Decoder`], checked by a `size_of` assertion) and empty collections; buffers exist
-//! only while a frame or message is split across reads, and [`Connection::shrink`] gives
-//! back whatever a burst left allocated.
+//! The idle footprint is small on purpose: an idle [`Connection`] is 32 bytes (asserted in
+//! the tests) and owns no heap. The frame decoder, the event and transmit queues and the
+//! reassembly buffers live in a box that exists only while something is in progress (a
+//! frame split across reads, an event not yet polled, a frame not yet written); it goes
+//! back to a per-thread pool of spares as soon as all of that is empty, and
+//! [`trim_spares`] returns the spares a window did not need to the allocator.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -148,7 +151,18 @@ pub struct Decoder {
 
 const _: () = assert!(std::mem::size_of::<Decoder>() <= 48);
 
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::new()
+    }
+}
+
 impl Decoder {
+    /// Between frames, with no message open: nothing to carry over.
+    fn at_boundary(&self) -> bool {
+        self.frame.is_none() && self.message.is_none() && self.header_len == 0
+    }
+
     const fn new() -> Decoder {
         Decoder {
             remaining: 0,
@@ -175,19 +189,13 @@ struct Partial {
     control: Vec<u8>,
 }
 
-/// One WebSocket connection's protocol state (server side). See the module docs for the
-/// order in which a driver calls it.
-#[derive(Debug)]
-pub struct Connection {
-    config: Arc<Config>,
+/// Everything a connection needs only while something is in progress: a frame or message
+/// split across reads, events not yet polled, frames not yet written. Boxed and dropped as
+/// soon as all of it is empty again, so that an idle connection is only its small
+/// [`Connection`] struct.
+#[derive(Debug, Default)]
+struct Busy {
     decoder: Decoder,
-    state: State,
-    /// The peer's close or a protocol error was read: ignore further input. The state
-    /// changes (and the close frame is queued) when the driver polls that event, so that
-    /// replies to the messages before it still go out first.
-    input_done: bool,
-    timer: Timer,
-    deadline: Option<Instant>,
     /// Reassembly buffers, only while a message or control frame is split.
     partial: Option<Box<Partial>>,
     events: VecDeque<Event>,
@@ -198,25 +206,182 @@ pub struct Connection {
     queued_bytes: usize,
 }
 
+impl Busy {
+    fn queue(&mut self, frame: Bytes) {
+        self.queued_bytes += frame.len();
+        self.transmit.push_back(frame);
+    }
+
+    /// Nothing in progress: the box can go.
+    fn is_idle(&self) -> bool {
+        self.events.is_empty()
+            && self.transmit.is_empty()
+            && self.partial.is_none()
+            && self.decoder.at_boundary()
+    }
+}
+
+/// Queue capacity a spare [`Busy`] may keep (more is freed with the box).
+const SPARE_QUEUE_CAPACITY: usize = 64;
+/// Spares kept per thread no matter how long they sit unused.
+const SPARE_FLOOR: usize = 64;
+/// [`trim_spares`] calls per trimming window.
+const SPARE_WINDOW: u32 = 64;
+
+/// This thread's idle [`Busy`] boxes and their low-water mark in the current window.
+#[derive(Default)]
+struct Spares {
+    // Boxed on purpose: the boxes themselves are what moves between connections and here.
+    #[allow(clippy::vec_box)]
+    boxes: Vec<Box<Busy>>,
+    /// The fewest boxes held at any moment of this window: that many went unused all along.
+    low: usize,
+    /// [`trim_spares`] calls in this window.
+    ticks: u32,
+}
+
+thread_local! {
+    /// Idle [`Busy`] boxes of this thread (one engine worker per thread), for reuse: a
+    /// subscriber goes busy (a frame queued) and idle (written) on every broadcast, and a
+    /// `malloc` + `free` of the box and its queues each time would cost more than the
+    /// delivery itself. Bounded by the peak number of connections busy at once; boxes that
+    /// a whole window did not need are freed by [`trim_spares`]. A `Cell` (take/set), not a
+    /// `RefCell`: nothing that could panic.
+    static SPARE: Cell<Spares> = Cell::new(Spares::default());
+}
+
+fn with_spares<R>(f: impl FnOnce(&mut Spares) -> R) -> Option<R> {
+    SPARE
+        .try_with(|cell| {
+            let mut spares = cell.take();
+            let r = f(&mut spares);
+            cell.set(spares);
+            r
+        })
+        .ok()
+}
+
+fn take_spare() -> Box<Busy> {
+    with_spares(|s| {
+        let b = s.boxes.pop();
+        s.low = s.low.min(s.boxes.len());
+        b
+    })
+    .flatten()
+    .unwrap_or_default()
+}
+
+fn give_spare(mut b: Box<Busy>) {
+    if b.transmit.capacity() > SPARE_QUEUE_CAPACITY || b.events.capacity() > SPARE_QUEUE_CAPACITY {
+        return; // a burst's big queues: free them
+    }
+    b.decoder = Decoder::new();
+    b.transmit_offset = 0;
+    b.queued_bytes = 0;
+    with_spares(|s| s.boxes.push(b));
+}
+
+/// Call periodically (an engine does on every timer-wheel tick, 20 ms): every 64 calls,
+/// the spare connection buffers that went unused for the whole window (beyond a floor of
+/// 64) go back to the allocator. Steady traffic, even in bursts a second apart, keeps
+/// reusing them; the spares of a one-off burst are gone within about three seconds.
+pub fn trim_spares() {
+    with_spares(|s| {
+        s.ticks += 1;
+        if s.ticks < SPARE_WINDOW {
+            return;
+        }
+        let unused = s.low.min(s.boxes.len().saturating_sub(SPARE_FLOOR));
+        s.boxes.truncate(s.boxes.len() - unused);
+        if s.boxes.capacity() > 4 * s.boxes.len().max(SPARE_FLOOR) {
+            s.boxes.shrink_to_fit();
+        }
+        s.ticks = 0;
+        s.low = s.boxes.len();
+    });
+}
+
+/// How many spare connection buffers this thread holds (for tests and metrics).
+pub fn spare_count() -> usize {
+    with_spares(|s| s.boxes.len()).unwrap_or(0)
+}
+
+/// A deadline in 8 bytes instead of an `Option<Instant>`'s 16 (this struct sits in every
+/// connection's slot): nanoseconds after a process-wide epoch, 0 for none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Deadline(u64);
+
+impl Deadline {
+    const NONE: Deadline = Deadline(0);
+
+    /// An hour before the first use, so that an instant a caller took just before it still
+    /// converts exactly (the monotonic clock may be younger than that right after boot;
+    /// then earlier instants round up to the epoch, i.e. fire a moment late, never early).
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(|| {
+            let now = Instant::now();
+            now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+        })
+    }
+
+    fn at(at: Instant) -> Deadline {
+        let nanos = at.saturating_duration_since(Self::epoch()).as_nanos();
+        Deadline(u64::try_from(nanos).unwrap_or(u64::MAX).max(1))
+    }
+
+    fn get(self) -> Option<Instant> {
+        (self.0 != 0).then(|| Self::epoch() + Duration::from_nanos(self.0))
+    }
+}
+
+/// One WebSocket connection's protocol state (server side). See the module docs for the
+/// order in which a driver calls it.
+///
+/// Idle, it is 32 bytes and owns no heap: the decoder, the event and transmit queues and
+/// the reassembly buffers live in a box that exists only while one of them is in use.
+#[derive(Debug)]
+pub struct Connection {
+    config: Arc<Config>,
+    deadline: Deadline,
+    busy: Option<Box<Busy>>,
+    state: State,
+    /// The peer's close or a protocol error was read: ignore further input. The state
+    /// changes (and the close frame is queued) when the driver polls that event, so that
+    /// replies to the messages before it still go out first.
+    input_done: bool,
+    timer: Timer,
+}
+
 impl Connection {
     /// A connection that has just been upgraded at `now`.
     pub fn new(config: Arc<Config>, now: Instant) -> Connection {
         let (timer, deadline) = match config.ping_interval {
-            Some(d) => (Timer::Idle, Some(now + d)),
-            None => (Timer::None, None),
+            Some(d) => (Timer::Idle, Deadline::at(now + d)),
+            None => (Timer::None, Deadline::NONE),
         };
         Connection {
             config,
-            decoder: Decoder::new(),
+            deadline,
+            busy: None,
             state: State::Open,
             input_done: false,
             timer,
-            deadline,
-            partial: None,
-            events: VecDeque::new(),
-            transmit: VecDeque::new(),
-            transmit_offset: 0,
-            queued_bytes: 0,
+        }
+    }
+
+    /// The in-progress state, created on first use.
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(take_spare)
+    }
+
+    /// Gives the in-progress state back (to this thread's spares) once nothing is in
+    /// progress.
+    fn settle(&mut self) {
+        if self.busy.as_ref().is_some_and(|b| b.is_idle())
+            && let Some(b) = self.busy.take()
+        {
+            give_spare(b);
         }
     }
 
@@ -241,52 +406,54 @@ impl Connection {
         }
         if let (Timer::Idle | Timer::AwaitPong, Some(d)) = (self.timer, self.config.ping_interval) {
             self.timer = Timer::Idle;
-            self.deadline = Some(now + d);
+            self.deadline = Deadline::at(now + d);
         }
-        if let Err(e) = self.read_frames(data) {
-            self.fail(e);
+        let mut b = self.busy.take().unwrap_or_else(take_spare);
+        if let Err(e) = self.read_frames(&mut b, data) {
+            self.fail(&mut b, e);
         }
+        self.busy = Some(b);
+        self.settle();
     }
 
-    fn read_frames(&mut self, mut data: &mut [u8]) -> Result<(), ProtocolError> {
+    fn read_frames(&mut self, b: &mut Busy, mut data: &mut [u8]) -> Result<(), ProtocolError> {
         loop {
             if self.input_done {
                 return Ok(());
             }
-            if self.decoder.frame.is_none() {
-                let Some((header, used)) = self.next_header(data)? else {
+            if b.decoder.frame.is_none() {
+                let Some((header, used)) = self.next_header(b, data)? else {
                     return Ok(());
                 };
                 data = data.get_mut(used..).unwrap_or_default();
-                self.begin_frame(&header)?;
-                if self.decoder.remaining == 0 {
-                    self.payload(&mut [], true)?;
+                self.begin_frame(b, &header)?;
+                if b.decoder.remaining == 0 {
+                    self.payload(b, &mut [], true)?;
                     continue;
                 }
             }
             if data.is_empty() {
                 return Ok(());
             }
-            let n =
-                usize::try_from(self.decoder.remaining).map_or(data.len(), |r| r.min(data.len()));
+            let n = usize::try_from(b.decoder.remaining).map_or(data.len(), |r| r.min(data.len()));
             let (chunk, rest) = data.split_at_mut(n);
-            unmask(
-                chunk,
-                self.decoder.mask,
-                usize::from(self.decoder.mask_offset),
-            );
-            self.decoder.mask_offset = ((usize::from(self.decoder.mask_offset) + n) & 3) as u8;
-            self.decoder.remaining -= n as u64;
-            let done = self.decoder.remaining == 0;
-            self.payload(chunk, done)?;
+            unmask(chunk, b.decoder.mask, usize::from(b.decoder.mask_offset));
+            b.decoder.mask_offset = ((usize::from(b.decoder.mask_offset) + n) & 3) as u8;
+            b.decoder.remaining -= n as u64;
+            let done = b.decoder.remaining == 0;
+            self.payload(b, chunk, done)?;
             data = rest;
         }
     }
 
     /// Parses the next header from the carried bytes and/or `data`. Returns the header and
     /// how many bytes of `data` it used, or `None` (bytes carried) if it is incomplete.
-    fn next_header(&mut self, data: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
-        let d = &mut self.decoder;
+    fn next_header(
+        &self,
+        b: &mut Busy,
+        data: &[u8],
+    ) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
+        let d = &mut b.decoder;
         if d.header_len == 0 {
             match FrameHeader::parse(data, self.config.allowed_rsv)? {
                 Parsed::Complete { header, header_len } => return Ok(Some((header, header_len))),
@@ -318,10 +485,10 @@ impl Connection {
         }
     }
 
-    fn begin_frame(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+    fn begin_frame(&self, b: &mut Busy, h: &FrameHeader) -> Result<(), ProtocolError> {
         let mask = h.mask.ok_or(ProtocolError::UnmaskedFrame)?;
         let max = self.config.max_message_size;
-        let d = &mut self.decoder;
+        let d = &mut b.decoder;
         match h.opcode {
             OpCode::Continuation => {
                 if d.message.is_none() {
@@ -352,18 +519,18 @@ impl Connection {
     }
 
     /// Handles an unmasked piece of the current frame's payload; `done` on its last piece.
-    fn payload(&mut self, chunk: &mut [u8], done: bool) -> Result<(), ProtocolError> {
-        let Some(op) = self.decoder.frame else {
+    fn payload(&mut self, b: &mut Busy, chunk: &mut [u8], done: bool) -> Result<(), ProtocolError> {
+        let Some(op) = b.decoder.frame else {
             return Ok(());
         };
         if done {
-            self.decoder.frame = None;
+            b.decoder.frame = None;
         }
         if op.is_control() {
-            if done && self.partial.as_ref().is_none_or(|p| p.control.is_empty()) {
-                return self.control_frame(op, chunk);
+            if done && b.partial.as_ref().is_none_or(|p| p.control.is_empty()) {
+                return self.control_frame(b, op, chunk);
             }
-            let p = self.partial.get_or_insert_with(Box::default);
+            let p = b.partial.get_or_insert_with(Box::default);
             if p.control.len() + chunk.len() > MAX_CONTROL_PAYLOAD {
                 return Err(ProtocolError::ControlFrameTooLong);
             }
@@ -371,13 +538,13 @@ impl Connection {
             if done {
                 let payload = std::mem::take(&mut p.control);
                 if p.message.is_empty() {
-                    self.partial = None;
+                    b.partial = None;
                 }
-                return self.control_frame(op, &payload);
+                return self.control_frame(b, op, &payload);
             }
             return Ok(());
         }
-        let d = &mut self.decoder;
+        let d = &mut b.decoder;
         let text = d.message == Some(OpCode::Text);
         if text {
             d.utf8.feed(chunk)?;
@@ -392,21 +559,21 @@ impl Connection {
         }
         if self.state != State::Open {
             // After our close, data is still parsed (to find the reply) but not delivered.
-            if let Some(p) = &mut self.partial {
+            if let Some(p) = &mut b.partial {
                 p.message = Vec::new();
             }
             return Ok(());
         }
-        let payload = if last && self.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
+        let payload = if last && b.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
             // The whole message is in this read: one copy, straight out of the read buffer.
             Bytes::copy_from_slice(chunk)
         } else {
-            let p = self.partial.get_or_insert_with(Box::default);
+            let p = b.partial.get_or_insert_with(Box::default);
             if p.message.capacity() - p.message.len() < chunk.len() {
                 // Reserve for the rest of this frame at once (no doubling copies), but no
                 // more than 1 MiB ahead of the bytes that actually arrived: a header that
                 // announces 16 MiB must not make us allocate 16 MiB before any payload.
-                let ahead = usize::try_from(self.decoder.remaining).unwrap_or(usize::MAX);
+                let ahead = usize::try_from(b.decoder.remaining).unwrap_or(usize::MAX);
                 p.message.reserve(chunk.len() + ahead.min(1 << 20));
             }
             p.message.extend_from_slice(chunk);
@@ -415,11 +582,11 @@ impl Connection {
             }
             let message = std::mem::take(&mut p.message);
             if p.control.is_empty() {
-                self.partial = None;
+                b.partial = None;
             }
             Bytes::from(message)
         };
-        self.events.push_back(if text {
+        b.events.push_back(if text {
             Event::Text(payload)
         } else {
             Event::Binary(payload)
@@ -427,22 +594,27 @@ impl Connection {
         Ok(())
     }
 
-    fn control_frame(&mut self, op: OpCode, payload: &[u8]) -> Result<(), ProtocolError> {
+    fn control_frame(
+        &mut self,
+        b: &mut Busy,
+        op: OpCode,
+        payload: &[u8],
+    ) -> Result<(), ProtocolError> {
         match op {
             OpCode::Ping => {
                 if self.state == State::Open {
-                    self.queue(encode_frame(OpCode::Pong, payload));
+                    b.queue(encode_frame(OpCode::Pong, payload));
                 }
-                self.events
+                b.events
                     .push_back(Event::Ping(Bytes::copy_from_slice(payload)));
             }
-            OpCode::Pong => self
+            OpCode::Pong => b
                 .events
                 .push_back(Event::Pong(Bytes::copy_from_slice(payload))),
             OpCode::Close => {
                 let frame = parse_close_payload(payload)?;
                 self.input_done = true;
-                self.events.push_back(Event::Close(frame));
+                b.events.push_back(Event::Close(frame));
             }
             OpCode::Continuation | OpCode::Text | OpCode::Binary => {}
         }
@@ -451,17 +623,20 @@ impl Connection {
 
     /// Fails the connection (§7.1.7): reads nothing more; when the driver polls the
     /// error, our close frame with its code is queued and the connection is closed.
-    fn fail(&mut self, e: ProtocolError) {
+    fn fail(&mut self, b: &mut Busy, e: ProtocolError) {
         self.input_done = true;
-        self.partial = None;
-        self.events.push_back(Event::ProtocolError(e));
+        b.partial = None;
+        b.events.push_back(Event::ProtocolError(e));
     }
 
     /// The next event, if any. Drain after every `handle_*` call. Polling the peer's close
     /// or a protocol error queues our close reply (after whatever the application sent in
     /// answer to the messages before it) and closes the connection.
     pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.events.pop_front()?;
+        let Some(event) = self.busy.as_mut().and_then(|b| b.events.pop_front()) else {
+            self.settle();
+            return None;
+        };
         match &event {
             Event::Close(frame) => {
                 if self.state == State::Open {
@@ -488,7 +663,7 @@ impl Connection {
     fn closed(&mut self) {
         self.state = State::Closed;
         self.timer = Timer::None;
-        self.deadline = None;
+        self.deadline = Deadline::NONE;
     }
 
     /// Starts the closing handshake with `code` and `reason` (cut to fit 123 bytes). Does
@@ -500,7 +675,7 @@ impl Connection {
         self.queue(close_frame(code, reason));
         self.state = State::ClosingByUs;
         self.timer = Timer::Closing;
-        self.deadline = Some(now + self.config.close_timeout);
+        self.deadline = Deadline::at(now + self.config.close_timeout);
     }
 
     /// Queues a message as one unmasked frame.
@@ -529,16 +704,18 @@ impl Connection {
     }
 
     fn queue(&mut self, frame: Bytes) {
-        self.queued_bytes += frame.len();
-        self.transmit.push_back(frame);
+        self.busy().queue(frame);
     }
 
     /// The bytes waiting to be written, in order: the first slice may be the rest of a
     /// partly written frame. Write as many as the socket takes (one vectored write), then
     /// call [`Connection::advance_transmit`].
     pub fn transmit(&self) -> impl Iterator<Item = &[u8]> {
-        let skip = self.transmit_offset;
-        self.transmit.iter().enumerate().map(move |(i, f)| {
+        let (skip, frames) = match &self.busy {
+            Some(b) => (b.transmit_offset, &b.transmit),
+            None => (0, &EMPTY_QUEUE),
+        };
+        frames.iter().enumerate().map(move |(i, f)| {
             if i == 0 {
                 f.get(skip..).unwrap_or_default()
             } else {
@@ -549,86 +726,87 @@ impl Connection {
 
     /// How many frames are queued.
     pub fn transmit_frames(&self) -> usize {
-        self.transmit.len()
+        self.busy.as_ref().map_or(0, |b| b.transmit.len())
     }
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.busy.as_ref().map_or(0, |b| b.queued_bytes)
     }
 
     /// Reports that `n` bytes of [`Connection::transmit`] were written.
     pub fn advance_transmit(&mut self, mut n: usize) {
-        self.queued_bytes = self.queued_bytes.saturating_sub(n);
-        while let Some(front) = self.transmit.front() {
-            let left = front.len() - self.transmit_offset;
+        let Some(b) = self.busy.as_mut() else {
+            return;
+        };
+        b.queued_bytes = b.queued_bytes.saturating_sub(n);
+        while let Some(front) = b.transmit.front() {
+            let left = front.len() - b.transmit_offset;
             if n < left {
-                self.transmit_offset += n;
+                b.transmit_offset += n;
                 return;
             }
             n -= left;
-            self.transmit_offset = 0;
-            self.transmit.pop_front();
+            b.transmit_offset = 0;
+            b.transmit.pop_front();
         }
+        self.settle();
     }
 
     /// The next deadline, if any: call [`Connection::handle_timeout`] when it has passed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.deadline.get()
     }
 
     /// Acts on a deadline that has passed: send a ping when the peer was silent, or close
     /// (event [`Event::TimedOut`]) when a pong or a close reply did not come in time. Calls
     /// before the deadline do nothing, so a driver may call it early.
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.deadline {
+        match self.deadline.get() {
             Some(d) if d <= now => {}
             _ => return,
         }
         match self.timer {
-            Timer::None => self.deadline = None,
+            Timer::None => self.deadline = Deadline::NONE,
             Timer::Idle => {
                 if self.state == State::Open {
                     self.queue(encode_frame(OpCode::Ping, b""));
                 }
                 self.timer = Timer::AwaitPong;
-                self.deadline = Some(now + self.config.pong_timeout);
+                self.deadline = Deadline::at(now + self.config.pong_timeout);
             }
             Timer::AwaitPong | Timer::Closing => {
                 self.closed();
                 self.input_done = true;
-                self.events.push_back(Event::TimedOut);
+                self.busy().events.push_back(Event::TimedOut);
             }
         }
     }
 
-    /// Gives back memory a burst left allocated (empty queues keep their capacity). Call
-    /// when the connection turns idle, e.g. from its ping timer.
+    /// Gives back memory a burst left allocated. The in-progress state is dropped as soon
+    /// as it empties on [`Connection::poll_event`] and [`Connection::advance_transmit`], so
+    /// this matters only after calls that left it empty otherwise; it is cheap, so a driver
+    /// may call it any time.
     pub fn shrink(&mut self) {
-        if self.events.is_empty() {
-            self.events = VecDeque::new();
-        }
-        if self.transmit.is_empty() {
-            self.transmit = VecDeque::new();
-        }
-        if self
-            .partial
-            .as_ref()
-            .is_some_and(|p| p.message.is_empty() && p.control.is_empty())
-        {
-            self.partial = None;
-        }
+        self.settle();
     }
 
     /// Bytes of heap this connection holds beyond its own struct (buffers and queues,
     /// counting capacity, not counting shared frames).
     pub fn heap_bytes(&self) -> usize {
-        self.partial.as_ref().map_or(0, |p| {
-            std::mem::size_of::<Partial>() + p.message.capacity() + p.control.capacity()
-        }) + self.events.capacity() * std::mem::size_of::<Event>()
-            + self.transmit.capacity() * std::mem::size_of::<Bytes>()
+        self.busy.as_ref().map_or(0, |b| {
+            std::mem::size_of::<Busy>()
+                + b.partial.as_ref().map_or(0, |p| {
+                    std::mem::size_of::<Partial>() + p.message.capacity() + p.control.capacity()
+                })
+                + b.events.capacity() * std::mem::size_of::<Event>()
+                + b.transmit.capacity() * std::mem::size_of::<Bytes>()
+        })
     }
 }
+
+/// What [`Connection::transmit`] iterates when nothing is queued.
+static EMPTY_QUEUE: VecDeque<Bytes> = VecDeque::new();
 
 /// Encodes a close frame with `code` and `reason` (empty payload for 1005/1006/1015).
 pub fn close_frame(code: CloseCode, reason: &str) -> Bytes {

@@ -148,8 +148,8 @@ fn large_messages_across_many_reads() {
             vec![Event::Binary(Bytes::from(big.clone()))]
         );
         // Nothing is kept once the message is delivered.
-        assert_eq!(c.heap_bytes(), c.events.capacity() * size_of::<Event>());
-        assert!(c.partial.is_none());
+        assert_eq!(c.heap_bytes(), 0);
+        assert!(c.busy.is_none());
     }
 }
 
@@ -414,14 +414,79 @@ fn short_writes_resume_where_they_stopped() {
 fn idle_connection_holds_no_heap_and_the_decoder_is_small() {
     let mut c = conn();
     assert_eq!(c.heap_bytes(), 0);
+    // A message: the in-progress state lives until its event is polled.
     feed(&mut c, &frame(true, 1, b"hi"));
+    assert!(c.heap_bytes() > 0);
     events(&mut c);
-    c.shrink();
+    assert_eq!(c.heap_bytes(), 0);
+    // A ping: the pong keeps it alive until written.
+    feed(&mut c, &frame(true, 9, b"p"));
+    events(&mut c);
+    assert!(c.heap_bytes() > 0);
+    written(&mut c);
+    assert_eq!(c.heap_bytes(), 0);
+    // A header cut after 1 byte, then a payload cut in two, then a fragmented message:
+    // the state is kept across the reads and dropped when the message is complete.
+    let whole = frame(true, 2, &[7u8; 300]);
+    let (a, rest) = whole.split_at(1);
+    let (b, d) = rest.split_at(150);
+    feed(&mut c, a);
+    assert!(c.busy.is_some());
+    feed(&mut c, b);
+    assert!(c.busy.is_some());
+    feed(&mut c, d);
+    assert_eq!(
+        events(&mut c),
+        vec![Event::Binary(Bytes::from(vec![7u8; 300]))]
+    );
+    assert!(c.busy.is_none());
+    feed(&mut c, &frame(false, 1, b"a"));
+    assert_eq!(events(&mut c), vec![]);
+    assert!(
+        c.busy.is_some(),
+        "an open fragmented message is in progress"
+    );
+    feed(&mut c, &frame(true, 0, b"b"));
+    assert_eq!(events(&mut c), vec![Event::Text(Bytes::from_static(b"ab"))]);
     assert_eq!(c.heap_bytes(), 0);
     assert!(std::mem::size_of::<Decoder>() <= 48);
+    // The per-slot footprint the engine's 128-byte idle budget is built on.
     assert!(
-        std::mem::size_of::<Connection>() <= 168,
+        std::mem::size_of::<Connection>() <= 32,
         "{}",
         std::mem::size_of::<Connection>()
     );
+}
+
+#[test]
+fn spare_buffers_are_reused_and_trimmed_when_unused_for_a_window() {
+    // Thread-local: this test's thread starts with none.
+    std::thread::spawn(|| {
+        let mut conns: Vec<Connection> = (0..200).map(|_| conn()).collect();
+        let burst = |conns: &mut Vec<Connection>| {
+            for c in conns.iter_mut() {
+                c.send(OpCode::Text, b"x").unwrap();
+            }
+            for c in conns.iter_mut() {
+                written(c);
+            }
+        };
+        burst(&mut conns);
+        assert_eq!(super::spare_count(), 200);
+        // A burst each window keeps them all.
+        for _ in 0..3 {
+            for _ in 0..super::SPARE_WINDOW {
+                super::trim_spares();
+            }
+            burst(&mut conns);
+            assert_eq!(super::spare_count(), 200);
+        }
+        // A window without use frees everything above the floor.
+        for _ in 0..2 * super::SPARE_WINDOW {
+            super::trim_spares();
+        }
+        assert_eq!(super::spare_count(), super::SPARE_FLOOR);
+    })
+    .join()
+    .unwrap();
 }
