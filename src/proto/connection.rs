@@ -70,6 +70,10 @@ impl Default for Config {
 }
 
 /// What the connection reports to the application.
+///
+/// Payloads up to 1 KiB share a per-thread block with other small pieces (see
+/// [`super::arena`]); an application that keeps many of them for a long time should copy
+/// them with `Bytes::copy_from_slice` so that they do not keep their blocks alive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A complete text message (its UTF-8 already validated).
@@ -566,7 +570,7 @@ impl Connection {
         }
         let payload = if last && b.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
             // The whole message is in this read: one copy, straight out of the read buffer.
-            Bytes::copy_from_slice(chunk)
+            super::arena::copy(&[chunk])
         } else {
             let p = b.partial.get_or_insert_with(Box::default);
             if p.message.capacity() - p.message.len() < chunk.len() {
@@ -606,11 +610,11 @@ impl Connection {
                     b.queue(encode_frame(OpCode::Pong, payload));
                 }
                 b.events
-                    .push_back(Event::Ping(Bytes::copy_from_slice(payload)));
+                    .push_back(Event::Ping(super::arena::copy(&[payload])));
             }
             OpCode::Pong => b
                 .events
-                .push_back(Event::Pong(Bytes::copy_from_slice(payload))),
+                .push_back(Event::Pong(super::arena::copy(&[payload]))),
             OpCode::Close => {
                 let frame = parse_close_payload(payload)?;
                 self.input_done = true;

@@ -241,10 +241,22 @@ pub fn encode_frame_into(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
 /// Encodes one whole server frame once into shared bytes: the bytes are identical for every
 /// recipient (server frames are not masked), so a broadcast clones this `Bytes` (a reference
 /// count) into every subscriber's send queue instead of copying the payload.
+///
+/// Small frames are carved out of a per-thread block (see [`super::arena`]): no
+/// allocation of their own.
 pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(MAX_SERVER_HEADER_LEN + payload.len());
-    encode_frame_into(&mut out, opcode, payload);
-    out.freeze()
+    let header = FrameHeader {
+        fin: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode,
+        mask: None,
+        payload_len: payload.len() as u64,
+    };
+    let mut h = [0u8; MAX_HEADER_LEN];
+    let n = header.encode(&mut h);
+    super::arena::copy(&[h.get(..n).unwrap_or_default(), payload])
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
     )
 )]
 
+pub mod arena;
 pub mod close;
 pub mod connection;
 pub mod error;
