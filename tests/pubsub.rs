@@ -63,6 +63,10 @@ struct App {
     last_close: Arc<AtomicU64>,
     publish_allocs: Arc<AtomicU64>,
     publish_queued: Arc<AtomicU64>,
+    /// Allocations counted from a "measure" publish to the next "count": the publish, its
+    /// hand-out at the end of the turn, the writes and their completions.
+    turn_allocs: Arc<AtomicU64>,
+    measured_at: Arc<AtomicU64>,
 }
 
 impl Handler for App {
@@ -105,8 +109,30 @@ impl Handler for App {
                 conn.unsubscribe(&topic);
                 conn.send_text("unsubscribed");
             }
+            Some("order") => {
+                // Publishes to two topics, a direct send and membership changes in one
+                // callback (one loop turn): each subscriber must see them in this order.
+                conn.subscribe("ord-b");
+                conn.publish("ord-a", OpCode::Text, b"1");
+                conn.publish("ord-b", OpCode::Text, b"2");
+                conn.publish("ord-a", OpCode::Text, b"3");
+                conn.send_text("4");
+                conn.publish("ord-a", OpCode::Text, b"5");
+                conn.unsubscribe("ord-a");
+                conn.publish("ord-a", OpCode::Text, b"6");
+                conn.subscribe("ord-a");
+                conn.publish("ord-a", OpCode::Text, b"7");
+                conn.close(wsring::proto::CloseCode::Normal, "done");
+            }
+            Some("count") => {
+                self.turn_allocs.store(
+                    allocs() - self.measured_at.load(Ordering::SeqCst),
+                    Ordering::SeqCst,
+                );
+            }
             Some("measure") => {
                 let before = allocs();
+                self.measured_at.store(before, Ordering::SeqCst);
                 let report: PublishReport = conn.publish(&topic, OpCode::Binary, &[7u8; 64]);
                 let after = allocs();
                 self.publish_allocs.store(after - before, Ordering::SeqCst);
@@ -569,6 +595,47 @@ fn fan_out_does_not_allocate_per_subscriber(backend: BackendChoice) {
         for ws in subs.iter_mut() {
             assert_eq!(next_data(ws).await.into_data().len(), 64);
         }
+        // The whole turn: handing the frame out, 500 writes and their completions.
+        assert_eq!(next_data(&mut publisher).await.into_data().len(), 64);
+        s.app.turn_allocs.store(u64::MAX, Ordering::SeqCst);
+        publisher.send(WsMessage::text("count")).await.unwrap();
+        wait_until("counted", || {
+            s.app.turn_allocs.load(Ordering::SeqCst) != u64::MAX
+        })
+        .await;
+        let n = s.app.turn_allocs.load(Ordering::SeqCst);
+        assert!(
+            n <= 16,
+            "publishing to 500 subscribers and writing it out made {n} allocations"
+        );
+    });
+}
+
+fn publishes_sends_and_membership_changes_in_one_turn_keep_their_order(backend: BackendChoice) {
+    let s = start(backend, |c| c.threads = 1);
+    rt().block_on(async {
+        let mut x = connect(s.port, "/sub/ord-a").await;
+        let mut y = connect(s.port, "/sub/ord-a").await;
+        wait_until("subscribers", || s.handle.subscriber_count("ord-a") == 2).await;
+        x.send(WsMessage::text("order")).await.unwrap();
+        let mut got_x = Vec::new();
+        loop {
+            match next_data(&mut x).await {
+                WsMessage::Text(t) => got_x.push(t.to_string()),
+                WsMessage::Close(f) => {
+                    assert_eq!(f.map(|f| u16::from(f.code)), Some(1000));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // x: 1..7 without 6 (it was not subscribed then), and nothing after its close.
+        assert_eq!(got_x, ["1", "2", "3", "4", "5", "7"]);
+        let mut got_y = Vec::new();
+        for _ in 0..5 {
+            got_y.push(next_data(&mut y).await.into_text().unwrap().to_string());
+        }
+        assert_eq!(got_y, ["1", "3", "5", "6", "7"]);
     });
 }
 
@@ -593,4 +660,5 @@ both_backends!(
     a_slow_reader_keeps_only_the_newest_frame_under_conflation,
     unsubscribe_and_close_leave_no_registry_entries,
     fan_out_does_not_allocate_per_subscriber,
+    publishes_sends_and_membership_changes_in_one_turn_keep_their_order,
 );

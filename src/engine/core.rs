@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use indexmap::IndexSet;
 use slab::Slab;
 
@@ -27,6 +27,7 @@ use super::wheel::{Entry, TimerWheel};
 use super::{Bump, Command, Shared, WorkerStats};
 use crate::api::{Decision, Handler, Message, Policy, PublishReport, SendStatus};
 use crate::proto::close::CloseCode;
+use crate::proto::frame::encode_frame_into;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
 use crate::proto::{Connection, Event, HandshakeError, OpCode, State, encode_frame};
 
@@ -202,7 +203,29 @@ pub struct Inner<D> {
     limits: HandshakeLimits,
     draining: Option<Instant>,
     now: Instant,
+    /// Frames published to one topic in this loop turn and not yet handed to its
+    /// subscribers (see [`Inner::fanout_local`]).
+    pending: Pending,
 }
+
+/// A run of frames published to one topic, encoded back to back, handed to every
+/// subscriber at once when the turn ends (or before anything else could be queued out of
+/// order): each subscriber then gets one queue entry for the whole run, shared (a
+/// reference count) when it is large, and the walk over the subscribers happens once per
+/// run instead of once per message, which keeps each subscriber's state in cache.
+#[derive(Default)]
+struct Pending {
+    topic: Option<Arc<str>>,
+    /// The encoded frames; reused from turn to turn (reclaimed in place once the
+    /// subscribers' copies have been written).
+    batch: BytesMut,
+}
+
+/// Largest run of pending frames; a publish that would make it longer hands the run out
+/// first.
+const PENDING_MAX: usize = 256 * 1024;
+/// Frames larger than this are never merged into a pending run.
+const PENDING_FRAME_MAX: usize = 16 * 1024;
 
 /// One worker's state: the handler and the rest.
 pub struct Core<H: Handler> {
@@ -222,6 +245,35 @@ fn header_refs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect()
+}
+
+/// A frame on its way into a connection's send queue.
+enum Out<'a> {
+    /// Encoded once and shared (a broadcast): small ones are copied, large ones referenced.
+    Shared(&'a Bytes),
+    /// Encoded, owned by this send.
+    Owned(Bytes),
+    /// Not encoded yet: encoded straight into the connection's queue when small.
+    Message(OpCode, &'a [u8]),
+}
+
+impl Out<'_> {
+    /// The encoded frame's length.
+    fn len(&self) -> usize {
+        match self {
+            Out::Shared(f) => f.len(),
+            Out::Owned(f) => f.len(),
+            Out::Message(_, p) => crate::proto::frame::server_frame_len(p.len()),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Out::Shared(f) => f.clone(),
+            Out::Owned(f) => f,
+            Out::Message(opcode, payload) => encode_frame(opcode, payload),
+        }
+    }
 }
 
 fn slot_of<D>(slots: &mut Slab<Slot<D>>, id: ConnId) -> Option<&mut Slot<D>> {
@@ -259,7 +311,11 @@ impl<D> Inner<D> {
     }
 
     /// Queues a frame on one connection, applying the queue limits and the policy.
-    fn queue_frame(&mut self, id: ConnId, frame: Bytes, topic: Option<&Arc<str>>) -> SendStatus {
+    fn queue_frame(&mut self, id: ConnId, frame: Out<'_>, topic: Option<&Arc<str>>) -> SendStatus {
+        if topic.is_none() {
+            // A direct send follows what was published before it.
+            self.flush_pending();
+        }
         let soft = self.shared.config.send_queue_soft;
         let hard = self.shared.config.send_queue_hard;
         let policy = self.shared.config.policy;
@@ -291,6 +347,7 @@ impl<D> Inner<D> {
                     SendStatus::Dropped
                 }
                 (Policy::Conflate, Some(topic)) => {
+                    let frame = frame.into_bytes();
                     let held = &mut slot.extra().conflated;
                     match held.iter_mut().find(|(t, _)| t == topic) {
                         Some(entry) => entry.1 = frame,
@@ -305,7 +362,12 @@ impl<D> Inner<D> {
                 }
             }
         } else {
-            if slot.conn.send_frame(frame).is_err() {
+            let sent = match frame {
+                Out::Shared(f) => slot.conn.send_shared(f),
+                Out::Owned(f) => slot.conn.send_frame(f),
+                Out::Message(opcode, payload) => slot.conn.send(opcode, payload),
+            };
+            if sent.is_err() {
                 return SendStatus::Closed;
             }
             if queued + len > soft {
@@ -334,15 +396,115 @@ impl<D> Inner<D> {
         }
     }
 
-    /// Queues `frame` on every local subscriber of `topic`.
-    fn fanout_local(&mut self, topic: &Arc<str>, frame: &Bytes) -> PublishReport {
+    /// Queues a frame on every local subscriber of `topic`.
+    ///
+    /// When every subscriber can take it under the queue limits (the usual case) it joins
+    /// the pending run of frames of this topic, handed out by [`Inner::flush_pending`];
+    /// the report is exact either way. When one cannot (a slow subscriber), the run is
+    /// handed out first and this frame goes to each subscriber through its policy.
+    fn fanout_local(&mut self, topic: &Arc<str>, frame: Out<'_>) -> PublishReport {
+        if self.pending.topic.as_ref().is_some_and(|t| t != topic) {
+            self.flush_pending();
+        }
+        let len = frame.len();
+        if len > PENDING_FRAME_MAX {
+            // Nothing to gain from merging a large frame: each subscriber gets a
+            // reference to its one encoded copy.
+            self.flush_pending();
+            return self.fanout_now(topic, &frame.into_bytes());
+        }
+        if self.pending.batch.len() + len > PENDING_MAX {
+            self.flush_pending();
+        }
+        let ahead = self.pending.batch.len();
+        let hard = self.shared.config.send_queue_hard;
+        let soft = self.shared.config.send_queue_soft;
+        let mut report = PublishReport::default();
+        let Some(subs) = self.topics.get(topic) else {
+            return report;
+        };
+        let mut fits = true;
+        for sub in subs {
+            let Some(slot) = self
+                .slots
+                .get(sub.slot as usize)
+                .filter(|s| s.generation == sub.generation)
+            else {
+                report.dropped += 1;
+                continue;
+            };
+            if slot.conn.state() != State::Open
+                || slot.flags.has(Flags::DEAD)
+                || slot.flags.has(Flags::CLOSING)
+            {
+                report.dropped += 1;
+                continue;
+            }
+            let queued = slot.conn.queued_bytes() + ahead;
+            if queued > 0 && queued + len > hard {
+                fits = false;
+                break;
+            }
+            report.queued += 1;
+            if queued + len > soft {
+                report.backpressured += 1;
+            }
+        }
+        if !fits {
+            self.flush_pending();
+            return self.fanout_now(topic, &frame.into_bytes());
+        }
+        match frame {
+            Out::Message(opcode, payload) => {
+                encode_frame_into(&mut self.pending.batch, opcode, payload)
+            }
+            Out::Shared(f) => self.pending.batch.extend_from_slice(f),
+            Out::Owned(f) => self.pending.batch.extend_from_slice(&f),
+        }
+        if self.pending.topic.is_none() {
+            self.pending.topic = Some(topic.clone());
+        }
+        self.shared.stats[self.index]
+            .messages_out
+            .bump(report.queued as u64);
+        report
+    }
+
+    /// Hands the pending run of frames to every subscriber of its topic.
+    fn flush_pending(&mut self) {
+        let Some(topic) = self.pending.topic.take() else {
+            return;
+        };
+        if self.pending.batch.is_empty() {
+            return;
+        }
+        let run = self.pending.batch.split().freeze();
+        // Taken out of the map for the loop (mark_dirty needs `&mut self`) and put back.
+        let Some(subs) = self.topics.remove(&topic) else {
+            return;
+        };
+        for &sub in &subs {
+            if let Some(slot) = slot_of(&mut self.slots, sub)
+                && !slot.flags.has(Flags::DEAD)
+                && !slot.flags.has(Flags::CLOSING)
+                && slot.conn.send_shared(&run).is_ok()
+            {
+                self.mark_dirty(sub);
+            }
+        }
+        self.topics.insert(topic, subs);
+    }
+
+    /// Queues `frame` on every local subscriber of `topic` now, each through the queue
+    /// limits and the policy.
+    fn fanout_now(&mut self, topic: &Arc<str>, frame: &Bytes) -> PublishReport {
         let mut report = PublishReport::default();
         // Taken out of the map for the loop (queue_frame needs `&mut self`) and put back.
         let Some(subs) = self.topics.remove(topic) else {
             return report;
         };
         for &sub in &subs {
-            match self.queue_frame(sub, frame.clone(), Some(topic)) {
+            match self.queue_frame(sub, Out::Shared(frame), Some(topic)) {
                 SendStatus::Queued => report.queued += 1,
                 SendStatus::Backpressure => {
                     report.queued += 1;
@@ -368,14 +530,18 @@ impl<D> Inner<D> {
         if local.is_none() && others == 0 {
             return PublishReport::default();
         }
-        let frame = encode_frame(opcode, payload);
         let topic: Arc<str> = local.unwrap_or_else(|| Arc::from(topic));
-        let mut report = self.fanout_local(&topic, &frame);
-        report.forwarded_workers = self.shared.forward(others, &topic, &frame);
+        let mut report = self.fanout_local(&topic, Out::Message(opcode, payload));
+        if others > 0 {
+            let frame = encode_frame(opcode, payload);
+            report.forwarded_workers = self.shared.forward(others, &topic, &frame);
+        }
         report
     }
 
     fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        // Membership changes take effect between messages, in order.
+        self.flush_pending();
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
@@ -395,6 +561,7 @@ impl<D> Inner<D> {
     }
 
     fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        self.flush_pending();
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
@@ -426,6 +593,8 @@ impl<D> Inner<D> {
     }
 
     fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) {
+        // What was published before goes out before the close frame.
+        self.flush_pending();
         let now = self.now;
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return;
@@ -466,7 +635,7 @@ impl<D> Conn<'_, D> {
         if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
             return SendStatus::Dropped;
         }
-        self.send_frame(encode_frame(opcode, payload))
+        self.queue(Out::Message(opcode, payload))
     }
 
     /// Queues a text message.
@@ -481,6 +650,10 @@ impl<D> Conn<'_, D> {
 
     /// Queues an already encoded frame (see [`crate::proto::encode_frame`]).
     pub fn send_frame(&mut self, frame: Bytes) -> SendStatus {
+        self.queue(Out::Owned(frame))
+    }
+
+    fn queue(&mut self, frame: Out<'_>) -> SendStatus {
         let status = self.inner.queue_frame(self.id, frame, None);
         if matches!(status, SendStatus::Queued | SendStatus::Backpressure) {
             self.inner.shared.stats[self.inner.index]
@@ -568,6 +741,7 @@ impl<H: Handler> Core<H> {
                 limits,
                 draining: None,
                 now,
+                pending: Pending::default(),
             },
         }
     }
@@ -913,7 +1087,7 @@ impl<H: Handler> Core<H> {
         for cmd in batch {
             match cmd {
                 Command::Publish(topic, frame) => {
-                    self.inner.fanout_local(&topic, &frame);
+                    self.inner.fanout_local(&topic, Out::Shared(&frame));
                 }
                 Command::Close(id, code, reason) => {
                     self.inner.close_conn(id, CloseCode::from(code), &reason);
@@ -1019,6 +1193,8 @@ impl<H: Handler> Core<H> {
     /// Runs the timers due by `now`.
     pub fn on_tick(&mut self, now: Instant) {
         self.inner.now = now;
+        // Frames published before a deadline passed go out before its ping or close.
+        self.inner.flush_pending();
         let mut expired = std::mem::take(&mut self.inner.expired);
         let tick = self.inner.wheel.current();
         self.inner.wheel.expire(now, &mut expired);
@@ -1079,6 +1255,7 @@ impl<H: Handler> Core<H> {
         if self.inner.draining.is_some() {
             return;
         }
+        self.inner.flush_pending();
         self.inner.now = now;
         self.inner.draining = Some(deadline);
         let code = CloseCode::from(self.inner.shared.config.drain_close_code);
@@ -1101,7 +1278,9 @@ impl<H: Handler> Core<H> {
     /// Writes, pauses/resumes and closes what the last events made due. Call once per
     /// loop turn, after handling every completion: all the turn's writes go out together.
     pub fn flush(&mut self, driver: &mut dyn Driver) {
+        self.inner.flush_pending();
         let mut dirty = std::mem::take(&mut self.inner.dirty);
+        let mut sends = 0u64;
         for &slot_index in &dirty {
             let Some(id) = self.id_of(slot_index) else {
                 continue;
@@ -1145,6 +1324,7 @@ impl<H: Handler> Core<H> {
                     let mut bufs = slot.conn.transmit();
                     driver.send(id, fd, &mut bufs)
                 };
+                sends += 1;
                 match outcome {
                     SendOutcome::InFlight => {
                         slot.flags.set(Flags::SENDING, true);
@@ -1193,6 +1373,9 @@ impl<H: Handler> Core<H> {
             }
         }
         dirty.clear();
+        let stats = self.inner.stats();
+        stats.sends.bump(sends);
+        stats.turns.bump(1);
         // Slots made dirty while flushing (a handler's on_close publishing, say) wait for
         // the next turn.
         dirty.append(&mut self.inner.dirty);

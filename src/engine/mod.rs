@@ -327,6 +327,11 @@ pub struct WorkerStats {
     pub backpressure_closes: AtomicU64,
     /// Connections failed for a protocol error.
     pub protocol_errors: AtomicU64,
+    /// Write operations issued (one per connection per loop turn in the common case:
+    /// `messages_out / sends` is how many frames a write carried on average).
+    pub sends: AtomicU64,
+    /// Event-loop turns (wake-ups that handled completions or readiness).
+    pub turns: AtomicU64,
     /// Close codes sent, by code (1000..=1015 at index code-1000; others at 16).
     pub close_codes_sent: [AtomicU64; 17],
     /// Close codes received, indexed the same way.

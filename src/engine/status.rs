@@ -62,7 +62,7 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_connections_open gauge");
     let _ = writeln!(out, "wsring_connections_open {open}");
-    let counters: [Counter; 15] = [
+    let counters: [Counter; 17] = [
         ("accepted", "Sockets accepted.", |s| &s.accepted),
         ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
         ("rejected", "Handshakes refused with an HTTP error.", |s| {
@@ -85,6 +85,12 @@ pub fn metrics(shared: &Shared) -> String {
         ),
         ("bytes_in", "Bytes read.", |s| &s.bytes_in),
         ("bytes_out", "Bytes written.", |s| &s.bytes_out),
+        (
+            "sends",
+            "Write operations issued (messages_out / sends: frames per write).",
+            |s| &s.sends,
+        ),
+        ("turns", "Event-loop turns.", |s| &s.turns),
         ("publishes", "Publishes (handlers and Handle).", |s| {
             &s.publishes
         }),

@@ -29,12 +29,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::close::{CloseCode, CloseFrame, encode_close_payload, parse_close_payload};
 use super::error::ProtocolError;
 use super::frame::{
     FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Parsed, encode_frame,
+    encode_frame_into, server_frame_len,
 };
 use super::mask::unmask;
 use super::utf8::Utf8Validator;
@@ -203,7 +204,14 @@ struct Busy {
     /// Reassembly buffers, only while a message or control frame is split.
     partial: Option<Box<Partial>>,
     events: VecDeque<Event>,
+    /// Frames to write, in order; small frames queued after the last of them wait in
+    /// `tail` until the next [`Connection::transmit`] seals it into one more entry.
     transmit: VecDeque<Bytes>,
+    /// Small frames (up to [`COALESCE_MAX`] bytes each) copied back to back: a broadcast
+    /// of 64 small messages to a subscriber is one contiguous write, not 64 iovecs, and
+    /// queuing one is a short `memcpy` instead of an atomic reference count to take and
+    /// drop. Its allocation is reused in place once the sealed part has been written.
+    tail: BytesMut,
     /// Bytes of the first queued frame already written.
     transmit_offset: usize,
     /// Bytes queued and not yet written.
@@ -211,15 +219,72 @@ struct Busy {
 }
 
 impl Busy {
+    /// Queues an encoded frame: copied into `tail` when small, else kept as it is.
     fn queue(&mut self, frame: Bytes) {
+        if frame.len() <= COALESCE_MAX {
+            self.append(&frame);
+        } else {
+            self.push_large(frame);
+        }
+    }
+
+    /// Queues a frame shared with others (a broadcast): copied when small, else one more
+    /// reference to it.
+    fn queue_shared(&mut self, frame: &Bytes) {
+        if frame.len() <= COALESCE_MAX {
+            self.append(frame);
+        } else {
+            self.push_large(frame.clone());
+        }
+    }
+
+    /// Encodes a frame straight into `tail` when small.
+    fn queue_encoded(&mut self, opcode: OpCode, payload: &[u8]) {
+        let len = server_frame_len(payload.len());
+        if len <= COALESCE_MAX {
+            self.make_room(len);
+            encode_frame_into(&mut self.tail, opcode, payload);
+            self.queued_bytes += len;
+        } else {
+            self.push_large(encode_frame(opcode, payload));
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        self.make_room(bytes.len());
+        self.tail.extend_from_slice(bytes);
+        self.queued_bytes += bytes.len();
+    }
+
+    fn make_room(&mut self, n: usize) {
+        if self.tail.capacity() - self.tail.len() < n {
+            // Reclaims the block in place when every sealed piece of it has been written
+            // (dropped), else allocates a new one (at least TAIL_BLOCK bytes).
+            self.tail.reserve(n.max(TAIL_BLOCK));
+        }
+    }
+
+    fn push_large(&mut self, frame: Bytes) {
+        self.seal();
         self.queued_bytes += frame.len();
         self.transmit.push_back(frame);
+    }
+
+    /// Moves what `tail` holds to the end of `transmit`. The sealed bytes are never
+    /// written again (later appends go past them, or to a new block), so a write that is
+    /// still in flight in the kernel may keep pointing at them.
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            let sealed = self.tail.split().freeze();
+            self.transmit.push_back(sealed);
+        }
     }
 
     /// Nothing in progress: the box can go.
     fn is_idle(&self) -> bool {
         self.events.is_empty()
             && self.transmit.is_empty()
+            && self.tail.is_empty()
             && self.partial.is_none()
             && self.decoder.at_boundary()
     }
@@ -227,6 +292,14 @@ impl Busy {
 
 /// Queue capacity a spare [`Busy`] may keep (more is freed with the box).
 const SPARE_QUEUE_CAPACITY: usize = 64;
+/// Frames up to this many bytes are copied into a connection's coalescing buffer; larger
+/// ones are queued by reference (a broadcast's one encoded copy is shared).
+pub const COALESCE_MAX: usize = 1024;
+/// Smallest allocation of a coalescing buffer.
+const TAIL_BLOCK: usize = 4096;
+/// Coalescing-buffer capacity a spare [`Busy`] may keep.
+const SPARE_TAIL_CAPACITY: usize = 64 * 1024;
+
 /// Spares kept per thread no matter how long they sit unused.
 const SPARE_FLOOR: usize = 64;
 /// [`trim_spares`] calls per trimming window.
@@ -278,6 +351,9 @@ fn take_spare() -> Box<Busy> {
 fn give_spare(mut b: Box<Busy>) {
     if b.transmit.capacity() > SPARE_QUEUE_CAPACITY || b.events.capacity() > SPARE_QUEUE_CAPACITY {
         return; // a burst's big queues: free them
+    }
+    if b.tail.capacity() > SPARE_TAIL_CAPACITY {
+        b.tail = BytesMut::new();
     }
     b.decoder = Decoder::new();
     b.transmit_offset = 0;
@@ -607,7 +683,7 @@ impl Connection {
         match op {
             OpCode::Ping => {
                 if self.state == State::Open {
-                    b.queue(encode_frame(OpCode::Pong, payload));
+                    b.queue_encoded(OpCode::Pong, payload);
                 }
                 b.events
                     .push_back(Event::Ping(super::arena::copy(&[payload])));
@@ -691,11 +767,16 @@ impl Connection {
         if opcode.is_control() && payload.len() > MAX_CONTROL_PAYLOAD {
             return Err(SendError::ControlTooLong);
         }
-        self.send_frame(encode_frame(opcode, payload))
+        if self.state != State::Open {
+            return Err(SendError::Closing);
+        }
+        self.busy().queue_encoded(opcode, payload);
+        Ok(())
     }
 
-    /// Queues an already encoded frame (e.g. one broadcast frame shared by every
-    /// subscriber: no copy, a reference count).
+    /// Queues an already encoded frame. Frames up to [`COALESCE_MAX`] bytes are copied
+    /// into the connection's coalescing buffer (so that many small frames go out as one
+    /// contiguous write); larger ones are queued as they are.
     ///
     /// # Errors
     /// [`SendError::Closing`] once the connection is closing.
@@ -707,14 +788,34 @@ impl Connection {
         Ok(())
     }
 
+    /// Like [`Connection::send_frame`] for a frame shared by many connections (one
+    /// broadcast frame for every subscriber): a small one is copied, a large one gains a
+    /// reference (no copy of the payload).
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send_shared(&mut self, frame: &Bytes) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closing);
+        }
+        self.busy().queue_shared(frame);
+        Ok(())
+    }
+
     fn queue(&mut self, frame: Bytes) {
         self.busy().queue(frame);
     }
 
     /// The bytes waiting to be written, in order: the first slice may be the rest of a
-    /// partly written frame. Write as many as the socket takes (one vectored write), then
-    /// call [`Connection::advance_transmit`].
-    pub fn transmit(&self) -> impl Iterator<Item = &[u8]> {
+    /// partly written frame; small frames come merged into larger slices. Write as many
+    /// as the socket takes (one vectored write), then call
+    /// [`Connection::advance_transmit`]. The slices stay valid and unchanged until
+    /// `advance_transmit` reports them written, whatever is queued meanwhile, so an
+    /// asynchronous write may hold on to them.
+    pub fn transmit(&mut self) -> impl Iterator<Item = &[u8]> {
+        if let Some(b) = self.busy.as_mut() {
+            b.seal();
+        }
         let (skip, frames) = match &self.busy {
             Some(b) => (b.transmit_offset, &b.transmit),
             None => (0, &EMPTY_QUEUE),
@@ -728,9 +829,11 @@ impl Connection {
         })
     }
 
-    /// How many frames are queued.
+    /// How many slices [`Connection::transmit`] will yield (0: nothing to write).
     pub fn transmit_frames(&self) -> usize {
-        self.busy.as_ref().map_or(0, |b| b.transmit.len())
+        self.busy
+            .as_ref()
+            .map_or(0, |b| b.transmit.len() + usize::from(!b.tail.is_empty()))
     }
 
     /// Bytes queued and not yet written.
@@ -774,7 +877,7 @@ impl Connection {
             Timer::None => self.deadline = Deadline::NONE,
             Timer::Idle => {
                 if self.state == State::Open {
-                    self.queue(encode_frame(OpCode::Ping, b""));
+                    self.busy().queue_encoded(OpCode::Ping, b"");
                 }
                 self.timer = Timer::AwaitPong;
                 self.deadline = Deadline::at(now + self.config.pong_timeout);
@@ -805,6 +908,7 @@ impl Connection {
                 })
                 + b.events.capacity() * std::mem::size_of::<Event>()
                 + b.transmit.capacity() * std::mem::size_of::<Bytes>()
+                + b.tail.capacity()
         })
     }
 }

@@ -220,6 +220,16 @@ impl FrameHeader {
     }
 }
 
+/// Length of a whole unmasked (server) frame carrying `payload_len` bytes.
+pub fn server_frame_len(payload_len: usize) -> usize {
+    payload_len
+        + match payload_len {
+            0..=125 => 2,
+            126..=0xFFFF => 4,
+            _ => 10,
+        }
+}
+
 /// Encodes one whole unmasked server frame (`fin` set) into `out`.
 pub fn encode_frame_into(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
     let header = FrameHeader {

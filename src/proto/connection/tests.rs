@@ -411,6 +411,63 @@ fn short_writes_resume_where_they_stopped() {
 }
 
 #[test]
+fn small_frames_merge_into_one_slice_and_large_ones_keep_their_place() {
+    let mut c = conn();
+    let mut expected = Vec::new();
+    for i in 0..50u8 {
+        c.send(OpCode::Binary, &[i; 60]).unwrap();
+        expected.extend_from_slice(&encode_frame(OpCode::Binary, &[i; 60]));
+    }
+    let large = encode_frame(OpCode::Binary, &[9; COALESCE_MAX + 1]);
+    c.send_frame(large.clone()).unwrap();
+    expected.extend_from_slice(&large);
+    let shared = encode_frame(OpCode::Text, b"shared");
+    c.send_shared(&shared).unwrap();
+    expected.extend_from_slice(&shared);
+    // 50 small frames, the large one (by reference), then the small shared one.
+    assert_eq!(c.transmit_frames(), 3);
+    let ptrs: Vec<usize> = c.transmit().map(|s| s.as_ptr() as usize).collect();
+    assert_eq!(
+        ptrs[1],
+        large.as_ptr() as usize,
+        "a large frame is not copied"
+    );
+    let slices: Vec<Vec<u8>> = c.transmit().map(<[u8]>::to_vec).collect();
+    assert_eq!(slices.len(), 3);
+    assert_eq!(slices.concat(), expected);
+    assert_eq!(c.queued_bytes(), expected.len());
+    assert_eq!(written(&mut c), expected);
+    assert_eq!(c.heap_bytes(), 0);
+}
+
+#[test]
+fn slices_handed_out_stay_put_while_more_is_queued() {
+    // An io_uring send keeps pointing at the slices until it completes: queuing more in
+    // the meantime (enough to outgrow any buffer) must neither move nor change them.
+    let mut c = conn();
+    c.send(OpCode::Binary, &[1; 100]).unwrap();
+    let first: Vec<(usize, Vec<u8>)> = c
+        .transmit()
+        .map(|s| (s.as_ptr() as usize, s.to_vec()))
+        .collect();
+    for i in 0..2000u32 {
+        c.send(OpCode::Binary, &i.to_be_bytes()).unwrap();
+    }
+    let again: Vec<(usize, Vec<u8>)> = c
+        .transmit()
+        .map(|s| (s.as_ptr() as usize, s.to_vec()))
+        .take(first.len())
+        .collect();
+    assert_eq!(first, again);
+    // A short write of the first slice, then more queued: its rest is still in place.
+    c.advance_transmit(10);
+    c.send(OpCode::Binary, &[2; 900]).unwrap();
+    let rest = c.transmit().next().unwrap();
+    assert_eq!(rest.as_ptr() as usize, first[0].0 + 10);
+    assert_eq!(rest, &first[0].1[10..]);
+}
+
+#[test]
 fn idle_connection_holds_no_heap_and_the_decoder_is_small() {
     let mut c = conn();
     assert_eq!(c.heap_bytes(), 0);
