@@ -168,6 +168,12 @@ pub enum Policy {
 
 /// What one publish did on one worker (summed over workers by
 /// [`crate::engine::Handle::publish`] only for the local part).
+///
+/// Decided when `publish` is called, against each subscriber's queue at that moment. The
+/// bytes themselves reach the subscribers' queues at the end of the worker's loop turn
+/// (frames published to one topic in a turn travel together; see ARCHITECTURE.md), or
+/// earlier when something else is queued; a subscriber that closes in between does not
+/// get them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PublishReport {
     /// Subscribers the frame was queued on (below or over the soft limit).

@@ -10,9 +10,12 @@
 //! resume reading, and to close every connection that is done. Both backends therefore
 //! share every rule.
 //!
-//! Fan-out: a publish encodes the frame once ([`crate::proto::encode_frame`]) and clones
-//! the `Bytes` (a reference count, no copy) into each local subscriber's queue; other
-//! workers that have subscribers get the same `Bytes` once, through their command inbox.
+//! Fan-out: a publish checks every local subscriber's queue limits and encodes the frame
+//! once onto the turn's pending run of frames for its topic; the run is handed to every
+//! subscriber as one queue entry at the end of the turn (or before anything that could
+//! reorder it), so a subscriber costs one queue operation and one write per turn, not
+//! per message. Other workers that have subscribers get the encoded `Bytes` once each,
+//! through their command inbox.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -110,6 +113,8 @@ impl Flags {
     const PAUSED: u16 = 1 << 7;
     /// What the backend was last told about reading.
     const READING_OFF: u16 = 1 << 8;
+    /// It published in this loop turn: its writes go after everyone else's.
+    const PUBLISHED: u16 = 1 << 9;
 
     fn has(self, flag: u16) -> bool {
         self.0 & flag != 0
@@ -199,6 +204,8 @@ pub struct Inner<D> {
     wheel: TimerWheel,
     expired: Vec<Entry>,
     dirty: Vec<u32>,
+    /// Slots with [`Flags::PUBLISHED`] set in this turn.
+    publishers: Vec<u32>,
     topics: HashMap<Arc<str>, IndexSet<ConnId>>,
     limits: HandshakeLimits,
     draining: Option<Instant>,
@@ -684,7 +691,18 @@ impl<D> Conn<'_, D> {
 
     /// Publishes a message to every subscriber of `topic` on every worker (this connection
     /// included if it is subscribed). The report covers this worker's subscribers.
+    ///
+    /// When this connection is itself a subscriber, its own copy is written after every
+    /// other local subscriber's in this turn: a client that paces its publishing on its
+    /// own echo (a window of unacknowledged messages) then paces it on the server having
+    /// written to everyone else, not on a head start.
     pub fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
+        if let Some(slot) = slot_of(&mut self.inner.slots, self.id)
+            && !slot.flags.has(Flags::PUBLISHED)
+        {
+            slot.flags.set(Flags::PUBLISHED, true);
+            self.inner.publishers.push(self.id.slot);
+        }
         self.inner.publish(topic, opcode, payload)
     }
 
@@ -737,6 +755,7 @@ impl<H: Handler> Core<H> {
                 wheel: TimerWheel::new(now),
                 expired: Vec::new(),
                 dirty: Vec::new(),
+                publishers: Vec::new(),
                 topics: HashMap::new(),
                 limits,
                 draining: None,
@@ -950,7 +969,7 @@ impl<H: Handler> Core<H> {
         slot.data = Some(accept.data);
         // A fresh connection: its timers start now.
         slot.conn = Connection::new(proto, now);
-        let _ = slot.conn.send_frame(Bytes::from(out));
+        let _ = slot.conn.send_raw(Bytes::from(out));
         let deadline = slot.conn.poll_timeout();
         for topic in &accept.topics {
             self.inner.subscribe(id, topic);
@@ -1015,7 +1034,7 @@ impl<H: Handler> Core<H> {
             slot.phase = Phase::Finish;
             slot.extra().handshake = None;
             slot.tidy();
-            let _ = slot.conn.send_frame(Bytes::from(response));
+            let _ = slot.conn.send_raw(Bytes::from(response));
         }
         self.inner.mark_dirty(id);
     }
@@ -1282,96 +1301,28 @@ impl<H: Handler> Core<H> {
         let mut dirty = std::mem::take(&mut self.inner.dirty);
         let mut sends = 0u64;
         for &slot_index in &dirty {
-            let Some(id) = self.id_of(slot_index) else {
-                continue;
-            };
-            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
-                continue;
-            };
-            slot.flags.set(Flags::DIRTY, false);
-            if slot.flags.has(Flags::CLOSING) {
-                continue;
-            }
-            if slot.flags.has(Flags::PAUSED) != slot.flags.has(Flags::READING_OFF)
-                && !slot.flags.has(Flags::DEAD)
+            if self
+                .inner
+                .slots
+                .get(slot_index as usize)
+                .is_some_and(|s| s.flags.has(Flags::PUBLISHED))
             {
-                slot.flags
-                    .set(Flags::READING_OFF, slot.flags.has(Flags::PAUSED));
-                driver.set_reading(id, slot.fd, !slot.flags.has(Flags::PAUSED));
+                continue; // written after everyone else, below
             }
-            if slot.flags.has(Flags::SENDING) {
-                if slot.flags.has(Flags::DEAD) {
-                    // A timed-out or failed peer with a send parked on a full socket.
-                    slot.flags.set(Flags::CLOSING, true);
-                    if driver.close(id, slot.fd) {
-                        self.on_closed(id);
-                    }
-                }
-                continue;
-            }
-            // A backend may take fewer frames per call than are queued (iovec limit):
-            // write again while the socket takes everything offered.
-            let mut rounds = 0;
-            while let Some(slot) = slot_of(&mut self.inner.slots, id) {
-                if slot.flags.has(Flags::DEAD)
-                    || slot.flags.has(Flags::BLOCKED)
-                    || slot.conn.transmit_frames() == 0
-                {
-                    break;
-                }
-                let fd = slot.fd;
-                let outcome = {
-                    let mut bufs = slot.conn.transmit();
-                    driver.send(id, fd, &mut bufs)
-                };
-                sends += 1;
-                match outcome {
-                    SendOutcome::InFlight => {
-                        slot.flags.set(Flags::SENDING, true);
-                        break;
-                    }
-                    SendOutcome::Wrote { n, all } => {
-                        self.written(id, n);
-                        rounds += 1;
-                        if !all
-                            && let Some(slot) = slot_of(&mut self.inner.slots, id)
-                            && slot.conn.transmit_frames() > 0
-                        {
-                            slot.flags.set(Flags::BLOCKED, true);
-                            break;
-                        }
-                        if rounds >= 16 {
-                            // Fairness: the rest goes next turn.
-                            self.inner.mark_dirty(id);
-                            break;
-                        }
-                    }
-                    SendOutcome::WouldBlock => {
-                        slot.flags.set(Flags::BLOCKED, true);
-                        break;
-                    }
-                    SendOutcome::Failed => {
-                        slot.flags.set(Flags::DEAD, true);
-                        break;
-                    }
-                }
-            }
-            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
-                continue;
-            };
-            if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
-                continue;
-            }
-            let done = slot.flags.has(Flags::DEAD)
-                || (slot.conn.transmit_frames() == 0
-                    && (matches!(slot.phase, Phase::Finish) || slot.conn.is_closed()));
-            if done && !slot.flags.has(Flags::CLOSING) {
-                slot.flags.set(Flags::CLOSING, true);
-                if driver.close(id, slot.fd) {
-                    self.on_closed(id);
+            sends += self.flush_one(driver, slot_index);
+        }
+        // Those that published in this turn go last (see `Conn::publish`).
+        let publishers = std::mem::take(&mut self.inner.publishers);
+        for &slot_index in &publishers {
+            if let Some(slot) = self.inner.slots.get_mut(slot_index as usize) {
+                slot.flags.set(Flags::PUBLISHED, false);
+                if slot.flags.has(Flags::DIRTY) {
+                    sends += self.flush_one(driver, slot_index);
                 }
             }
         }
+        self.inner.publishers = publishers;
+        self.inner.publishers.clear();
         dirty.clear();
         let stats = self.inner.stats();
         stats.sends.bump(sends);
@@ -1380,6 +1331,101 @@ impl<H: Handler> Core<H> {
         // the next turn.
         dirty.append(&mut self.inner.dirty);
         self.inner.dirty = dirty;
+    }
+
+    /// Writes, pauses/resumes or closes one dirty connection; returns the writes issued.
+    fn flush_one(&mut self, driver: &mut dyn Driver, slot_index: u32) -> u64 {
+        let mut sends = 0;
+        let Some(id) = self.id_of(slot_index) else {
+            return sends;
+        };
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return sends;
+        };
+        slot.flags.set(Flags::DIRTY, false);
+        if slot.flags.has(Flags::CLOSING) {
+            return sends;
+        }
+        if slot.flags.has(Flags::PAUSED) != slot.flags.has(Flags::READING_OFF)
+            && !slot.flags.has(Flags::DEAD)
+        {
+            slot.flags
+                .set(Flags::READING_OFF, slot.flags.has(Flags::PAUSED));
+            driver.set_reading(id, slot.fd, !slot.flags.has(Flags::PAUSED));
+        }
+        if slot.flags.has(Flags::SENDING) {
+            if slot.flags.has(Flags::DEAD) {
+                // A timed-out or failed peer with a send parked on a full socket.
+                slot.flags.set(Flags::CLOSING, true);
+                if driver.close(id, slot.fd) {
+                    self.on_closed(id);
+                }
+            }
+            return sends;
+        }
+        // A backend may take fewer frames per call than are queued (iovec limit):
+        // write again while the socket takes everything offered.
+        let mut rounds = 0;
+        while let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            if slot.flags.has(Flags::DEAD)
+                || slot.flags.has(Flags::BLOCKED)
+                || slot.conn.transmit_frames() == 0
+            {
+                break;
+            }
+            let fd = slot.fd;
+            let outcome = {
+                let mut bufs = slot.conn.transmit();
+                driver.send(id, fd, &mut bufs)
+            };
+            sends += 1;
+            match outcome {
+                SendOutcome::InFlight => {
+                    slot.flags.set(Flags::SENDING, true);
+                    break;
+                }
+                SendOutcome::Wrote { n, all } => {
+                    self.written(id, n);
+                    rounds += 1;
+                    if !all
+                        && let Some(slot) = slot_of(&mut self.inner.slots, id)
+                        && slot.conn.transmit_frames() > 0
+                    {
+                        slot.flags.set(Flags::BLOCKED, true);
+                        break;
+                    }
+                    if rounds >= 16 {
+                        // Fairness: the rest goes next turn.
+                        self.inner.mark_dirty(id);
+                        break;
+                    }
+                }
+                SendOutcome::WouldBlock => {
+                    slot.flags.set(Flags::BLOCKED, true);
+                    break;
+                }
+                SendOutcome::Failed => {
+                    slot.flags.set(Flags::DEAD, true);
+                    break;
+                }
+            }
+        }
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return sends;
+        };
+        if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
+            return sends;
+        }
+        let done = slot.flags.has(Flags::DEAD)
+            || (slot.conn.transmit_frames() == 0
+                && (matches!(slot.phase, Phase::Finish) || slot.conn.is_closed()));
+        if done && !slot.flags.has(Flags::CLOSING) {
+            slot.flags.set(Flags::CLOSING, true);
+            if driver.close(id, slot.fd) {
+                self.on_closed(id);
+            }
+        }
+        sends
     }
 
     /// The ids of every connection this worker holds.
@@ -1413,5 +1459,95 @@ impl<H: Handler> Core<H> {
     /// Whether any connection waits to be flushed.
     pub fn has_dirty(&self) -> bool {
         !self.inner.dirty.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EngineConfig, Handle};
+    use crate::proto::frame::FrameHeader;
+    use crate::serve::BenchProtocol;
+
+    /// Records the order of writes and accepts each in full.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<(ConnId, Vec<u8>)>,
+    }
+
+    impl Driver for Recorder {
+        fn send(
+            &mut self,
+            id: ConnId,
+            _fd: u32,
+            bufs: &mut dyn Iterator<Item = &[u8]>,
+        ) -> SendOutcome {
+            let bytes: Vec<u8> = bufs.flat_map(|b| b.iter().copied()).collect();
+            let n = bytes.len();
+            self.writes.push((id, bytes));
+            SendOutcome::Wrote { n, all: true }
+        }
+        fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
+            true
+        }
+        fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
+    }
+
+    fn masked(payload: &[u8]) -> Vec<u8> {
+        let key = [9, 8, 7, 6];
+        let h = FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode: OpCode::Binary,
+            mask: Some(key),
+            payload_len: payload.len() as u64,
+        };
+        let mut out = [0u8; 14];
+        let n = h.encode(&mut out);
+        let mut v = out[..n].to_vec();
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
+        v
+    }
+
+    #[test]
+    fn a_run_reaches_every_subscriber_in_one_write_and_the_publisher_last() {
+        let shared = Shared::detached(EngineConfig::default()).expect("shared state");
+        let now = Instant::now();
+        let mut core = Core::new(
+            0,
+            shared.clone(),
+            BenchProtocol::new(Handle::from_shared(shared)),
+            now,
+        );
+        let mut driver = Recorder::default();
+        let mut ids = Vec::new();
+        for fd in 0..5u32 {
+            let id = core.on_accept(fd, now);
+            let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
+            core.on_data(id, &mut req, now);
+            ids.push(id);
+        }
+        core.flush(&mut driver);
+        driver.writes.clear();
+        // The first subscriber publishes three messages in one read.
+        let publisher = ids[0];
+        let mut data: Vec<u8> = [b"one".as_slice(), b"two", b"three"]
+            .iter()
+            .flat_map(|p| masked(p))
+            .collect();
+        core.on_data(publisher, &mut data, now);
+        core.flush(&mut driver);
+        let expected: Vec<u8> = [b"one".as_slice(), b"two", b"three"]
+            .iter()
+            .flat_map(|p| encode_frame(OpCode::Binary, p).to_vec())
+            .collect();
+        let order: Vec<ConnId> = driver.writes.iter().map(|(id, _)| *id).collect();
+        assert_eq!(order.len(), 5, "one write per subscriber: {order:?}");
+        assert_eq!(order.last(), Some(&publisher), "{order:?}");
+        for (id, bytes) in &driver.writes {
+            assert_eq!(bytes, &expected, "what {id:?} got");
+        }
     }
 }

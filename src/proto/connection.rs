@@ -788,6 +788,20 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues bytes as they are, never copied into the coalescing buffer: for one-off
+    /// writes such as an HTTP response, so that a connection that then goes idle never
+    /// made its coalescing buffer allocate.
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send_raw(&mut self, bytes: Bytes) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closing);
+        }
+        self.busy().push_large(bytes);
+        Ok(())
+    }
+
     /// Like [`Connection::send_frame`] for a frame shared by many connections (one
     /// broadcast frame for every subscriber): a small one is copied, a large one gains a
     /// reference (no copy of the payload).
