@@ -575,6 +575,43 @@ fn slow_drip_handshake_is_dropped_without_an_answer(backend: BackendChoice) {
     server.stop();
 }
 
+/// A client that connects and never sends a byte is dropped without an answer: the
+/// kernel holds it back for the listener's `TCP_DEFER_ACCEPT` seconds (3), then the
+/// handshake deadline applies.
+fn silent_connect_is_dropped_without_an_answer(backend: BackendChoice) {
+    let server = TestServer::start_with(backend, |c| {
+        c.handshake_timeout = Duration::from_millis(300);
+    });
+    block_on(async {
+        let mut tcp = within(WAIT, "connect", tokio::net::TcpStream::connect(server.addr))
+            .await
+            .expect("connect");
+        let mut received = Vec::new();
+        within(
+            Duration::from_secs(10),
+            "the server to drop a silent client",
+            async {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) => return,
+                        Ok(n) => received.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                        Err(e) => panic!("read: {e}"),
+                    }
+                }
+            },
+        )
+        .await;
+        assert!(
+            received.is_empty(),
+            "no answer to a silent client, got {:?}",
+            String::from_utf8_lossy(&received)
+        );
+    });
+    server.stop();
+}
+
 // ---------------------------------------------------------------------------------------
 // Graceful shutdown
 
@@ -840,6 +877,7 @@ for_both_backends!(
     frame_over_max_message_size_closes_with_1009,
     fragmented_message_over_max_message_size_closes_with_1009,
     silent_client_is_pinged_then_dropped,
+    silent_connect_is_dropped_without_an_answer,
     client_answering_pings_stays_open,
     slow_drip_handshake_is_dropped_without_an_answer,
     graceful_shutdown_closes_every_client_with_1001,

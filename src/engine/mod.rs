@@ -754,12 +754,32 @@ pub fn raise_nofile() -> u64 {
 /// Descriptors kept for listeners, rings, eventfds and stdio.
 pub const RESERVED_FDS: u64 = 64;
 
+/// `TCP_DEFER_ACCEPT`: the kernel completes an accept only once the client's first bytes
+/// (the upgrade request: a WebSocket client always speaks first) have arrived, so the
+/// accept and the request come together and a connection that never sends anything
+/// costs no worker a wake-up for its first seconds. Best effort: ignored where refused.
+fn defer_accept(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let secs: libc::c_int = 3;
+    // SAFETY: setsockopt on a socket we own, with a valid int option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 fn bind(addr: SocketAddr, nonblocking: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(nonblocking)?;
+    defer_accept(&socket);
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket)
