@@ -29,6 +29,7 @@ impl Driver for NullDriver {
         _id: ConnId,
         _fd: u32,
         bufs: &mut dyn Iterator<Item = &[u8]>,
+        _last: bool,
     ) -> SendOutcome {
         self.writes += 1;
         let n = bufs.map(<[u8]>::len).sum();

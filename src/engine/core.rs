@@ -65,8 +65,16 @@ pub enum SendOutcome {
 
 /// The backend's side of [`Core::flush`].
 pub trait Driver {
-    /// Writes as much of `bufs` as possible to the connection's socket.
-    fn send(&mut self, id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome;
+    /// Writes as much of `bufs` as possible to the connection's socket. `last`: these are
+    /// the connection's final bytes and `close` follows once they are written, so the
+    /// backend may hold them back (`MSG_MORE`) for the FIN to ride in the same segment.
+    fn send(
+        &mut self,
+        id: ConnId,
+        fd: u32,
+        bufs: &mut dyn Iterator<Item = &[u8]>,
+        last: bool,
+    ) -> SendOutcome;
     /// Closes the connection's socket, cancelling what is in flight on it. Returns `true`
     /// if it is already closed (the slot is freed at once), `false` if `on_closed` follows.
     fn close(&mut self, id: ConnId, fd: u32) -> bool;
@@ -1374,9 +1382,12 @@ impl<H: Handler> Core<H> {
                 break;
             }
             let fd = slot.fd;
+            // Final bytes: the close is decided already (the close handshake is over, or
+            // this is an HTTP answer), and the socket closes once they are written.
+            let last = matches!(slot.phase, Phase::Finish) || slot.conn.is_closed();
             let outcome = {
                 let mut bufs = slot.conn.transmit();
-                driver.send(id, fd, &mut bufs)
+                driver.send(id, fd, &mut bufs, last)
             };
             sends += 1;
             match outcome {
@@ -1481,6 +1492,7 @@ mod tests {
             id: ConnId,
             _fd: u32,
             bufs: &mut dyn Iterator<Item = &[u8]>,
+            _last: bool,
         ) -> SendOutcome {
             let bytes: Vec<u8> = bufs.flat_map(|b| b.iter().copied()).collect();
             let n = bytes.len();

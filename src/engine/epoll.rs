@@ -50,7 +50,13 @@ struct EpollDriver {
 }
 
 impl Driver for EpollDriver {
-    fn send(&mut self, _id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome {
+    fn send(
+        &mut self,
+        _id: ConnId,
+        fd: u32,
+        bufs: &mut dyn Iterator<Item = &[u8]>,
+        last: bool,
+    ) -> SendOutcome {
         let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -67,9 +73,18 @@ impl Driver for EpollDriver {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n;
+        // Final bytes: held back until the close right after, which sends them with the
+        // FIN in one segment.
+        let more = if last { libc::MSG_MORE } else { 0 };
         // SAFETY: fd is this connection's open socket; msg and the buffers it points to
         // are valid for the duration of the call.
-        let r = unsafe { libc::sendmsg(fd as i32, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        let r = unsafe {
+            libc::sendmsg(
+                fd as i32,
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more,
+            )
+        };
         if r >= 0 {
             SendOutcome::Wrote {
                 n: r as usize,

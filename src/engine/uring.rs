@@ -378,7 +378,16 @@ impl UringDriver<'_, '_> {
 }
 
 impl Driver for UringDriver<'_, '_> {
-    fn send(&mut self, id: ConnId, fd: u32, bufs: &mut dyn Iterator<Item = &[u8]>) -> SendOutcome {
+    fn send(
+        &mut self,
+        id: ConnId,
+        fd: u32,
+        bufs: &mut dyn Iterator<Item = &[u8]>,
+        last: bool,
+    ) -> SendOutcome {
+        // Final bytes: held back by the kernel until the close that follows, which then
+        // sends them and the FIN in one segment (an ACK arriving first sends them anyway).
+        let more = if last { libc::MSG_MORE } else { 0 };
         let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -396,7 +405,7 @@ impl Driver for UringDriver<'_, '_> {
                 iov[0].iov_base as *const u8,
                 iov[0].iov_len as u32,
             )
-            .flags(libc::MSG_NOSIGNAL)
+            .flags(libc::MSG_NOSIGNAL | more)
             .build()
         } else {
             // Several frames: one gathering sendmsg. Its iovecs and msghdr come from a
@@ -416,7 +425,7 @@ impl Driver for UringDriver<'_, '_> {
             sb.msg.msg_iov = sb.iov.as_mut_ptr();
             sb.msg.msg_iovlen = n;
             let e = opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
-                .flags(libc::MSG_NOSIGNAL as u32)
+                .flags((libc::MSG_NOSIGNAL | more) as u32)
                 .build();
             let i = id.slot as usize;
             if self.send_bufs.len() <= i {
