@@ -188,7 +188,7 @@ pub fn run<H: Handler>(
                             }
                             break;
                         }
-                        set_nodelay(fd);
+                        // TCP_NODELAY is inherited from the listener (set in `bind`).
                         let id = core.on_accept(fd as u32, now);
                         let interest =
                             (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
@@ -291,16 +291,3 @@ fn read_all<H: Handler>(
     }
 }
 
-fn set_nodelay(fd: i32) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a socket we own with a valid int option value.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-    }
-}
