@@ -101,6 +101,11 @@ struct ServeArgs {
     /// 1013, drop the new frame, or keep only the newest frame per topic (conflate).
     #[arg(long, value_enum, default_value_t = PolicyArg::Close)]
     policy: PolicyArg,
+    /// Per worker: how much memory messages split across frames or reads may hold while
+    /// they are reassembled. Past it, the connection whose message grows stops being read
+    /// (its peer slows down) until others complete theirs; one always keeps reading.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    reassembly_budget: u64,
     /// An Origin allowed to upgrade (repeat the flag for several); without any, every
     /// origin is allowed. Others get HTTP 403.
     #[arg(long = "allowed-origin")]
@@ -222,6 +227,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             PolicyArg::Drop => wsring::Policy::DropNew,
             PolicyArg::Conflate => wsring::Policy::Conflate,
         },
+        reassembly_budget: usize::try_from(args.reassembly_budget).unwrap_or(usize::MAX),
         allowed_origins: args.allowed_origins,
     };
     let configured = (args.max_connections > 0).then_some(args.max_connections as u64);

@@ -95,6 +95,66 @@ fn fragmented_text_with_interleaved_ping_is_echoed_whole(backend: BackendChoice)
     server.stop();
 }
 
+/// Two peers each reassembling a message past the worker's budget: the second is not read
+/// until the first completes (its last fragment waits unanswered), then both messages come
+/// back whole.
+fn reassembly_past_the_budget_pauses_a_reader_until_memory_frees(backend: BackendChoice) {
+    let server = TestServer::start_with(backend, |c| {
+        c.threads = 1;
+        c.reassembly_budget = 64 * 1024;
+    });
+    let shared = server.shared();
+    let pauses = || shared.total(|s| &s.reassembly_pauses);
+    block_on(async {
+        let mut a = RawClient::upgrade(server.addr, "/echo").await;
+        let mut b = RawClient::upgrade(server.addr, "/echo").await;
+        let (a1, a2) = (vec![1u8; 48 * 1024], vec![2u8; 1024]);
+        let (b1, b2) = (vec![3u8; 48 * 1024], vec![4u8; 1024]);
+        a.send(&frame(false, BINARY, &a1)).await;
+        // Let the server take a's fragment in before b's arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b.send(&frame(false, BINARY, &b1)).await;
+        eventually(WAIT, "b to be paused", || pauses() == 1).await;
+        b.send(&frame(true, CONTINUATION, &b2)).await;
+        // b is not read: its message stays incomplete, nothing comes back.
+        let early = tokio::time::timeout(Duration::from_millis(300), b.read_frame()).await;
+        assert!(early.is_err(), "b was answered while paused: {early:?}");
+        a.send(&frame(true, CONTINUATION, &a2)).await;
+        let echo_a = a.read_frame_for("a's message").await;
+        assert_eq!(echo_a.b0, 0x80 | BINARY);
+        assert_eq!(echo_a.payload, [a1, a2].concat());
+        let echo_b = b
+            .read_frame_for("b's message once a's memory is free")
+            .await;
+        assert_eq!(echo_b.b0, 0x80 | BINARY);
+        assert_eq!(echo_b.payload, [b1, b2].concat());
+        assert_eq!(pauses(), 1);
+    });
+    server.stop();
+}
+
+/// One message alone may pass the budget (up to the message size limit): with nobody
+/// else holding memory, pausing its reader would only stall it.
+fn a_lone_message_larger_than_the_budget_still_completes(backend: BackendChoice) {
+    let server = TestServer::start_with(backend, |c| {
+        c.threads = 1;
+        c.reassembly_budget = 16 * 1024;
+    });
+    let shared = server.shared();
+    block_on(async {
+        let mut a = RawClient::upgrade(server.addr, "/echo").await;
+        let parts: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 20 * 1024]).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let op = if i == 0 { BINARY } else { CONTINUATION };
+            a.send(&frame(i == parts.len() - 1, op, part)).await;
+        }
+        let echo = a.read_frame_for("the 160 KiB message").await;
+        assert_eq!(echo.payload, parts.concat());
+    });
+    assert_eq!(shared.total(|s| &s.reassembly_pauses), 0);
+    server.stop();
+}
+
 /// A frame written one byte per TCP segment (its header cut everywhere) is reassembled.
 fn frame_written_byte_by_byte_is_reassembled(backend: BackendChoice) {
     let server = TestServer::start(backend);
@@ -844,6 +904,8 @@ macro_rules! for_both_backends {
 for_both_backends!(
     echo_returns_text_and_binary_up_to_the_16mib_limit,
     fragmented_text_with_interleaved_ping_is_echoed_whole,
+    reassembly_past_the_budget_pauses_a_reader_until_memory_frees,
+    a_lone_message_larger_than_the_budget_still_completes,
     frame_written_byte_by_byte_is_reassembled,
     pipelined_burst_of_100_messages_is_echoed_in_full,
     ping_is_answered_with_pong_of_same_payload,

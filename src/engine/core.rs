@@ -123,6 +123,13 @@ impl Flags {
     const READING_OFF: u16 = 1 << 8;
     /// It published in this loop turn: its writes go after everyone else's.
     const PUBLISHED: u16 = 1 << 9;
+    /// Not read because the worker's reassembly budget is spent (see `Core::check_budget`).
+    const BUDGET_PAUSED: u16 = 1 << 10;
+
+    /// Whether reading should be off (the handler's pause or the budget's).
+    fn reading_paused(self) -> bool {
+        self.has(Self::PAUSED) || self.has(Self::BUDGET_PAUSED)
+    }
 
     fn has(self, flag: u16) -> bool {
         self.0 & flag != 0
@@ -214,6 +221,8 @@ pub struct Inner<D> {
     dirty: Vec<u32>,
     /// Slots with [`Flags::PUBLISHED`] set in this turn.
     publishers: Vec<u32>,
+    /// Connections not read for the reassembly budget, oldest first.
+    budget_paused: Vec<ConnId>,
     topics: HashMap<Arc<str>, IndexSet<ConnId>>,
     limits: HandshakeLimits,
     draining: Option<Instant>,
@@ -764,6 +773,7 @@ impl<H: Handler> Core<H> {
                 expired: Vec::new(),
                 dirty: Vec::new(),
                 publishers: Vec::new(),
+                budget_paused: Vec::new(),
                 topics: HashMap::new(),
                 limits,
                 draining: None,
@@ -815,7 +825,7 @@ impl<H: Handler> Core<H> {
         self.inner.slots.get(id.slot as usize).is_some_and(|s| {
             s.generation == id.generation
                 && !s.flags.has(Flags::CLOSING)
-                && !s.flags.has(Flags::PAUSED)
+                && !s.flags.reading_paused()
         })
     }
 
@@ -906,6 +916,7 @@ impl<H: Handler> Core<H> {
             Phase::Open => {
                 slot.conn.handle_read(data, now);
                 self.drain_events(id);
+                self.check_budget(id);
             }
             Phase::Finish => {}
         }
@@ -1150,7 +1161,7 @@ impl<H: Handler> Core<H> {
                 && s.conn.transmit_frames() == 0
                 && matches!(s.phase, Phase::Open)
                 && !s.conn.is_closed()
-                && s.flags.has(Flags::PAUSED) == s.flags.has(Flags::READING_OFF)
+                && s.flags.reading_paused() == s.flags.has(Flags::READING_OFF)
         });
         if !idle {
             self.inner.mark_dirty(id);
@@ -1215,11 +1226,61 @@ impl<H: Handler> Core<H> {
             self.inner.shared.open.fetch_sub(1, Ordering::AcqRel);
         }
         self.inner.stats().closed.bump(1);
+        self.rebalance_budget();
+    }
+
+    /// After `id` read: when this worker's messages in reassembly hold more than the
+    /// budget, stop reading `id` if its own message is one of them — unless every other
+    /// holder is already stopped (one always reads on, so memory is eventually freed).
+    fn check_budget(&mut self, id: ConnId) {
+        let budget = self.inner.shared.config.reassembly_budget;
+        let (total, holders) = crate::proto::connection::reassembly_total();
+        if total > budget {
+            let waiting = self.inner.budget_paused.len();
+            if let Some(slot) = slot_of(&mut self.inner.slots, id)
+                && !slot.flags.has(Flags::BUDGET_PAUSED)
+                && slot.conn.reassembly_bytes() > 0
+                && waiting + 1 < holders
+            {
+                slot.flags.set(Flags::BUDGET_PAUSED, true);
+                self.inner.budget_paused.push(id);
+                self.inner.stats().reassembly_pauses.bump(1);
+                self.inner.mark_dirty(id);
+            }
+        }
+        self.rebalance_budget();
+    }
+
+    /// Resumes budget-paused connections: all of them once the total is back within the
+    /// budget, the oldest when no holder is left reading; forgets closed ones.
+    fn rebalance_budget(&mut self) {
+        if self.inner.budget_paused.is_empty() {
+            return;
+        }
+        let budget = self.inner.shared.config.reassembly_budget;
+        let (total, holders) = crate::proto::connection::reassembly_total();
+        let mut paused = std::mem::take(&mut self.inner.budget_paused);
+        let mut resume_one = total > budget && paused.len() >= holders;
+        paused.retain(|&id| {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+                return false; // closed
+            };
+            let resume = total <= budget
+                || slot.conn.reassembly_bytes() == 0
+                || std::mem::take(&mut resume_one);
+            if resume {
+                slot.flags.set(Flags::BUDGET_PAUSED, false);
+                self.inner.mark_dirty(id);
+            }
+            !resume
+        });
+        self.inner.budget_paused = paused;
     }
 
     /// Runs the timers due by `now`.
     pub fn on_tick(&mut self, now: Instant) {
         self.inner.now = now;
+        self.rebalance_budget();
         // Frames published before a deadline passed go out before its ping or close.
         self.inner.flush_pending();
         let mut expired = std::mem::take(&mut self.inner.expired);
@@ -1354,12 +1415,10 @@ impl<H: Handler> Core<H> {
         if slot.flags.has(Flags::CLOSING) {
             return sends;
         }
-        if slot.flags.has(Flags::PAUSED) != slot.flags.has(Flags::READING_OFF)
-            && !slot.flags.has(Flags::DEAD)
-        {
-            slot.flags
-                .set(Flags::READING_OFF, slot.flags.has(Flags::PAUSED));
-            driver.set_reading(id, slot.fd, !slot.flags.has(Flags::PAUSED));
+        let off = slot.flags.reading_paused();
+        if off != slot.flags.has(Flags::READING_OFF) && !slot.flags.has(Flags::DEAD) {
+            slot.flags.set(Flags::READING_OFF, off);
+            driver.set_reading(id, slot.fd, !off);
         }
         if slot.flags.has(Flags::SENDING) {
             if slot.flags.has(Flags::DEAD) {

@@ -215,7 +215,14 @@ pub fn run<H: Handler>(
                         let hup = flags
                             & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
                             != 0;
-                        read_all(&mut core, id, fd, &mut buf, hup, now);
+                        if core.wants_read(id) {
+                            read_all(&mut core, id, fd, &mut buf, hup, now);
+                        } else if flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                            // Paused, but the socket is dead both ways: nothing to wait for.
+                            core.on_eof(id);
+                        }
+                        // Otherwise paused: the bytes stay in the socket (TCP flow control
+                        // pushes back) until `set_reading` resumes it and it is read then.
                     }
                     if flags & libc::EPOLLOUT as u32 != 0 {
                         core.on_writable(id);
@@ -290,4 +297,3 @@ fn read_all<H: Handler>(
         }
     }
 }
-

@@ -102,6 +102,12 @@ pub struct EngineConfig {
     pub send_queue_hard: usize,
     /// What happens past the hard limit.
     pub policy: Policy,
+    /// Per worker: bytes that messages split across frames or reads may hold while they
+    /// are reassembled, summed over the worker's connections. A connection whose message
+    /// grows past it stops being read (TCP flow control pushes back on its peer) until
+    /// others finish theirs; one connection always keeps reading, so a single message up
+    /// to `max_message_size` still completes.
+    pub reassembly_budget: usize,
     /// Origins allowed to upgrade (exact match of the `Origin` header); empty allows all.
     /// Others get HTTP 403.
     pub allowed_origins: Vec<String>,
@@ -169,6 +175,8 @@ setters!(
     send_queue_hard: usize,
     /// What happens past the hard limit.
     policy: Policy,
+    /// Per-worker budget for messages being reassembled (bytes).
+    reassembly_budget: usize,
     /// Origins allowed to upgrade (empty: all).
     allowed_origins: Vec<String>,
 );
@@ -260,6 +268,9 @@ impl EngineConfig {
         if self.send_queue_hard == 0 {
             return Err(ConfigError::Zero("send_queue_hard"));
         }
+        if self.reassembly_budget == 0 {
+            return Err(ConfigError::Zero("reassembly_budget"));
+        }
         if self.send_queue_soft > self.send_queue_hard {
             return Err(ConfigError::SoftAboveHard {
                 soft: self.send_queue_soft,
@@ -289,6 +300,7 @@ impl Default for EngineConfig {
             send_queue_soft: 256 * 1024,
             send_queue_hard: 1024 * 1024,
             policy: Policy::Close,
+            reassembly_budget: 256 * 1024 * 1024,
             allowed_origins: Vec::new(),
         }
     }
@@ -332,6 +344,8 @@ pub struct WorkerStats {
     pub sends: AtomicU64,
     /// Event-loop turns (wake-ups that handled completions or readiness).
     pub turns: AtomicU64,
+    /// Times a connection stopped being read because the reassembly budget was spent.
+    pub reassembly_pauses: AtomicU64,
     /// Close codes sent, by code (1000..=1015 at index code-1000; others at 16).
     pub close_codes_sent: [AtomicU64; 17],
     /// Close codes received, indexed the same way.
@@ -989,6 +1003,10 @@ mod tests {
         assert_eq!(
             b.clone().pong_timeout(Duration::ZERO).validate(),
             Err(ConfigError::Zero("pong_timeout"))
+        );
+        assert_eq!(
+            b.clone().reassembly_budget(0).validate(),
+            Err(ConfigError::Zero("reassembly_budget"))
         );
         assert_eq!(
             b.clone().drain_close_code(1006).validate(),

@@ -62,7 +62,7 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_connections_open gauge");
     let _ = writeln!(out, "wsring_connections_open {open}");
-    let counters: [Counter; 17] = [
+    let counters: [Counter; 18] = [
         ("accepted", "Sockets accepted.", |s| &s.accepted),
         ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
         ("rejected", "Handshakes refused with an HTTP error.", |s| {
@@ -91,6 +91,11 @@ pub fn metrics(shared: &Shared) -> String {
             |s| &s.sends,
         ),
         ("turns", "Event-loop turns.", |s| &s.turns),
+        (
+            "reassembly_pauses",
+            "Connections paused because the reassembly budget was spent.",
+            |s| &s.reassembly_pauses,
+        ),
         ("publishes", "Publishes (handlers and Handle).", |s| {
             &s.publishes
         }),

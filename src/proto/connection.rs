@@ -192,6 +192,51 @@ struct Partial {
     message: Vec<u8>,
     /// A control payload split over reads.
     control: Vec<u8>,
+    /// `message.capacity()` as last added to this thread's reassembly total.
+    counted: usize,
+}
+
+impl Partial {
+    /// Brings this thread's reassembly total up to date with `message`'s capacity.
+    fn recount(&mut self) {
+        let now = self.message.capacity();
+        if now != self.counted {
+            reassembly_adjust(self.counted, now);
+            self.counted = now;
+        }
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        reassembly_adjust(self.counted, 0);
+    }
+}
+
+thread_local! {
+    /// Bytes held in reassembly buffers of this thread's connections, and how many
+    /// connections hold some: what an engine worker checks its inbound budget against.
+    static REASSEMBLY: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
+
+fn reassembly_adjust(before: usize, after: usize) {
+    let _ = REASSEMBLY.try_with(|cell| {
+        let (bytes, holders) = cell.get();
+        let bytes = bytes.saturating_sub(before).saturating_add(after);
+        let holders = match (before > 0, after > 0) {
+            (false, true) => holders + 1,
+            (true, false) => holders.saturating_sub(1),
+            _ => holders,
+        };
+        cell.set((bytes, holders));
+    });
+}
+
+/// Bytes held in message reassembly buffers by this thread's connections, and how many
+/// connections hold some. A message that arrives whole in one read is never counted: only
+/// messages split across frames or reads are reassembled.
+pub fn reassembly_total() -> (usize, usize) {
+    REASSEMBLY.try_with(Cell::get).unwrap_or((0, 0))
 }
 
 /// Everything a connection needs only while something is in progress: a frame or message
@@ -641,6 +686,7 @@ impl Connection {
             // After our close, data is still parsed (to find the reply) but not delivered.
             if let Some(p) = &mut b.partial {
                 p.message = Vec::new();
+                p.recount();
             }
             return Ok(());
         }
@@ -657,10 +703,12 @@ impl Connection {
                 p.message.reserve(chunk.len() + ahead.min(1 << 20));
             }
             p.message.extend_from_slice(chunk);
+            p.recount();
             if !last {
                 return Ok(());
             }
             let message = std::mem::take(&mut p.message);
+            p.recount();
             if p.control.is_empty() {
                 b.partial = None;
             }
@@ -910,6 +958,15 @@ impl Connection {
     /// may call it any time.
     pub fn shrink(&mut self) {
         self.settle();
+    }
+
+    /// Bytes held in this connection's message reassembly buffer (counted in
+    /// [`reassembly_total`]).
+    pub fn reassembly_bytes(&self) -> usize {
+        self.busy
+            .as_ref()
+            .and_then(|b| b.partial.as_ref())
+            .map_or(0, |p| p.counted)
     }
 
     /// Bytes of heap this connection holds beyond its own struct (buffers and queues,

@@ -441,6 +441,43 @@ fn small_frames_merge_into_one_slice_and_large_ones_keep_their_place() {
 }
 
 #[test]
+fn reassembly_buffers_are_counted_per_thread_until_they_are_freed() {
+    std::thread::spawn(|| {
+        assert_eq!(reassembly_total(), (0, 0));
+        let mut a = conn();
+        let mut b = conn();
+        // a: a binary message in two fragments; b: one frame split across two reads.
+        feed(&mut a, &frame(false, 0x2, &[1; 3000]));
+        let whole = frame(true, 0x2, &[2; 5000]);
+        feed(&mut b, &whole[..1000]);
+        let (bytes, holders) = reassembly_total();
+        assert_eq!(holders, 2);
+        assert!(bytes >= 3000 + 990, "{bytes}");
+        assert_eq!(bytes, a.reassembly_bytes() + b.reassembly_bytes());
+        // b completes: its buffer leaves the count (the message now belongs to the event).
+        feed(&mut b, &whole[1000..]);
+        assert!(matches!(events(&mut b).as_slice(), [Event::Binary(p)] if p.len() == 5000));
+        assert_eq!(b.reassembly_bytes(), 0);
+        assert_eq!(reassembly_total(), (a.reassembly_bytes(), 1));
+        // a is dropped mid-message: nothing stays counted.
+        drop(a);
+        assert_eq!(reassembly_total(), (0, 0));
+        // A protocol error mid-message frees it too.
+        let mut c = conn();
+        feed(&mut c, &frame(false, 0x2, &[3; 100]));
+        assert_eq!(reassembly_total().1, 1);
+        feed(&mut c, &frame(true, 0x2, b"not a continuation"));
+        assert!(matches!(
+            events(&mut c).as_slice(),
+            [Event::ProtocolError(_)]
+        ));
+        assert_eq!(reassembly_total(), (0, 0));
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
 fn slices_handed_out_stay_put_while_more_is_queued() {
     // An io_uring send keeps pointing at the slices until it completes: queuing more in
     // the meantime (enough to outgrow any buffer) must neither move nor change them.
