@@ -15,7 +15,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use wsring::engine::core::{ConnId, Core, Driver, SendOutcome};
 use wsring::engine::{EngineConfig, Shared};
 use wsring::proto::OpCode;
-use wsring::proto::frame::FrameHeader;
+use wsring::proto::frame::encode_client_frame;
 use wsring::serve::BenchProtocol;
 
 /// Accepts every write in full, like a socket with room to spare.
@@ -42,21 +42,7 @@ impl Driver for NullDriver {
 }
 
 fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [1, 2, 3, 4];
-    let h = FrameHeader {
-        fin: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode: OpCode::Binary,
-        mask: Some(mask),
-        payload_len: payload.len() as u64,
-    };
-    let mut out = [0u8; 14];
-    let n = h.encode(&mut out);
-    let mut v = out[..n].to_vec();
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    v
+    encode_client_frame(OpCode::Binary, payload, [1, 2, 3, 4])
 }
 
 /// A core with `n` subscribers of topic `t`; returns it and the publisher's id.

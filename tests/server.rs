@@ -95,15 +95,24 @@ fn fragmented_text_with_interleaved_ping_is_echoed_whole(backend: BackendChoice)
     server.stop();
 }
 
+/// A one-worker server with a small reassembly budget, and its shared state (counters).
+fn one_worker_with_budget(
+    backend: BackendChoice,
+    budget: usize,
+) -> (TestServer, std::sync::Arc<wsring::engine::Shared>) {
+    let server = TestServer::start_with(backend, |c| {
+        c.threads = 1;
+        c.reassembly_budget = budget;
+    });
+    let shared = server.shared();
+    (server, shared)
+}
+
 /// Two peers each reassembling a message past the worker's budget: the second is not read
 /// until the first completes (its last fragment waits unanswered), then both messages come
 /// back whole.
 fn reassembly_past_the_budget_pauses_a_reader_until_memory_frees(backend: BackendChoice) {
-    let server = TestServer::start_with(backend, |c| {
-        c.threads = 1;
-        c.reassembly_budget = 64 * 1024;
-    });
-    let shared = server.shared();
+    let (server, shared) = one_worker_with_budget(backend, 64 * 1024);
     let pauses = || shared.total(|s| &s.reassembly_pauses);
     block_on(async {
         let mut a = RawClient::upgrade(server.addr, "/echo").await;
@@ -136,11 +145,7 @@ fn reassembly_past_the_budget_pauses_a_reader_until_memory_frees(backend: Backen
 /// One message alone may pass the budget (up to the message size limit): with nobody
 /// else holding memory, pausing its reader would only stall it.
 fn a_lone_message_larger_than_the_budget_still_completes(backend: BackendChoice) {
-    let server = TestServer::start_with(backend, |c| {
-        c.threads = 1;
-        c.reassembly_budget = 16 * 1024;
-    });
-    let shared = server.shared();
+    let (server, shared) = one_worker_with_budget(backend, 16 * 1024);
     block_on(async {
         let mut a = RawClient::upgrade(server.addr, "/echo").await;
         let parts: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 20 * 1024]).collect();

@@ -398,15 +398,7 @@ impl Client {
     /// Queues one masked client frame.
     fn queue_frame(&mut self, i: usize, op: OpCode, payload: &[u8]) {
         let key = (self.rng.next() as u32).to_ne_bytes();
-        let h = FrameHeader {
-            fin: true,
-            rsv1: false,
-            rsv2: false,
-            rsv3: false,
-            opcode: op,
-            mask: Some(key),
-            payload_len: payload.len() as u64,
-        };
+        let h = FrameHeader::whole(op, Some(key), payload.len() as u64);
         let mut hb = [0u8; 14];
         let n = h.encode(&mut hb);
         let mut masked = std::mem::take(&mut self.mask_buf);

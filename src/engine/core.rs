@@ -1536,7 +1536,7 @@ impl<H: Handler> Core<H> {
 mod tests {
     use super::*;
     use crate::engine::{EngineConfig, Handle};
-    use crate::proto::frame::FrameHeader;
+    use crate::proto::frame::encode_client_frame;
     use crate::serve::BenchProtocol;
 
     /// Records the order of writes and accepts each in full.
@@ -1565,21 +1565,7 @@ mod tests {
     }
 
     fn masked(payload: &[u8]) -> Vec<u8> {
-        let key = [9, 8, 7, 6];
-        let h = FrameHeader {
-            fin: true,
-            rsv1: false,
-            rsv2: false,
-            rsv3: false,
-            opcode: OpCode::Binary,
-            mask: Some(key),
-            payload_len: payload.len() as u64,
-        };
-        let mut out = [0u8; 14];
-        let n = h.encode(&mut out);
-        let mut v = out[..n].to_vec();
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
-        v
+        encode_client_frame(OpCode::Binary, payload, [9, 8, 7, 6])
     }
 
     #[test]

@@ -230,22 +230,42 @@ pub fn server_frame_len(payload_len: usize) -> usize {
         }
 }
 
+impl FrameHeader {
+    /// The header of a whole frame (`fin` set, no reserved bit) of `payload_len` bytes.
+    pub fn whole(opcode: OpCode, mask: Option<[u8; 4]>, payload_len: u64) -> FrameHeader {
+        FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            payload_len,
+        }
+    }
+}
+
 /// Encodes one whole unmasked server frame (`fin` set) into `out`.
 pub fn encode_frame_into(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
-    let header = FrameHeader {
-        fin: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode,
-        mask: None,
-        payload_len: payload.len() as u64,
-    };
     let mut h = [0u8; MAX_HEADER_LEN];
-    let n = header.encode(&mut h);
+    let n = FrameHeader::whole(opcode, None, payload.len() as u64).encode(&mut h);
     out.reserve(n + payload.len());
     out.put_slice(h.get(..n).unwrap_or_default());
     out.put_slice(payload);
+}
+
+/// Encodes one whole frame as a client sends it, masked with `key` (for tests, benches
+/// and load generators).
+pub fn encode_client_frame(opcode: OpCode, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut h = [0u8; MAX_HEADER_LEN];
+    let n = FrameHeader::whole(opcode, Some(key), payload.len() as u64).encode(&mut h);
+    let mut out = Vec::with_capacity(n + payload.len());
+    out.extend_from_slice(h.get(..n).unwrap_or_default());
+    out.extend_from_slice(payload);
+    if let Some(body) = out.get_mut(n..) {
+        super::mask::unmask(body, key, 0);
+    }
+    out
 }
 
 /// Encodes one whole server frame once into shared bytes: the bytes are identical for every
@@ -255,23 +275,33 @@ pub fn encode_frame_into(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
 /// Small frames are carved out of a per-thread block (see [`super::arena`]): no
 /// allocation of their own.
 pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let header = FrameHeader {
-        fin: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode,
-        mask: None,
-        payload_len: payload.len() as u64,
-    };
     let mut h = [0u8; MAX_HEADER_LEN];
-    let n = header.encode(&mut h);
+    let n = FrameHeader::whole(opcode, None, payload.len() as u64).encode(&mut h);
     super::arena::copy(&[h.get(..n).unwrap_or_default(), payload])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_frame_parses_back_to_its_payload() {
+        let key = [0xA1, 0x5B, 0x07, 0xEE];
+        for len in [0usize, 5, 125, 126, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let bytes = encode_client_frame(OpCode::Text, &payload, key);
+            let Ok(Parsed::Complete { header, header_len }) = FrameHeader::parse(&bytes, 0) else {
+                panic!("{len}: not a complete header");
+            };
+            assert_eq!(
+                header,
+                FrameHeader::whole(OpCode::Text, Some(key), len as u64)
+            );
+            let mut body = bytes[header_len..].to_vec();
+            crate::proto::mask::unmask(&mut body, key, 0);
+            assert_eq!(body, payload, "{len}");
+        }
+    }
 
     fn parse_ok(buf: &[u8]) -> (FrameHeader, usize) {
         match FrameHeader::parse(buf, 0) {
