@@ -551,7 +551,10 @@ pub fn run<H: Handler>(
             unsafe { push(&submitter, &mut sq, &e) };
             accept_armed = true;
         }
-        match ring.submit_and_wait(1) {
+        // Something left for the next flush (made due while flushing, e.g. a handler's
+        // on_close publishing): submit without sleeping.
+        let want = usize::from(!core.has_dirty());
+        match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e)
                 if matches!(
