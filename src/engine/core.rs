@@ -187,7 +187,38 @@ struct Slot<D> {
     data: Option<D>,
 }
 
+/// Whether a connection's send queue takes one more frame (see [`Slot::room`]).
+enum Room {
+    /// Not open for sending (closing, closed, failed).
+    Closed,
+    /// Past the hard limit: the policy decides.
+    Full,
+    /// Taken; `over_soft`: past the soft limit (backpressure).
+    Fits { over_soft: bool },
+}
+
 impl<D> Slot<D> {
+    /// The queue limits, in one place for a direct send and a fan-out: room for a frame of
+    /// `len` bytes with `ahead` more bytes already promised to this connection.
+    fn room(&self, len: usize, ahead: usize, soft: usize, hard: usize) -> Room {
+        if self.conn.state() != State::Open
+            || self.flags.has(Flags::DEAD)
+            || self.flags.has(Flags::CLOSING)
+        {
+            return Room::Closed;
+        }
+        let queued = self.conn.queued_bytes() + ahead;
+        // An empty queue always takes one frame, so a message larger than the hard limit
+        // can still be sent to a reader that keeps up.
+        if queued > 0 && queued + len > hard {
+            Room::Full
+        } else {
+            Room::Fits {
+                over_soft: queued + len > soft,
+            }
+        }
+    }
+
     fn extra(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Box::default)
     }
@@ -347,18 +378,9 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return SendStatus::Closed;
         };
-        if slot.conn.state() != State::Open
-            || slot.flags.has(Flags::DEAD)
-            || slot.flags.has(Flags::CLOSING)
-        {
-            return SendStatus::Closed;
-        }
-        let queued = slot.conn.queued_bytes();
-        let len = frame.len();
-        // An empty queue always takes one frame, so a message larger than the hard limit
-        // can still be sent to a reader that keeps up.
-        let status = if queued > 0 && queued + len > hard {
-            match (policy, topic) {
+        let status = match slot.room(frame.len(), 0, soft, hard) {
+            Room::Closed => return SendStatus::Closed,
+            Room::Full => match (policy, topic) {
                 (Policy::Close, _) => {
                     slot.conn.close(CloseCode::Again, "send queue full", now);
                     slot.close_code = 1013;
@@ -384,20 +406,21 @@ impl<D> Inner<D> {
                     self.shared.stats[self.index].dropped.bump(1);
                     return SendStatus::Dropped;
                 }
-            }
-        } else {
-            let sent = match frame {
-                Out::Shared(f) => slot.conn.send_shared(f),
-                Out::Owned(f) => slot.conn.send_frame(f),
-                Out::Message(opcode, payload) => slot.conn.send(opcode, payload),
-            };
-            if sent.is_err() {
-                return SendStatus::Closed;
-            }
-            if queued + len > soft {
-                SendStatus::Backpressure
-            } else {
-                SendStatus::Queued
+            },
+            Room::Fits { over_soft } => {
+                let sent = match frame {
+                    Out::Shared(f) => slot.conn.send_shared(f),
+                    Out::Owned(f) => slot.conn.send_frame(f),
+                    Out::Message(opcode, payload) => slot.conn.send(opcode, payload),
+                };
+                if sent.is_err() {
+                    return SendStatus::Closed;
+                }
+                if over_soft {
+                    SendStatus::Backpressure
+                } else {
+                    SendStatus::Queued
+                }
             }
         };
         self.mark_dirty(id);
@@ -449,29 +472,21 @@ impl<D> Inner<D> {
         };
         let mut fits = true;
         for sub in subs {
-            let Some(slot) = self
+            let room = self
                 .slots
                 .get(sub.slot as usize)
                 .filter(|s| s.generation == sub.generation)
-            else {
-                report.dropped += 1;
-                continue;
-            };
-            if slot.conn.state() != State::Open
-                || slot.flags.has(Flags::DEAD)
-                || slot.flags.has(Flags::CLOSING)
-            {
-                report.dropped += 1;
-                continue;
-            }
-            let queued = slot.conn.queued_bytes() + ahead;
-            if queued > 0 && queued + len > hard {
-                fits = false;
-                break;
-            }
-            report.queued += 1;
-            if queued + len > soft {
-                report.backpressured += 1;
+                .map_or(Room::Closed, |s| s.room(len, ahead, soft, hard));
+            match room {
+                Room::Closed => report.dropped += 1,
+                Room::Full => {
+                    fits = false;
+                    break;
+                }
+                Room::Fits { over_soft } => {
+                    report.queued += 1;
+                    report.backpressured += usize::from(over_soft);
+                }
             }
         }
         if !fits {
@@ -1381,7 +1396,7 @@ impl<H: Handler> Core<H> {
             sends += self.flush_one(driver, slot_index);
         }
         // Those that published in this turn go last (see `Conn::publish`).
-        let publishers = std::mem::take(&mut self.inner.publishers);
+        let mut publishers = std::mem::take(&mut self.inner.publishers);
         for &slot_index in &publishers {
             if let Some(slot) = self.inner.slots.get_mut(slot_index as usize) {
                 slot.flags.set(Flags::PUBLISHED, false);
@@ -1390,8 +1405,10 @@ impl<H: Handler> Core<H> {
                 }
             }
         }
+        // Keep any marked during this flush (a handler called from it) for the next one.
+        publishers.clear();
+        publishers.append(&mut self.inner.publishers);
         self.inner.publishers = publishers;
-        self.inner.publishers.clear();
         dirty.clear();
         let stats = self.inner.stats();
         stats.sends.bump(sends);

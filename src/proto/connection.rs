@@ -815,10 +815,7 @@ impl Connection {
         if opcode.is_control() && payload.len() > MAX_CONTROL_PAYLOAD {
             return Err(SendError::ControlTooLong);
         }
-        if self.state != State::Open {
-            return Err(SendError::Closing);
-        }
-        self.busy().queue_encoded(opcode, payload);
+        self.open_queue()?.queue_encoded(opcode, payload);
         Ok(())
     }
 
@@ -829,10 +826,7 @@ impl Connection {
     /// # Errors
     /// [`SendError::Closing`] once the connection is closing.
     pub fn send_frame(&mut self, frame: Bytes) -> Result<(), SendError> {
-        if self.state != State::Open {
-            return Err(SendError::Closing);
-        }
-        self.queue(frame);
+        self.open_queue()?.queue(frame);
         Ok(())
     }
 
@@ -843,10 +837,7 @@ impl Connection {
     /// # Errors
     /// [`SendError::Closing`] once the connection is closing.
     pub fn send_raw(&mut self, bytes: Bytes) -> Result<(), SendError> {
-        if self.state != State::Open {
-            return Err(SendError::Closing);
-        }
-        self.busy().push_large(bytes);
+        self.open_queue()?.push_large(bytes);
         Ok(())
     }
 
@@ -857,11 +848,16 @@ impl Connection {
     /// # Errors
     /// [`SendError::Closing`] once the connection is closing.
     pub fn send_shared(&mut self, frame: &Bytes) -> Result<(), SendError> {
+        self.open_queue()?.queue_shared(frame);
+        Ok(())
+    }
+
+    /// The send queue, while the connection is open for sending.
+    fn open_queue(&mut self) -> Result<&mut Busy, SendError> {
         if self.state != State::Open {
             return Err(SendError::Closing);
         }
-        self.busy().queue_shared(frame);
-        Ok(())
+        Ok(self.busy())
     }
 
     fn queue(&mut self, frame: Bytes) {

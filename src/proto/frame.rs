@@ -222,12 +222,7 @@ impl FrameHeader {
 
 /// Length of a whole unmasked (server) frame carrying `payload_len` bytes.
 pub fn server_frame_len(payload_len: usize) -> usize {
-    payload_len
-        + match payload_len {
-            0..=125 => 2,
-            126..=0xFFFF => 4,
-            _ => 10,
-        }
+    FrameHeader::whole(OpCode::Binary, None, payload_len as u64).encoded_len() + payload_len
 }
 
 impl FrameHeader {
