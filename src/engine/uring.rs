@@ -68,6 +68,9 @@ fn builder() -> io_uring::Builder {
     let mut b = IoUring::builder();
     b.setup_single_issuer()
         .setup_defer_taskrun()
+        // Flags pending task work (a completed recv, say) in the SQ ring, so that an enter
+        // that does not wait still runs it when there is some (`submit_and_wait(0)`).
+        .setup_taskrun_flag()
         .setup_submit_all()
         .setup_cqsize(CQ_ENTRIES);
     b
