@@ -106,6 +106,11 @@ struct ServeArgs {
     /// (its peer slows down) until others complete theirs; one always keeps reading.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     reassembly_budget: u64,
+    /// Most connections a worker writes per loop turn. A wider fan-out is written over
+    /// several turns, reads in between; smaller batches mean more frames per write and
+    /// more deliveries per second to very large topics, at higher latency.
+    #[arg(long, default_value_t = wsring::engine::DEFAULT_WRITE_BATCH as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    write_batch: u64,
     /// An Origin allowed to upgrade (repeat the flag for several); without any, every
     /// origin is allowed. Others get HTTP 403.
     #[arg(long = "allowed-origin")]
@@ -228,6 +233,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             PolicyArg::Conflate => wsring::Policy::Conflate,
         },
         reassembly_budget: usize::try_from(args.reassembly_budget).unwrap_or(usize::MAX),
+        write_batch: usize::try_from(args.write_batch).unwrap_or(usize::MAX),
         allowed_origins: args.allowed_origins,
     };
     let configured = (args.max_connections > 0).then_some(args.max_connections as u64);

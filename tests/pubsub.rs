@@ -243,7 +243,17 @@ fn seq_payload(i: u32) -> Vec<u8> {
 }
 
 fn one_publisher_reaches_a_thousand_subscribers_once_and_in_order(backend: BackendChoice) {
-    let s = start(backend, |_| {});
+    a_thousand_subscribers(backend, |_| {});
+}
+
+/// The same with a write batch far below the fan-out: each publish is written over many
+/// loop turns while the publisher's next messages arrive and join the queues.
+fn a_fan_out_written_over_many_turns_stays_complete_and_in_order(backend: BackendChoice) {
+    a_thousand_subscribers(backend, |c| c.write_batch = 7);
+}
+
+fn a_thousand_subscribers(backend: BackendChoice, configure: impl FnOnce(&mut EngineConfig)) {
+    let s = start(backend, configure);
     rt().block_on(async {
         let mut subs = Vec::new();
         for _ in 0..1000 {
@@ -652,6 +662,7 @@ macro_rules! both_backends {
 
 both_backends!(
     one_publisher_reaches_a_thousand_subscribers_once_and_in_order,
+    a_fan_out_written_over_many_turns_stays_complete_and_in_order,
     publish_from_a_plain_thread,
     auth_rejection_returns_the_status_and_opens_nothing,
     the_chosen_subprotocol_is_echoed,

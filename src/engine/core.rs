@@ -251,7 +251,9 @@ pub struct Inner<D> {
     expired: Vec<Entry>,
     /// Connections with something to write (or to pause, resume or close), in the order
     /// they became due; [`Core::flush`] takes them from the front, at most
-    /// [`FLUSH_BATCH`] per turn.
+    /// [`EngineConfig::write_batch`](crate::engine::EngineConfig::write_batch) per turn (a
+    /// write costs ~10 us of kernel time: unbounded, a 10,000-subscriber publish would hold
+    /// every other connection of the worker for ~0.1 s).
     dirty: VecDeque<u32>,
     /// The slice of `dirty` one flush works on (kept to reuse its allocation).
     batch: Vec<u32>,
@@ -286,11 +288,6 @@ struct Pending {
 const PENDING_MAX: usize = 256 * 1024;
 /// Frames larger than this are never merged into a pending run.
 const PENDING_FRAME_MAX: usize = 16 * 1024;
-/// Most connections one [`Core::flush`] writes. A fan-out to more subscribers than this
-/// is written over several turns, and between them the loop reaps completions and reads
-/// (a turn costs ~10 us of kernel time per write: unbounded, a 10,000-subscriber publish
-/// would hold every other connection of the worker for ~0.1 s).
-const FLUSH_BATCH: usize = 1024;
 
 /// One worker's state: the handler and the rest.
 pub struct Core<H: Handler> {
@@ -737,8 +734,8 @@ impl<D> Conn<'_, D> {
     /// When this connection is itself a subscriber, its own copy is written last in this
     /// turn, after every other write the turn makes: a client that paces its publishing
     /// on its own echo (a window of unacknowledged messages) then paces it on the server's
-    /// progress, not on a head start. A turn writes at most `FLUSH_BATCH` (1,024)
-    /// connections; in a wider fan-out the rest are written in the next turns, in the
+    /// progress, not on a head start. A turn writes at most `write_batch` (1,024 by
+    /// default) connections; in a wider fan-out the rest are written in the next turns, in the
     /// order they became due, and the publisher's copy does not wait for them (its
     /// message is already in every subscriber's queue): its next messages then join the
     /// writes still to come, so each write carries more frames.
@@ -1397,7 +1394,11 @@ impl<H: Handler> Core<H> {
     /// loop turn, after handling every completion: all the turn's writes go out together.
     pub fn flush(&mut self, driver: &mut dyn Driver) {
         self.inner.flush_pending();
-        let take = self.inner.dirty.len().min(FLUSH_BATCH);
+        let take = self
+            .inner
+            .dirty
+            .len()
+            .min(self.inner.shared.config.write_batch.max(1));
         let mut batch = std::mem::take(&mut self.inner.batch);
         batch.extend(self.inner.dirty.drain(..take));
         let mut sends = 0u64;
@@ -1646,7 +1647,12 @@ mod tests {
 
     #[test]
     fn a_fanout_wider_than_a_batch_is_written_over_several_turns_in_order() {
-        let shared = Shared::detached(EngineConfig::default()).expect("shared state");
+        const BATCH: usize = 16;
+        let config = EngineConfig {
+            write_batch: BATCH,
+            ..EngineConfig::default()
+        };
+        let shared = Shared::detached(config).expect("shared state");
         let now = Instant::now();
         let mut core = Core::new(
             0,
@@ -1656,13 +1662,13 @@ mod tests {
         );
         let mut driver = Recorder::default();
         let mut ids = Vec::new();
-        let n = FLUSH_BATCH + FLUSH_BATCH / 2;
+        let n = BATCH + BATCH / 2;
         for fd in 0..n as u32 {
             let id = core.on_accept(fd, now);
             let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
             core.on_data(id, &mut req, now);
             ids.push(id);
-            if core.has_dirty() && core.inner.dirty.len() >= FLUSH_BATCH {
+            if core.has_dirty() && core.inner.dirty.len() >= BATCH {
                 core.flush(&mut driver);
             }
         }
@@ -1678,7 +1684,7 @@ mod tests {
         // The publisher's own entry (its read made it due) may take a place in the batch.
         let written = first.len() - 1;
         assert!(
-            (FLUSH_BATCH - 1..=FLUSH_BATCH).contains(&written),
+            (BATCH - 1..=BATCH).contains(&written),
             "one batch: {written}"
         );
         assert_eq!(first[..written], ids[..written], "queue order");
@@ -1696,7 +1702,7 @@ mod tests {
         while core.has_dirty() {
             let before = driver.writes.len();
             core.flush(&mut driver);
-            assert!(driver.writes.len() - before <= FLUSH_BATCH + 1);
+            assert!(driver.writes.len() - before <= BATCH + 1);
             turns += 1;
             assert!(turns < 10, "the queue drains");
         }
