@@ -1390,8 +1390,10 @@ impl<H: Handler> Core<H> {
         }
     }
 
-    /// Writes, pauses/resumes and closes what the last events made due. Call once per
-    /// loop turn, after handling every completion: all the turn's writes go out together.
+    /// Writes, pauses/resumes and closes what the last events made due, oldest first and
+    /// at most `write_batch` connections (then the publishers of the turn). Call once per
+    /// loop turn, after handling every completion: the turn's writes go out together; while
+    /// [`Core::has_dirty`] the backend must come back without sleeping.
     pub fn flush(&mut self, driver: &mut dyn Driver) {
         self.inner.flush_pending();
         let take = self
