@@ -1607,24 +1607,31 @@ mod tests {
         encode_client_frame(OpCode::Binary, payload, [9, 8, 7, 6])
     }
 
-    #[test]
-    fn a_run_reaches_every_subscriber_in_one_write_and_the_publisher_last() {
-        let shared = Shared::detached(EngineConfig::default()).expect("shared state");
-        let now = Instant::now();
-        let mut core = Core::new(
+    /// A worker core running the bench protocol, detached from any backend.
+    fn bench_core(config: EngineConfig, now: Instant) -> Core<BenchProtocol> {
+        let shared = Shared::detached(config).expect("shared state");
+        Core::new(
             0,
             shared.clone(),
             BenchProtocol::new(Handle::from_shared(shared)),
             now,
-        );
+        )
+    }
+
+    /// Accepts socket `fd` and upgrades it on `/pubsub/t` (a subscriber of `t`).
+    fn subscriber(core: &mut Core<BenchProtocol>, fd: u32, now: Instant) -> ConnId {
+        let id = core.on_accept(fd, now);
+        let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
+        core.on_data(id, &mut req, now);
+        id
+    }
+
+    #[test]
+    fn a_run_reaches_every_subscriber_in_one_write_and_the_publisher_last() {
+        let now = Instant::now();
+        let mut core = bench_core(EngineConfig::default(), now);
         let mut driver = Recorder::default();
-        let mut ids = Vec::new();
-        for fd in 0..5u32 {
-            let id = core.on_accept(fd, now);
-            let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
-            core.on_data(id, &mut req, now);
-            ids.push(id);
-        }
+        let ids: Vec<ConnId> = (0..5u32).map(|fd| subscriber(&mut core, fd, now)).collect();
         core.flush(&mut driver);
         driver.writes.clear();
         // The first subscriber publishes three messages in one read.
@@ -1654,23 +1661,14 @@ mod tests {
             write_batch: BATCH,
             ..EngineConfig::default()
         };
-        let shared = Shared::detached(config).expect("shared state");
         let now = Instant::now();
-        let mut core = Core::new(
-            0,
-            shared.clone(),
-            BenchProtocol::new(Handle::from_shared(shared)),
-            now,
-        );
+        let mut core = bench_core(config, now);
         let mut driver = Recorder::default();
         let mut ids = Vec::new();
         let n = BATCH + BATCH / 2;
         for fd in 0..n as u32 {
-            let id = core.on_accept(fd, now);
-            let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
-            core.on_data(id, &mut req, now);
-            ids.push(id);
-            if core.has_dirty() && core.inner.dirty.len() >= BATCH {
+            ids.push(subscriber(&mut core, fd, now));
+            if core.inner.dirty.len() >= BATCH {
                 core.flush(&mut driver);
             }
         }
