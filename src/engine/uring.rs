@@ -1,6 +1,8 @@
 //! The io_uring backend.
 //!
-//! Per worker: one ring (`SINGLE_ISSUER | DEFER_TASKRUN`: only this thread touches it),
+//! Per worker: one ring (`SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG`: only this
+//! thread touches it, completions are run when it enters, and the flag lets an enter that
+//! does not wait — between write batches — still run them),
 //! a sparse direct-descriptor table that multishot accept allocates into (accepted sockets
 //! never enter the process's descriptor table), one provided-buffer ring shared by every
 //! connection's multishot recv (a buffer is taken only when bytes arrive and is given back
