@@ -21,7 +21,9 @@ pub struct Message {
     pub opcode: OpCode,
     /// The payload (for text: UTF-8, already validated). Payloads up to 1 KiB share a
     /// per-thread 32 KiB block with other small pieces instead of an allocation each; copy
-    /// one (`Bytes::copy_from_slice`) before storing it for a long time.
+    /// one (`Bytes::copy_from_slice`) before storing it for a long time. To echo or
+    /// forward it, hand it over by value (`Conn::send_bytes`): a large one is then written
+    /// from where it is, with no copy.
     pub payload: Bytes,
 }
 

@@ -83,7 +83,8 @@ impl Handler for BenchProtocol {
     fn on_message(&mut self, conn: &mut Conn<'_, Route>, message: Message) {
         match conn.data() {
             Some(Route::Echo) => {
-                conn.send(message.opcode, &message.payload);
+                // By value: a large payload goes out from where it was received.
+                conn.send_bytes(message.opcode, message.payload);
             }
             Some(Route::PubSub(topic)) => {
                 let topic = topic.clone();

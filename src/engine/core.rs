@@ -317,6 +317,8 @@ enum Out<'a> {
     Owned(Bytes),
     /// Not encoded yet: encoded straight into the connection's queue when small.
     Message(OpCode, &'a [u8]),
+    /// Not encoded yet, the payload owned: when large, queued as it is after its header.
+    Payload(OpCode, Bytes),
 }
 
 impl Out<'_> {
@@ -326,6 +328,7 @@ impl Out<'_> {
             Out::Shared(f) => f.len(),
             Out::Owned(f) => f.len(),
             Out::Message(_, p) => crate::proto::frame::server_frame_len(p.len()),
+            Out::Payload(_, p) => crate::proto::frame::server_frame_len(p.len()),
         }
     }
 
@@ -334,6 +337,7 @@ impl Out<'_> {
             Out::Shared(f) => f.clone(),
             Out::Owned(f) => f,
             Out::Message(opcode, payload) => encode_frame(opcode, payload),
+            Out::Payload(opcode, payload) => encode_frame(opcode, &payload),
         }
     }
 }
@@ -419,6 +423,7 @@ impl<D> Inner<D> {
                     Out::Shared(f) => slot.conn.send_shared(f),
                     Out::Owned(f) => slot.conn.send_frame(f),
                     Out::Message(opcode, payload) => slot.conn.send(opcode, payload),
+                    Out::Payload(opcode, payload) => slot.conn.send_bytes(opcode, payload),
                 };
                 if sent.is_err() {
                     return SendStatus::Closed;
@@ -503,6 +508,9 @@ impl<D> Inner<D> {
         match frame {
             Out::Message(opcode, payload) => {
                 encode_frame_into(&mut self.pending.batch, opcode, payload)
+            }
+            Out::Payload(opcode, payload) => {
+                encode_frame_into(&mut self.pending.batch, opcode, &payload)
             }
             Out::Shared(f) => self.pending.batch.extend_from_slice(f),
             Out::Owned(f) => self.pending.batch.extend_from_slice(&f),
@@ -682,6 +690,16 @@ impl<D> Conn<'_, D> {
             return SendStatus::Dropped;
         }
         self.queue(Out::Message(opcode, payload))
+    }
+
+    /// Like [`Conn::send`], taking the payload by value: a large one is written from
+    /// where it is, with no copy. Echoing or forwarding a received [`Message`] this way
+    /// (`conn.send_bytes(m.opcode, m.payload)`) costs no copy of its payload.
+    pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> SendStatus {
+        if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
+            return SendStatus::Dropped;
+        }
+        self.queue(Out::Payload(opcode, payload))
     }
 
     /// Queues a text message.

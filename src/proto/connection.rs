@@ -295,6 +295,20 @@ impl Busy {
         }
     }
 
+    /// Queues a frame around a payload the caller owns: the header goes into `tail`, a
+    /// large payload is queued as it is (a reference, no copy), a small one is encoded
+    /// into `tail` like any small frame.
+    fn queue_payload(&mut self, opcode: OpCode, payload: Bytes) {
+        if server_frame_len(payload.len()) <= COALESCE_MAX {
+            self.queue_encoded(opcode, &payload);
+            return;
+        }
+        let mut h = [0u8; MAX_HEADER_LEN];
+        let n = FrameHeader::whole(opcode, None, payload.len() as u64).encode(&mut h);
+        self.append(h.get(..n).unwrap_or_default());
+        self.push_large(payload);
+    }
+
     fn append(&mut self, bytes: &[u8]) {
         self.make_room(bytes.len());
         self.tail.extend_from_slice(bytes);
@@ -816,6 +830,20 @@ impl Connection {
             return Err(SendError::ControlTooLong);
         }
         self.open_queue()?.queue_encoded(opcode, payload);
+        Ok(())
+    }
+
+    /// Like [`Connection::send`] for a payload the caller owns: a large one is written
+    /// from where it is, after a header of its own (echoing or forwarding a received
+    /// message copies nothing), a small one is copied like any small frame.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        if opcode.is_control() && payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlTooLong);
+        }
+        self.open_queue()?.queue_payload(opcode, payload);
         Ok(())
     }
 

@@ -441,6 +441,36 @@ fn small_frames_merge_into_one_slice_and_large_ones_keep_their_place() {
 }
 
 #[test]
+fn an_owned_payload_goes_out_uncopied_after_its_own_header() {
+    let mut c = conn();
+    c.send(OpCode::Text, b"before").unwrap();
+    let payload = Bytes::from(vec![7u8; 70_000]);
+    c.send_bytes(OpCode::Binary, payload.clone()).unwrap();
+    let small = Bytes::from_static(b"small");
+    c.send_bytes(OpCode::Text, small.clone()).unwrap();
+    let expected = [
+        encode_frame(OpCode::Text, b"before"),
+        encode_frame(OpCode::Binary, &payload),
+        encode_frame(OpCode::Text, &small),
+    ]
+    .concat();
+    // "before" and the large frame's header merged, the payload itself, the small frame.
+    assert_eq!(c.transmit_frames(), 3);
+    let ptrs: Vec<usize> = c.transmit().map(|s| s.as_ptr() as usize).collect();
+    assert_eq!(
+        ptrs[1],
+        payload.as_ptr() as usize,
+        "the payload is not copied"
+    );
+    assert_eq!(c.queued_bytes(), expected.len());
+    assert_eq!(written(&mut c), expected);
+    assert_eq!(
+        c.send_bytes(OpCode::Ping, Bytes::from(vec![0; 126])),
+        Err(SendError::ControlTooLong)
+    );
+}
+
+#[test]
 fn reassembly_buffers_are_counted_per_thread_until_they_are_freed() {
     std::thread::spawn(|| {
         assert_eq!(reassembly_total(), (0, 0));
