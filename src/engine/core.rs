@@ -289,6 +289,14 @@ const PENDING_MAX: usize = 256 * 1024;
 /// Frames larger than this are never merged into a pending run.
 const PENDING_FRAME_MAX: usize = 16 * 1024;
 
+/// Slots reserved up front per worker (64 B each: 4 MiB of address space at most).
+const PRESIZE_SLOTS: usize = 64 * 1024;
+
+/// How many slots a worker reserves up front (and a backend its per-slot arrays).
+pub(crate) fn presize_slots(config: &crate::engine::EngineConfig) -> usize {
+    config.max_connections.min(PRESIZE_SLOTS)
+}
+
 /// One worker's state: the handler and the rest.
 pub struct Core<H: Handler> {
     handler: H,
@@ -806,12 +814,16 @@ impl<H: Handler> Core<H> {
             max_header_bytes: shared.config.max_header_bytes,
             ..HandshakeLimits::default()
         };
+        // Reserved, not touched: pages are only used as slots fill. Growing by
+        // reallocation instead would leave the old array's pages resident until the
+        // allocator next returns memory, which an idle server may never do.
+        let presize = presize_slots(&shared.config);
         Core {
             handler,
             inner: Inner {
                 index,
                 shared,
-                slots: Slab::new(),
+                slots: Slab::with_capacity(presize),
                 next_generation: 0,
                 wheel: TimerWheel::new(now),
                 expired: Vec::new(),

@@ -524,8 +524,11 @@ pub fn run<H: Handler>(
         generation: 0,
     };
     let mut accept_armed = false;
-    let mut io: Vec<SlotIo> = Vec::new();
-    let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::new();
+    // Reserved for as many slots as the core reserves (see `Core::new`): growing them by
+    // reallocation would leave old arrays resident in an idle server.
+    let presize = super::core::presize_slots(&shared.config);
+    let mut io: Vec<SlotIo> = Vec::with_capacity(presize);
+    let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::with_capacity(presize);
     #[allow(clippy::vec_box)] // see UringDriver::pool
     let mut pool: Vec<Box<SendBuf>> = Vec::new();
     let mut core = Core::new(index, shared.clone(), handler, Instant::now());
