@@ -476,6 +476,33 @@ fn reserved_data_opcode_3_closes_with_1002(backend: BackendChoice) {
     assert_closed_with(backend, None, &raw_frame(0x83, true, b"hello"), 1002);
 }
 
+/// A peer that goes on sending after the frame that fails its connection (as Autobahn's
+/// 4.1.5 does with a ping) leaves bytes we never read. Closing a socket with unread input
+/// resets it, and a reset throws away whatever the kernel still held back: the replies to
+/// the messages before the error and our close frame must already be on their way.
+fn replies_and_the_close_frame_survive_unread_input_after_an_error(backend: BackendChoice) {
+    let server = TestServer::start(backend);
+    block_on(async {
+        let mut client = RawClient::upgrade(server.addr, "/echo").await;
+        let mut bytes = frame(true, TEXT, b"Hello, world!");
+        bytes.extend(raw_frame(0x83, true, b"reserved"));
+        for _ in 0..900 {
+            // ~118 KB after the error: more than one read takes.
+            bytes.extend(frame(true, PING, &[0x55; 125]));
+        }
+        client.send(&bytes).await;
+        let echo = client
+            .read_frame_for("the echo of the message before the error")
+            .await;
+        assert_eq!(echo.opcode(), TEXT);
+        assert_eq!(echo.payload, b"Hello, world!");
+        let close = client.read_frame_for("the close frame").await;
+        assert_eq!(close.opcode(), CLOSE, "{close:?}");
+        assert_eq!(close.close_code(), Some(1002));
+    });
+    server.stop();
+}
+
 fn reserved_control_opcode_0xb_closes_with_1002(backend: BackendChoice) {
     assert_closed_with(backend, None, &raw_frame(0x8B, true, b"hello"), 1002);
 }
@@ -933,6 +960,7 @@ for_both_backends!(
     unmasked_frame_closes_with_1002,
     rsv1_without_extension_closes_with_1002,
     reserved_data_opcode_3_closes_with_1002,
+    replies_and_the_close_frame_survive_unread_input_after_an_error,
     reserved_control_opcode_0xb_closes_with_1002,
     ping_of_126_bytes_closes_with_1002,
     fragmented_ping_closes_with_1002,

@@ -1509,9 +1509,11 @@ impl<H: Handler> Core<H> {
                 break;
             }
             let fd = slot.fd;
-            // Final bytes: the close is decided already (the close handshake is over, or
-            // this is an HTTP answer), and the socket closes once they are written.
-            let last = matches!(slot.phase, Phase::Finish) || slot.conn.is_closed();
+            // Final bytes after a close handshake: the socket closes once they are written,
+            // and the peer sends nothing more, so they may wait for the FIN. Not after a
+            // protocol error, a timeout or an HTTP answer: input may still be arriving,
+            // closing then resets the connection, and a reset drops held-back bytes.
+            let last = slot.conn.closed_by_handshake();
             let outcome = {
                 let mut bufs = slot.conn.transmit();
                 driver.send(id, fd, &mut bufs, last)

@@ -489,6 +489,9 @@ pub struct Connection {
     /// changes (and the close frame is queued) when the driver polls that event, so that
     /// replies to the messages before it still go out first.
     input_done: bool,
+    /// The peer's close frame was read (not a protocol error, not a timeout): a peer that
+    /// follows §5.5.1 sends nothing after it.
+    peer_closed: bool,
     timer: Timer,
 }
 
@@ -505,6 +508,7 @@ impl Connection {
             busy: None,
             state: State::Open,
             input_done: false,
+            peer_closed: false,
             timer,
         }
     }
@@ -533,6 +537,15 @@ impl Connection {
     /// the transmit queue is empty.
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// Whether the connection closed by the close handshake: the peer's close frame was
+    /// read, so no more input should follow. Only then may the last bytes be held back to
+    /// leave with the FIN: closing a socket that still has unread input resets it, and a
+    /// reset discards whatever was held back (a peer still sending after the frame that
+    /// failed its connection would lose our close frame and the replies before it).
+    pub fn closed_by_handshake(&self) -> bool {
+        self.state == State::Closed && self.peer_closed
     }
 
     /// Processes bytes read from the peer. Payloads are unmasked in place in `data`; a
@@ -756,6 +769,7 @@ impl Connection {
             OpCode::Close => {
                 let frame = parse_close_payload(payload)?;
                 self.input_done = true;
+                self.peer_closed = true;
                 b.events.push_back(Event::Close(frame));
             }
             OpCode::Continuation | OpCode::Text | OpCode::Binary => {}

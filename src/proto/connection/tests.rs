@@ -441,6 +441,23 @@ fn small_frames_merge_into_one_slice_and_large_ones_keep_their_place() {
 }
 
 #[test]
+fn only_a_close_handshake_counts_as_closed_by_handshake() {
+    // The peer's close: replied to, and nothing more should come from it.
+    let mut c = conn();
+    feed(&mut c, &frame(true, 0x8, &1000u16.to_be_bytes()));
+    events(&mut c);
+    assert!(c.is_closed() && c.closed_by_handshake());
+    // A protocol error: closed, but the peer may still be sending.
+    let mut c = conn();
+    feed(&mut c, &frame(true, 0x3, b"reserved"));
+    events(&mut c);
+    assert!(c.is_closed() && !c.closed_by_handshake());
+    // Open: neither.
+    let c = conn();
+    assert!(!c.is_closed() && !c.closed_by_handshake());
+}
+
+#[test]
 fn an_owned_payload_goes_out_uncopied_after_its_own_header() {
     let mut c = conn();
     c.send(OpCode::Text, b"before").unwrap();
