@@ -309,6 +309,12 @@ pub struct Conn<'a, D> {
     id: ConnId,
 }
 
+/// Whether [`Conn::send`] refuses a frame: a close (that is [`Conn::close`]) or a
+/// control frame over 125 bytes.
+fn refused(opcode: OpCode, len: usize) -> bool {
+    opcode == OpCode::Close || (opcode.is_control() && len > 125)
+}
+
 /// Borrows owned `(name, value)` headers as the `&str` pairs the encoders take.
 fn header_refs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
     headers
@@ -694,7 +700,7 @@ impl<D> Conn<'_, D> {
     /// Queues a message (or a ping/pong) on this connection. A control frame over 125
     /// bytes, or a close frame (use [`Conn::close`]), is not sent: `Dropped`.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
-        if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
+        if refused(opcode, payload.len()) {
             return SendStatus::Dropped;
         }
         self.queue(Out::Message(opcode, payload))
@@ -704,7 +710,7 @@ impl<D> Conn<'_, D> {
     /// where it is, with no copy. Echoing or forwarding a received [`Message`] this way
     /// (`conn.send_bytes(m.opcode, m.payload)`) costs no copy of its payload.
     pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> SendStatus {
-        if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
+        if refused(opcode, payload.len()) {
             return SendStatus::Dropped;
         }
         self.queue(Out::Payload(opcode, payload))

@@ -840,10 +840,8 @@ impl Connection {
     /// [`SendError::Closing`] once the connection is closing;
     /// [`SendError::ControlTooLong`] for a control frame over 125 bytes.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
-        if opcode.is_control() && payload.len() > MAX_CONTROL_PAYLOAD {
-            return Err(SendError::ControlTooLong);
-        }
-        self.open_queue()?.queue_encoded(opcode, payload);
+        self.message_queue(opcode, payload.len())?
+            .queue_encoded(opcode, payload);
         Ok(())
     }
 
@@ -854,10 +852,8 @@ impl Connection {
     /// # Errors
     /// As [`Connection::send`].
     pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
-        if opcode.is_control() && payload.len() > MAX_CONTROL_PAYLOAD {
-            return Err(SendError::ControlTooLong);
-        }
-        self.open_queue()?.queue_payload(opcode, payload);
+        self.message_queue(opcode, payload.len())?
+            .queue_payload(opcode, payload);
         Ok(())
     }
 
@@ -892,6 +888,15 @@ impl Connection {
     pub fn send_shared(&mut self, frame: &Bytes) -> Result<(), SendError> {
         self.open_queue()?.queue_shared(frame);
         Ok(())
+    }
+
+    /// The send queue for a frame of `opcode` with `len` payload bytes: refused for a
+    /// control frame over 125 bytes, or once the connection is closing.
+    fn message_queue(&mut self, opcode: OpCode, len: usize) -> Result<&mut Busy, SendError> {
+        if opcode.is_control() && len > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlTooLong);
+        }
+        self.open_queue()
     }
 
     /// The send queue, while the connection is open for sending.
