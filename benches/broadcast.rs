@@ -38,6 +38,7 @@ impl Driver for NullDriver {
     fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
         true
     }
+    fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
     fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
 }
 

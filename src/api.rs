@@ -188,6 +188,10 @@ pub struct PublishReport {
     pub conflated: usize,
     /// Other workers the frame was handed to.
     pub forwarded_workers: usize,
+    /// Other workers with subscribers the frame could not be handed to: their inbox
+    /// already held `HANDLE_QUEUE_LIMIT` bytes (a handler publishing faster than they fan
+    /// out). Counted in `wsring_forward_dropped_total`.
+    pub forward_dropped: usize,
 }
 
 /// The application: one instance per worker, called on that worker's thread.

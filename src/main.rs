@@ -30,7 +30,7 @@ enum Command {
     /// Run the server: `/echo` echoes every message, `/pubsub/<topic>` publishes every
     /// message to all subscribers of <topic> (the sender included), `GET /` is a status
     /// page with a browser demo, `GET /metrics` is Prometheus text.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check whether this host can hold N connections (read only, no root needed).
     Check {
         /// Number of concurrent connections to plan for.
@@ -69,9 +69,19 @@ struct ServeArgs {
     /// Drop a connection whose pong (or any data) does not arrive this long after a ping.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pong_timeout: Duration,
-    /// Drop a connection whose close reply does not arrive this long after our close.
+    /// Drop a connection whose close reply does not arrive this long after our close;
+    /// also how long a closed connection's last bytes (and an HTTP answer) may wait for a
+    /// peer that does not read them.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     close_timeout: Duration,
+    /// A frame or message that has begun must be complete within this, else close 1008
+    /// (slow-drip senders cannot hold reassembly memory); 0 disables the limit.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    message_timeout: Duration,
+    /// Drop a connection whose queued bytes make no progress for this long (a peer that
+    /// stopped reading; counted in wsring_send_timeouts_total); 0 disables it.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    send_timeout: Duration,
     /// On SIGINT/SIGTERM: send close 1001 to everyone, wait this long for the close
     /// handshakes, then drop the rest. A second signal exits at once.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -221,6 +231,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         ping_interval: (!args.ping_interval.is_zero()).then_some(args.ping_interval),
         pong_timeout: args.pong_timeout,
         close_timeout: args.close_timeout,
+        message_timeout: (!args.message_timeout.is_zero()).then_some(args.message_timeout),
+        send_timeout: (!args.send_timeout.is_zero()).then_some(args.send_timeout),
         drain_timeout: args.drain_timeout,
         drain_close_code: if args.restart { 1012 } else { 1001 },
         max_connections: args.max_connections,
@@ -273,7 +285,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Check {
             connections,
             proc_root,

@@ -80,6 +80,10 @@ pub trait Driver {
     fn close(&mut self, id: ConnId, fd: u32) -> bool;
     /// Stops (`false`) or resumes (`true`) reading from the connection.
     fn set_reading(&mut self, id: ConnId, fd: u32, on: bool);
+    /// Sends the FIN (`shutdown(SHUT_WR)`) after an HTTP answer, reading on: the peer's
+    /// unread request bytes then do not turn the close into a reset that would destroy
+    /// the answer. `close` follows once the peer's EOF arrives or the linger time ends.
+    fn shutdown_write(&mut self, id: ConnId, fd: u32);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,10 +129,16 @@ impl Flags {
     const PUBLISHED: u16 = 1 << 9;
     /// Not read because the worker's reassembly budget is spent (see `Core::check_budget`).
     const BUDGET_PAUSED: u16 = 1 << 10;
+    /// Not read because the send queue passed the hard limit (replies to what it reads
+    /// would have nowhere to go); resumed below the soft limit.
+    const QUEUE_PAUSED: u16 = 1 << 11;
+    /// An HTTP answer is out and the FIN sent: waiting for the peer's EOF (or the linger
+    /// deadline) before closing.
+    const LINGERING: u16 = 1 << 12;
 
-    /// Whether reading should be off (the handler's pause or the budget's).
+    /// Whether reading should be off (the handler's pause, the budget's or the queue's).
     fn reading_paused(self) -> bool {
-        self.has(Self::PAUSED) || self.has(Self::BUDGET_PAUSED)
+        self.0 & (Self::PAUSED | Self::BUDGET_PAUSED | Self::QUEUE_PAUSED) != 0
     }
 
     fn has(self, flag: u16) -> bool {
@@ -602,7 +612,11 @@ impl<D> Inner<D> {
         let mut report = self.fanout_local(&topic, Out::Message(opcode, payload));
         if others > 0 {
             let frame = encode_frame(opcode, payload);
-            report.forwarded_workers = self.shared.forward(others, &topic, &frame);
+            let forwarded = self
+                .shared
+                .forward(others, &topic, &frame, Some(self.index));
+            report.forwarded_workers = forwarded;
+            report.forward_dropped = others.count_ones() as usize - forwarded;
         }
         report
     }
@@ -926,8 +940,14 @@ impl<H: Handler> Core<H> {
         }) as u32;
         let id = ConnId { slot, generation };
         inner.schedule(id, deadline);
+        let sockets = inner.shared.sockets.fetch_add(1, Ordering::AcqRel) + 1;
         if inner.draining.is_some() {
             // Accepted just before the listener closed: refuse politely.
+            self.respond_error(id, HandshakeError::Full);
+        } else if sockets > inner.shared.socket_limit {
+            // Handshakes count too: sockets that never upgrade must not fill the
+            // descriptor table. Answered at once, without reading the request.
+            inner.stats().refused_sockets.bump(1);
             self.respond_error(id, HandshakeError::Full);
         }
         id
@@ -980,7 +1000,9 @@ impl<H: Handler> Core<H> {
                 slot.conn.handle_read(data, now);
                 self.drain_events(id);
                 self.check_budget(id);
+                self.check_queue(id);
             }
+            // An answered request: what follows is discarded.
             Phase::Finish => {}
         }
     }
@@ -1095,6 +1117,13 @@ impl<H: Handler> Core<H> {
                 None => handshake::encode_error(&mut out, HandshakeError::NotFound, &[]),
             }
         }
+        if request.method == "HEAD"
+            && let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            // A HEAD answer is the GET answer's head alone (RFC 9110 §9.3.2); its
+            // Content-Length still says how long the body would be.
+            out.truncate(end + 4);
+        }
         self.inner.stats().http_requests.bump(1);
         self.finish_with(id, out);
     }
@@ -1118,6 +1147,9 @@ impl<H: Handler> Core<H> {
             slot.tidy();
             let _ = slot.conn.send_raw(Bytes::from(response));
         }
+        // The answer must be taken, and the peer's EOF come, within the close timeout.
+        let at = self.inner.now + self.inner.shared.config.close_timeout;
+        self.inner.schedule(id, at);
         self.inner.mark_dirty(id);
     }
 
@@ -1157,13 +1189,24 @@ impl<H: Handler> Core<H> {
                     tracing::debug!(slot = id.slot, "protocol error: {e}");
                     let code = u16::from(e.close_code());
                     slot.close_code = code;
-                    self.inner.stats().close_sent(code);
-                    self.inner.stats().protocol_errors.bump(1);
+                    let stats = self.inner.stats();
+                    stats.close_sent(code);
+                    if e == crate::proto::ProtocolError::MessageTimeout {
+                        stats.message_timeouts.bump(1);
+                    } else {
+                        stats.protocol_errors.bump(1);
+                    }
                     None
                 }
                 Event::TimedOut => {
                     // 1006 unless we had started a close with a code of our own.
                     slot.flags.set(Flags::DEAD, true);
+                    None
+                }
+                Event::SendTimedOut => {
+                    tracing::debug!(slot = id.slot, "send made no progress: dropped");
+                    slot.flags.set(Flags::DEAD, true);
+                    self.inner.stats().send_timeouts.bump(1);
                     None
                 }
             };
@@ -1245,8 +1288,30 @@ impl<H: Handler> Core<H> {
             slot.flags.set(Flags::JUST_UPGRADED, false);
             slot.conn.shrink();
         }
-        if slot.has_conflated() {
+        let conflated = slot.has_conflated();
+        if slot.flags.has(Flags::QUEUE_PAUSED)
+            && slot.conn.queued_bytes() <= self.inner.shared.config.send_queue_soft
+        {
+            slot.flags.set(Flags::QUEUE_PAUSED, false);
+            self.inner.mark_dirty(id);
+        }
+        if conflated {
             self.inner.release_conflated(id);
+        }
+    }
+
+    /// After `id` read: a send queue past the hard limit (replies the handler queued, or
+    /// pongs) stops reading until it drains below the soft limit, so a peer that sends
+    /// without reading is held back by TCP flow control instead of growing our memory.
+    fn check_queue(&mut self, id: ConnId) {
+        let hard = self.inner.shared.config.send_queue_hard;
+        if let Some(slot) = slot_of(&mut self.inner.slots, id)
+            && !slot.flags.has(Flags::QUEUE_PAUSED)
+            && slot.conn.queued_bytes() > hard
+        {
+            slot.flags.set(Flags::QUEUE_PAUSED, true);
+            self.inner.stats().queue_pauses.bump(1);
+            self.inner.mark_dirty(id);
         }
     }
 
@@ -1288,13 +1353,18 @@ impl<H: Handler> Core<H> {
         if counted {
             self.inner.shared.open.fetch_sub(1, Ordering::AcqRel);
         }
+        self.inner.shared.sockets.fetch_sub(1, Ordering::AcqRel);
         self.inner.stats().closed.bump(1);
         self.rebalance_budget();
     }
 
     /// After `id` read: when this worker's messages in reassembly hold more than the
-    /// budget, stop reading `id` if its own message is one of them — unless every other
-    /// holder is already stopped (one always reads on, so memory is eventually freed).
+    /// budget, stop reading `id` if it holds at least its share (the average over the
+    /// holders) — unless every other holder is already stopped (one always reads on, so
+    /// memory is eventually freed). The connections holding the most wait; a message
+    /// smaller than the average (a well-behaved peer's, beside peers that announce large
+    /// messages and drip them) keeps being read and completes. Holders that never finish
+    /// are closed by the message timeout (1008).
     fn check_budget(&mut self, id: ConnId) {
         let budget = self.inner.shared.config.reassembly_budget;
         let (total, holders) = crate::proto::connection::reassembly_total();
@@ -1303,6 +1373,7 @@ impl<H: Handler> Core<H> {
             if let Some(slot) = slot_of(&mut self.inner.slots, id)
                 && !slot.flags.has(Flags::BUDGET_PAUSED)
                 && slot.conn.reassembly_bytes() > 0
+                && slot.conn.reassembly_bytes().saturating_mul(holders) >= total
                 && waiting + 1 < holders
             {
                 slot.flags.set(Flags::BUDGET_PAUSED, true);
@@ -1391,7 +1462,11 @@ impl<H: Handler> Core<H> {
                     self.drain_events(id);
                     next
                 }
-                Phase::Finish => None,
+                Phase::Finish => {
+                    // The answer was not taken, or the peer did not close, in time.
+                    slot.flags.set(Flags::DEAD, true);
+                    None
+                }
             };
             if let Some(at) = next {
                 self.inner.schedule(id, at);
@@ -1556,15 +1631,41 @@ impl<H: Handler> Core<H> {
                 }
             }
         }
+        let now = self.inner.now;
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return sends;
+        };
+        if slot.conn.transmit_frames() > 0
+            && !slot.flags.has(Flags::DEAD)
+            && matches!(slot.phase, Phase::Open)
+        {
+            // Bytes left over (a write in flight, or a full socket): they must make
+            // progress within the send timeout.
+            slot.conn.note_unsent(now);
+            if let Some(at) = slot.conn.poll_timeout() {
+                self.inner.schedule(id, at);
+            }
+        }
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return sends;
         };
         if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
             return sends;
         }
+        if matches!(slot.phase, Phase::Finish)
+            && slot.conn.transmit_frames() == 0
+            && !slot.flags.has(Flags::DEAD)
+        {
+            // The answer is out: FIN, then wait for the peer's EOF (reading and
+            // discarding what it still sends) or the deadline set in `finish_with`.
+            if !slot.flags.has(Flags::LINGERING) {
+                slot.flags.set(Flags::LINGERING, true);
+                driver.shutdown_write(id, slot.fd);
+            }
+            return sends;
+        }
         let done = slot.flags.has(Flags::DEAD)
-            || (slot.conn.transmit_frames() == 0
-                && (matches!(slot.phase, Phase::Finish) || slot.conn.is_closed()));
+            || (slot.conn.transmit_frames() == 0 && slot.conn.is_closed());
         if done && !slot.flags.has(Flags::CLOSING) {
             slot.flags.set(Flags::CLOSING, true);
             if driver.close(id, slot.fd) {
@@ -1638,6 +1739,7 @@ mod tests {
         fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
             true
         }
+        fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
         fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
     }
 

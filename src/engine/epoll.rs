@@ -4,6 +4,14 @@
 //! idle connection holds no read buffer here either (the protocol core copies only an
 //! incomplete trailing frame). Writes are vectored `sendmsg` calls made at the end of the
 //! loop turn for every connection with bytes queued; a short write waits for `EPOLLOUT`.
+//!
+//! Fair reading: a connection is read at most [`READS_PER_TURN`] times per loop turn; one
+//! that still has bytes waits in a list for the next turn (edge-triggered readiness is not
+//! reported again), so a peer that sends as fast as loopback allows cannot keep the worker
+//! in its read loop while other connections and the timers wait.
+//!
+//! Accept failures for lack of resources (EMFILE...) take the listener out of the epoll
+//! set for a pause ([`super::AcceptBackoff`]): level-triggered, it would wake every turn.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -13,14 +21,16 @@ use std::time::Instant;
 
 use socket2::Socket;
 
-use super::Shared;
 use super::core::{ConnId, Core, Driver, SendOutcome};
 use super::wheel::TICK;
+use super::{AcceptBackoff, Shared};
 use crate::api::Handler;
 
 const LISTENER: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;
 const READ_BUF: usize = 64 * 1024;
+/// Reads of one connection per loop turn (at most 256 KiB).
+pub const READS_PER_TURN: usize = 4;
 const MAX_IOV: usize = 64;
 
 fn token(id: ConnId) -> u64 {
@@ -107,6 +117,13 @@ impl Driver for EpollDriver {
         }
     }
 
+    fn shutdown_write(&mut self, _id: ConnId, fd: u32) {
+        // SAFETY: fd is this connection's open socket; shutdown takes no memory.
+        unsafe {
+            libc::shutdown(fd as i32, libc::SHUT_WR);
+        }
+    }
+
     fn close(&mut self, _id: ConnId, fd: u32) -> bool {
         // No EPOLL_CTL_DEL first (a system call per connection): closing the only
         // descriptor of the socket removes it from the epoll set. It is the only one: the
@@ -124,6 +141,12 @@ fn add(epfd: i32, fd: i32, events: u32, token: u64) -> io::Result<()> {
     // SAFETY: epfd and fd are open descriptors; ev is a valid local.
     cvt(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
     Ok(())
+}
+
+fn remove(epfd: i32, fd: i32) {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: epfd and fd are open descriptors; ev is a valid local (ignored by DEL).
+    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
 }
 
 /// Runs worker `index` on epoll until shutdown.
@@ -156,13 +179,37 @@ pub fn run<H: Handler>(
     let mut buf = vec![0u8; READ_BUF];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let tick_ms = TICK.as_millis() as i32;
+    // Connections with bytes left after their reads of a turn (see the module docs).
+    let mut unread: Vec<(ConnId, u32)> = Vec::new();
+    let mut still_unread: Vec<(ConnId, u32)> = Vec::new();
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let timeout = if core.has_dirty() { 0 } else { tick_ms };
+        let timeout = if core.has_dirty() || !unread.is_empty() {
+            0
+        } else {
+            tick_ms
+        };
         // SAFETY: events is a valid buffer of events.len() entries.
         let n =
             unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, timeout) };
         let n = if n < 0 { 0 } else { n as usize };
         let now = Instant::now();
+        if backoff.paused()
+            && backoff.ready(now)
+            && let Some(l) = &listener
+            && add(epfd, l.as_raw_fd(), libc::EPOLLIN as u32, LISTENER).is_err()
+        {
+            tracing::warn!(worker = index, "could not resume accepting");
+        }
+        for (id, fd) in unread.drain(..) {
+            if core.fd_of(id) == Some(fd)
+                && core.wants_read(id)
+                && read_some(&mut core, id, fd, &mut buf, true, now)
+            {
+                still_unread.push((id, fd));
+            }
+        }
+        std::mem::swap(&mut unread, &mut still_unread);
         for ev in events.iter().take(n) {
             let (flags, tok) = (ev.events, ev.u64);
             match tok {
@@ -179,12 +226,15 @@ pub fn run<H: Handler>(
                             )
                         };
                         if fd < 0 {
-                            let err = io::Error::last_os_error();
-                            if err.raw_os_error() != Some(libc::EAGAIN) {
-                                tracing::warn!(worker = index, "accept: {err}");
+                            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                            if errno != libc::EAGAIN
+                                && backoff.failed(index, errno, &shared.stats[index], now)
+                            {
+                                remove(epfd, l.as_raw_fd());
                             }
                             break;
                         }
+                        backoff.succeeded();
                         // TCP_NODELAY is inherited from the listener (set in `bind`).
                         let id = core.on_accept(fd as u32, now);
                         let interest =
@@ -213,7 +263,9 @@ pub fn run<H: Handler>(
                             & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
                             != 0;
                         if core.wants_read(id) {
-                            read_all(&mut core, id, fd, &mut buf, hup, now);
+                            if read_some(&mut core, id, fd, &mut buf, hup, now) {
+                                unread.push((id, fd));
+                            }
                         } else if flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                             // Paused, but the socket is dead both ways: nothing to wait for.
                             core.on_eof(id);
@@ -242,12 +294,8 @@ pub fn run<H: Handler>(
             }
         }
         core.flush(&mut driver);
-        while !driver.resumed.is_empty() {
-            for (id, fd) in std::mem::take(&mut driver.resumed) {
-                read_all(&mut core, id, fd, &mut buf, true, now);
-            }
-            core.flush(&mut driver);
-        }
+        // Resumed connections: read what arrived while paused (next turn at the latest).
+        unread.append(&mut driver.resumed);
         if core.finished(now) {
             core.abort_all(&mut driver);
             return Ok(());
@@ -255,15 +303,18 @@ pub fn run<H: Handler>(
     }
 }
 
-fn read_all<H: Handler>(
+/// Reads `id` until its socket is drained, it stops wanting reads, or
+/// [`READS_PER_TURN`] reads; returns `true` in the last case (bytes may be left: read it
+/// again next turn).
+fn read_some<H: Handler>(
     core: &mut Core<H>,
     id: ConnId,
     fd: u32,
     buf: &mut [u8],
     hup: bool,
     now: Instant,
-) {
-    loop {
+) -> bool {
+    for _ in 0..READS_PER_TURN {
         // recv rather than read: the socket call skips the file layer's read path
         // (vfs_read, its access notification) that read takes for every file type.
         // SAFETY: fd is the connection's open socket; buf is valid for buf.len() bytes.
@@ -274,25 +325,26 @@ fn read_all<H: Handler>(
                 core.on_data(id, data, now);
             }
             if !core.wants_read(id) {
-                return;
+                return false;
             }
             if n < buf.len() && !hup {
                 // Edge-triggered: a short read means the socket is drained; a FIN that
                 // arrives later raises a new edge (EPOLLRDHUP).
-                return;
+                return false;
             }
         } else if r == 0 {
             core.on_eof(id);
-            return;
+            return false;
         } else {
             match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EAGAIN) => return,
+                Some(libc::EAGAIN) => return false,
                 Some(libc::EINTR) => {}
                 _ => {
                     core.on_eof(id);
-                    return;
+                    return false;
                 }
             }
         }
     }
+    true
 }

@@ -85,8 +85,15 @@ pub struct EngineConfig {
     pub ping_interval: Option<Duration>,
     /// Drop a connection whose pong does not come within this.
     pub pong_timeout: Duration,
-    /// Drop a connection whose close reply does not come within this.
+    /// Drop a connection whose close reply does not come within this; also how long a
+    /// closed connection's last bytes may wait for a peer that does not read them.
     pub close_timeout: Duration,
+    /// A frame or message that has begun must be complete within this (close 1008
+    /// beyond; `None`: no limit): slow-drip senders cannot hold reassembly memory.
+    pub message_timeout: Option<Duration>,
+    /// Drop a connection whose queued bytes make no progress for this long (a peer that
+    /// stopped reading; `None`: never).
+    pub send_timeout: Option<Duration>,
     /// Graceful shutdown: how long to wait for close handshakes.
     pub drain_timeout: Duration,
     /// Graceful shutdown: the close code sent (1001 going away; 1012 for a restart).
@@ -168,6 +175,10 @@ setters!(
     pong_timeout: Duration,
     /// Drop when the close reply does not come within this.
     close_timeout: Duration,
+    /// Time allowed for a message once it has begun (`None`: no limit).
+    message_timeout: Option<Duration>,
+    /// Drop a connection whose queue makes no progress this long (`None`: never).
+    send_timeout: Option<Duration>,
     /// Graceful shutdown deadline.
     drain_timeout: Duration,
     /// Close code of the graceful shutdown (1001, or 1012 for a restart).
@@ -265,6 +276,11 @@ impl EngineConfig {
             ("handshake_timeout", self.handshake_timeout),
             ("pong_timeout", self.pong_timeout),
             ("close_timeout", self.close_timeout),
+            (
+                "message_timeout",
+                self.message_timeout.unwrap_or(Duration::MAX),
+            ),
+            ("send_timeout", self.send_timeout.unwrap_or(Duration::MAX)),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero(name));
@@ -305,6 +321,8 @@ impl Default for EngineConfig {
             ping_interval: Some(Duration::from_secs(25)),
             pong_timeout: Duration::from_secs(20),
             close_timeout: Duration::from_secs(5),
+            message_timeout: Some(proto::connection::DEFAULT_MESSAGE_TIMEOUT),
+            send_timeout: Some(proto::connection::DEFAULT_SEND_TIMEOUT),
             drain_timeout: Duration::from_secs(10),
             drain_close_code: 1001,
             max_connections: 0,
@@ -359,6 +377,22 @@ pub struct WorkerStats {
     pub turns: AtomicU64,
     /// Times a connection stopped being read because the reassembly budget was spent.
     pub reassembly_pauses: AtomicU64,
+    /// Times a connection stopped being read because its send queue passed the hard
+    /// limit (it resumes once the queue is back under the soft limit).
+    pub queue_pauses: AtomicU64,
+    /// Connections dropped because their queued bytes made no progress for the send
+    /// timeout.
+    pub send_timeouts: AtomicU64,
+    /// Connections closed (1008) because a message was not complete within the message
+    /// timeout.
+    pub message_timeouts: AtomicU64,
+    /// Cross-worker publishes not handed to a worker because its inbox was full (a
+    /// handler publishing faster than that worker fans out).
+    pub forward_dropped: AtomicU64,
+    /// Sockets refused at accept because the server held its socket limit.
+    pub refused_sockets: AtomicU64,
+    /// Failed accepts (EMFILE, ENFILE, ENOBUFS...).
+    pub accept_errors: AtomicU64,
     /// Close codes sent, by code (1000..=1015 at index code-1000; others at 16).
     pub close_codes_sent: [AtomicU64; 17],
     /// Close codes received, indexed the same way.
@@ -426,6 +460,12 @@ pub struct Shared {
     pub stats: Box<[WorkerStats]>,
     /// Upgraded connections open now.
     pub open: AtomicUsize,
+    /// Sockets held now, in any phase (handshake, open, closing).
+    pub sockets: AtomicUsize,
+    /// Sockets allowed at once, in any phase: the connection cap plus room for
+    /// handshakes, within the descriptor limit. Beyond, a new socket is answered 503 at
+    /// once and closed (see `Core::on_accept`).
+    pub socket_limit: usize,
     /// When the server started.
     pub started: Instant,
     /// The backend running.
@@ -523,12 +563,19 @@ impl Shared {
             pong_timeout: config.pong_timeout,
             close_timeout: config.close_timeout,
             allowed_rsv: 0,
+            message_timeout: config.message_timeout,
+            send_timeout: config.send_timeout,
+            // Pongs past the soft limit collapse into one owed pong.
+            reply_queue_limit: config.send_queue_soft,
         });
+        let socket_limit = socket_limit(config.max_connections, raise_nofile());
         Ok(Arc::new(Shared {
+            socket_limit,
             config,
             proto,
             stats: (0..threads).map(|_| WorkerStats::default()).collect(),
             open: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
             started: Instant::now(),
             backend,
             inboxes: inboxes.into_boxed_slice(),
@@ -554,11 +601,28 @@ impl Shared {
         Shared::new(config, 1, Backend::Epoll)
     }
 
-    /// Hands a frame to every worker in the bitmask `workers`; returns how many.
-    pub(crate) fn forward(&self, workers: u64, topic: &Arc<str>, frame: &Bytes) -> usize {
+    /// Hands a frame to every worker in the bitmask `workers`; returns how many took it.
+    ///
+    /// `from`: the worker publishing (a handler), which must not block, so a worker whose
+    /// inbox already holds [`HANDLE_QUEUE_LIMIT`] bytes does not get the frame: it is
+    /// counted in `forward_dropped` (and missing from the returned count) instead of
+    /// growing that inbox without bound. `None` ([`Handle::publish`]) has waited for room.
+    pub(crate) fn forward(
+        &self,
+        workers: u64,
+        topic: &Arc<str>,
+        frame: &Bytes,
+        from: Option<usize>,
+    ) -> usize {
         let mut n = 0;
         for (i, inbox) in self.inboxes.iter().enumerate() {
             if workers & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(from) = from
+                && inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
+            {
+                self.stats[from].forward_dropped.bump(1);
                 continue;
             }
             inbox.pending_bytes.fetch_add(frame.len(), Ordering::AcqRel);
@@ -700,7 +764,8 @@ impl Handle {
         }
         self.shared.wait_for_room(workers);
         let frame = proto::encode_frame(opcode, payload);
-        self.shared.forward(workers, &Arc::from(topic), &frame)
+        self.shared
+            .forward(workers, &Arc::from(topic), &frame, None)
     }
 
     /// Publishes a text message (see [`Handle::publish`]).
@@ -785,6 +850,114 @@ pub fn raise_nofile() -> u64 {
 
 /// Descriptors kept for listeners, rings, eventfds and stdio.
 pub const RESERVED_FDS: u64 = 64;
+
+/// Sockets a server holds at once in any phase: `max_connections` upgraded ones plus an
+/// eighth more (at least 16) for handshakes in progress, but never so many that accept
+/// fails for lack of descriptors (half of [`RESERVED_FDS`] stays free for the answer-503
+/// path and the server's own descriptors).
+pub fn socket_limit(max_connections: usize, nofile: u64) -> usize {
+    let wanted = max_connections
+        .saturating_add(max_connections / 8)
+        .saturating_add(16);
+    let fds = usize::try_from(nofile.saturating_sub(RESERVED_FDS / 2)).unwrap_or(usize::MAX);
+    wanted.min(fds).max(1)
+}
+
+/// What a backend does when accept fails for lack of resources (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM): stop accepting for a while (10 ms, doubling to 1 s while it keeps
+/// failing) instead of spinning on a listener that stays readable, and log one WARN per
+/// 10 s with the number of failures in between.
+#[derive(Debug)]
+pub(crate) struct AcceptBackoff {
+    until: Option<Instant>,
+    delay: Duration,
+    last_log: Option<Instant>,
+    suppressed: u64,
+}
+
+impl AcceptBackoff {
+    const MIN: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new() -> AcceptBackoff {
+        AcceptBackoff {
+            until: None,
+            delay: Self::MIN,
+            last_log: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether the error is one a pause helps with; others (a client that reset before
+    /// its accept completed) are not the server's problem.
+    pub(crate) fn is_resource_error(errno: i32) -> bool {
+        matches!(
+            errno,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        )
+    }
+
+    /// Records a failed accept at `now`: counted; a resource error starts (or extends)
+    /// the pause. Returns whether accepting should pause.
+    pub(crate) fn failed(
+        &mut self,
+        worker: usize,
+        errno: i32,
+        stats: &WorkerStats,
+        now: Instant,
+    ) -> bool {
+        stats.accept_errors.bump(1);
+        let pause = Self::is_resource_error(errno);
+        let due = self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Self::LOG_EVERY);
+        if due {
+            let err = std::io::Error::from_raw_os_error(errno);
+            if pause {
+                tracing::warn!(
+                    worker,
+                    failures_since_last_warning = self.suppressed,
+                    "accept: {err}; pausing accepts for {:?}",
+                    self.delay
+                );
+            } else {
+                tracing::debug!(worker, "accept: {err}");
+            }
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+        if pause {
+            self.until = Some(now + self.delay);
+            self.delay = (self.delay * 2).min(Self::MAX);
+        }
+        pause
+    }
+
+    /// A socket was accepted: the next failure starts from the shortest pause again.
+    pub(crate) fn succeeded(&mut self) {
+        self.delay = Self::MIN;
+    }
+
+    /// Whether accepting may resume at `now` (`true` when not paused).
+    pub(crate) fn ready(&mut self, now: Instant) -> bool {
+        match self.until {
+            Some(t) if now < t => false,
+            Some(_) => {
+                self.until = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Whether a pause is running.
+    pub(crate) fn paused(&self) -> bool {
+        self.until.is_some()
+    }
+}
 
 /// `TCP_DEFER_ACCEPT`: the kernel completes an accept only once the client's first bytes
 /// (the upgrade request: a WebSocket client always speaks first) have arrived, so the

@@ -62,7 +62,14 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_connections_open gauge");
     let _ = writeln!(out, "wsring_connections_open {open}");
-    let counters: [Counter; 18] = [
+    let sockets = shared.sockets.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP wsring_sockets_open Sockets held now in any phase (handshake, open, closing)."
+    );
+    let _ = writeln!(out, "# TYPE wsring_sockets_open gauge");
+    let _ = writeln!(out, "wsring_sockets_open {sockets}");
+    let counters: [Counter; 24] = [
         ("accepted", "Sockets accepted.", |s| &s.accepted),
         ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
         ("rejected", "Handshakes refused with an HTTP error.", |s| {
@@ -118,6 +125,36 @@ pub fn metrics(shared: &Shared) -> String {
             "protocol_errors",
             "Connections failed for a protocol error.",
             |s| &s.protocol_errors,
+        ),
+        (
+            "queue_pauses",
+            "Connections not read while their send queue was past the hard limit.",
+            |s| &s.queue_pauses,
+        ),
+        (
+            "send_timeouts",
+            "Connections dropped because queued bytes made no progress for the send timeout.",
+            |s| &s.send_timeouts,
+        ),
+        (
+            "message_timeouts",
+            "Connections closed with 1008: a message was not complete within the message timeout.",
+            |s| &s.message_timeouts,
+        ),
+        (
+            "forward_dropped",
+            "Cross-worker publishes not handed over: the worker's inbox was full.",
+            |s| &s.forward_dropped,
+        ),
+        (
+            "refused_sockets",
+            "Sockets answered 503 at accept: the socket limit (connections plus handshakes) was reached.",
+            |s| &s.refused_sockets,
+        ),
+        (
+            "accept_errors",
+            "Failed accepts (EMFILE, ENFILE, ENOBUFS...); accepting pauses on resource errors.",
+            |s| &s.accept_errors,
         ),
     ];
     for (name, help, f) in counters {

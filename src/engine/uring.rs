@@ -15,6 +15,18 @@
 //! A slot is freed only after its last operation completed, and a completion whose
 //! generation does not match the slot's is ignored.
 //!
+//! A turn consumes completions carrying at most [`TURN_READ_BYTES`] of received data; the
+//! rest stay in the completion queue for the next turn, which comes without sleeping, so
+//! the timers and the writes of a turn never wait behind a flood. (Between connections
+//! the kernel already interleaves: a multishot recv posts as data arrives and is requeued
+//! after a bounded number of retries.) Accept failures for lack of resources pause
+//! accepting ([`super::AcceptBackoff`]).
+//!
+//! Leaving the loop: every operation is cancelled and the loop waits (briefly) for their
+//! completions, and the ring is declared after everything it points into (buffers,
+//! iovecs, the tick's timespec, the eventfd's read buffer, the connections' queues), so it
+//! is dropped first.
+//!
 //! Ownership of memory handed to the kernel: receive buffers belong to the kernel while
 //! they are in the buffer ring and to us from the completion that names them until we put
 //! them back; a send's bytes are `Bytes` held in the connection's transmit queue, which is
@@ -34,7 +46,7 @@ use socket2::Socket;
 
 use super::core::{ConnId, Core, Driver, SendOutcome};
 use super::wheel::TICK;
-use super::{EngineConfig, Shared};
+use super::{AcceptBackoff, EngineConfig, Shared};
 use crate::api::Handler;
 
 const OP_ACCEPT: u64 = 1;
@@ -44,6 +56,10 @@ const OP_CLOSE: u64 = 4;
 const OP_CANCEL: u64 = 5;
 const OP_TICK: u64 = 6;
 const OP_WAKE: u64 = 7;
+const OP_SHUTDOWN: u64 = 8;
+
+/// Received bytes one turn hands to the core before it runs the timers and the writes.
+pub const TURN_READ_BYTES: usize = 1024 * 1024;
 
 /// Buffer group id of the worker's provided-buffer ring.
 const BGID: u16 = 0;
@@ -130,6 +146,7 @@ pub fn probe(_config: &EngineConfig) -> Result<(), String> {
         (opcode::Close::CODE, "close"),
         (opcode::Timeout::CODE, "timeout"),
         (opcode::Read::CODE, "read"),
+        (opcode::Shutdown::CODE, "shutdown"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!("io_uring lacks the {name} operation"));
@@ -315,7 +332,18 @@ struct SlotIo {
     recv: bool,
     send: bool,
     close: bool,
+    /// A shutdown (FIN after an HTTP answer) is in flight.
+    shutdown: bool,
     closing: bool,
+}
+
+/// Whether a multishot recv that ended (no `MORE` flag) with `res` is armed again:
+/// unless the connection is closing or paused, after data, after the buffer ring ran dry
+/// (-ENOBUFS), and after a cancel whose pause was lifted before its completion arrived
+/// (-ECANCELED with `paused` already false again: `set_reading(on)` saw the recv still in
+/// flight and did not arm a second one). EOF (0) and socket errors end reading.
+fn rearm_after(io: &SlotIo, res: i32) -> bool {
+    !io.closing && !io.paused && (res > 0 || res == -libc::ENOBUFS || res == -libc::ECANCELED)
 }
 
 /// iovecs + msghdr for a gathering send: taken from the pool for one send, untouched while
@@ -461,6 +489,15 @@ impl Driver for UringDriver<'_, '_> {
         }
     }
 
+    fn shutdown_write(&mut self, id: ConnId, fd: u32) {
+        let e = opcode::Shutdown::new(Fixed(fd), libc::SHUT_WR)
+            .build()
+            .user_data(user_data(OP_SHUTDOWN, id));
+        // SAFETY: a shutdown request points at no buffer.
+        unsafe { push(self.submitter, self.sq, &e) };
+        self.io(id.slot).shutdown = true;
+    }
+
     fn close(&mut self, id: ConnId, fd: u32) -> bool {
         let io = *self.io(id.slot);
         if io.recv {
@@ -493,8 +530,20 @@ pub fn run<H: Handler>(
     listener: Socket,
     ready: &Sender<Result<(), String>>,
 ) -> io::Result<()> {
-    // Declared before the ring so that it is dropped after it.
+    // Everything the kernel may point into is declared before the ring, so that the ring
+    // is dropped (closed) first whichever way this function returns.
     let mut bufring = BufRing::new(INC_RING_BUFFERS, INC_BUFFER_SIZE)?;
+    let wake_fd = shared.eventfd(index);
+    let mut wake_buf = Box::new(0u64);
+    let tick = Box::new(Timespec::from(TICK));
+    // Reserved for as many slots as the core reserves (see `Core::new`): growing them by
+    // reallocation would leave old arrays resident in an idle server.
+    let presize = super::core::presize_slots(&shared.config);
+    let mut io: Vec<SlotIo> = Vec::with_capacity(presize);
+    let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::with_capacity(presize);
+    #[allow(clippy::vec_box)] // see UringDriver::pool
+    let mut pool: Vec<Box<SendBuf>> = Vec::new();
+    let mut core = Core::new(index, shared.clone(), handler, Instant::now());
     let mut ring = builder().build(SQ_ENTRIES)?;
     let table = (shared.config.max_connections + 1024)
         .min(super::raise_nofile() as usize)
@@ -516,22 +565,14 @@ pub fn run<H: Handler>(
 
     let listener_fd = listener.as_raw_fd();
     let mut listener = Some(listener);
-    let wake_fd = shared.eventfd(index);
-    let mut wake_buf = Box::new(0u64);
-    let tick = Box::new(Timespec::from(TICK));
     let none = ConnId {
         slot: 0,
         generation: 0,
     };
     let mut accept_armed = false;
-    // Reserved for as many slots as the core reserves (see `Core::new`): growing them by
-    // reallocation would leave old arrays resident in an idle server.
-    let presize = super::core::presize_slots(&shared.config);
-    let mut io: Vec<SlotIo> = Vec::with_capacity(presize);
-    let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::with_capacity(presize);
-    #[allow(clippy::vec_box)] // see UringDriver::pool
-    let mut pool: Vec<Box<SendBuf>> = Vec::new();
-    let mut core = Core::new(index, shared.clone(), handler, Instant::now());
+    let mut backoff = AcceptBackoff::new();
+    // Completions left in the queue by the last turn's read budget.
+    let mut backlog = false;
     {
         let (submitter, mut sq, _) = ring.split();
         let e = opcode::Timeout::new(&*tick)
@@ -549,7 +590,8 @@ pub fn run<H: Handler>(
     let _ = ready.send(Ok(()));
     let mut aborting: Option<Instant> = None;
     loop {
-        if !accept_armed && listener.is_some() {
+        let now = Instant::now();
+        if !accept_armed && listener.is_some() && backoff.ready(now) {
             let e = opcode::AcceptMulti::new(Fd(listener_fd))
                 .allocate_file_index(true)
                 .build()
@@ -561,7 +603,7 @@ pub fn run<H: Handler>(
         }
         // Something left for the next flush (made due while flushing, e.g. a handler's
         // on_close publishing): submit without sleeping.
-        let want = usize::from(!core.has_dirty());
+        let want = usize::from(!core.has_dirty() && !backlog);
         match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e)
@@ -575,6 +617,7 @@ pub fn run<H: Handler>(
         let (submitter, mut sq, mut cq) = ring.split();
         cq.sync();
         let mut rearm_wake = false;
+        let mut read_budget = TURN_READ_BYTES;
         let mut drv = UringDriver {
             submitter: &submitter,
             sq: &mut sq,
@@ -584,6 +627,9 @@ pub fn run<H: Handler>(
         };
         for cqe in &mut cq {
             let (op, generation, slot) = split(cqe.user_data());
+            if op == OP_RECV && cqe.result() > 0 {
+                read_budget = read_budget.saturating_sub(cqe.result() as usize);
+            }
             let res = cqe.result();
             let flags = cqe.flags();
             let more = cqueue::more(flags);
@@ -593,6 +639,7 @@ pub fn run<H: Handler>(
                         accept_armed = false;
                     }
                     if res >= 0 {
+                        backoff.succeeded();
                         let id = core.on_accept(res as u32, now);
                         let sio = drv.io(id.slot);
                         *sio = SlotIo {
@@ -600,12 +647,16 @@ pub fn run<H: Handler>(
                             ..SlotIo::default()
                         };
                         drv.arm_recv(id, res as u32);
-                    } else if res != -libc::ECANCELED {
-                        tracing::warn!(
-                            worker = index,
-                            "accept: {}",
-                            io::Error::from_raw_os_error(-res)
-                        );
+                    } else if res != -libc::ECANCELED
+                        && backoff.failed(index, -res, &shared.stats[index], now)
+                        && more
+                    {
+                        // Still armed: stop it; it is armed again once the pause ends.
+                        let e = opcode::AsyncCancel::new(user_data(OP_ACCEPT, none))
+                            .build()
+                            .user_data(user_data(OP_CANCEL, none));
+                        // SAFETY: a cancel points at no buffer.
+                        unsafe { push(drv.submitter, drv.sq, &e) };
                     }
                 }
                 OP_RECV => {
@@ -636,11 +687,7 @@ pub fn run<H: Handler>(
                     }
                     if !more {
                         drv.io(slot).recv = false;
-                        let closing = drv.io(slot).closing || drv.io(slot).paused;
-                        // Re-arm when the multishot ended for a reason that is not the end
-                        // of the connection (-ENOBUFS: the buffer ring ran dry).
-                        if !closing
-                            && (res > 0 || res == -libc::ENOBUFS)
+                        if rearm_after(drv.io(slot), res)
                             && let Some(fd) = core.fd_of(id)
                         {
                             drv.arm_recv(id, fd);
@@ -663,12 +710,16 @@ pub fn run<H: Handler>(
                     core.on_sent(id, res);
                     finish_if_idle(&mut core, drv.io, slot);
                 }
-                OP_CLOSE => {
+                OP_CLOSE | OP_SHUTDOWN => {
                     let sio = drv.io(slot);
                     if sio.generation & 0xFF_FFFF != generation {
                         continue;
                     }
-                    sio.close = false;
+                    if op == OP_CLOSE {
+                        sio.close = false;
+                    } else {
+                        sio.shutdown = false;
+                    }
                     finish_if_idle(&mut core, drv.io, slot);
                 }
                 OP_TICK if !more => {
@@ -685,7 +736,11 @@ pub fn run<H: Handler>(
                 OP_WAKE => rearm_wake = true,
                 _ => {} // OP_CANCEL results carry nothing we need
             }
+            if read_budget == 0 {
+                break; // the rest next turn, after the timers and the writes
+            }
         }
+        backlog = !cq.is_empty();
         bufring.publish();
         if rearm_wake {
             core.on_commands(now);
@@ -730,7 +785,41 @@ pub fn run<H: Handler>(
             // Wait (briefly) for the cancelled operations so no buffer is freed while the
             // kernel may still use it.
             if core.is_empty() || now.duration_since(t) > Duration::from_secs(2) {
+                quiesce(&mut ring);
                 return Ok(());
+            }
+        }
+    }
+}
+
+/// Cancels every operation still in flight (the tick, the eventfd read, whatever the
+/// abort left) and waits up to 200 ms for the tick's and the eventfd read's last
+/// completions, so that the memory they point into is not in use when it is freed.
+fn quiesce(ring: &mut IoUring) {
+    let none = ConnId {
+        slot: 0,
+        generation: 0,
+    };
+    let e = opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any().all())
+        .build()
+        .user_data(user_data(OP_CANCEL, none));
+    {
+        let (submitter, mut sq, _) = ring.split();
+        // SAFETY: a cancel points at no buffer.
+        unsafe { push(&submitter, &mut sq, &e) };
+    }
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let (mut tick_done, mut wake_done) = (false, false);
+    let ts = Timespec::from(Duration::from_millis(10));
+    while !(tick_done && wake_done) && Instant::now() < deadline {
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        let _ = ring.submitter().submit_with_args(1, &args);
+        for cqe in ring.completion() {
+            let (op, _, _) = split(cqe.user_data());
+            match op {
+                OP_TICK if !cqueue::more(cqe.flags()) => tick_done = true,
+                OP_WAKE => wake_done = true,
+                _ => {}
             }
         }
     }
@@ -740,7 +829,7 @@ fn finish_if_idle<H: Handler>(core: &mut Core<H>, io: &mut [SlotIo], slot: u32) 
     let Some(sio) = io.get_mut(slot as usize) else {
         return;
     };
-    if sio.closing && !sio.recv && !sio.send && !sio.close {
+    if sio.closing && !sio.recv && !sio.send && !sio.close && !sio.shutdown {
         let id = ConnId {
             slot,
             generation: sio.generation,

@@ -56,6 +56,19 @@ pub struct Config {
     pub close_timeout: Duration,
     /// RSV bits a negotiated extension permits (bit 2 = RSV1). 0 without extensions.
     pub allowed_rsv: u8,
+    /// A frame or message that has begun must be complete within this (close 1008
+    /// beyond): a peer that announces a large message and drips it, or stops halfway,
+    /// holds reassembly memory only this long. `None`: no limit.
+    pub message_timeout: Option<Duration>,
+    /// Bytes queued for the peer that make no progress for this long drop the
+    /// connection (event [`Event::SendTimedOut`]): a peer that stopped reading. Counted
+    /// from the driver's [`Connection::note_unsent`]. `None`: no limit.
+    pub send_timeout: Option<Duration>,
+    /// Past this many queued bytes a ping's pong is not queued at once: only the pong of
+    /// the latest such ping is owed, and queued once the queue is back under the limit
+    /// (RFC 6455 §5.5.3 allows answering only the most recent ping). A peer flooding
+    /// pings without reading then costs one pong, not one per ping.
+    pub reply_queue_limit: usize,
 }
 
 impl Default for Config {
@@ -66,9 +79,19 @@ impl Default for Config {
             pong_timeout: Duration::from_secs(20),
             close_timeout: Duration::from_secs(5),
             allowed_rsv: 0,
+            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+            send_timeout: Some(DEFAULT_SEND_TIMEOUT),
+            reply_queue_limit: DEFAULT_REPLY_QUEUE_LIMIT,
         }
     }
 }
+
+/// Default of [`Config::message_timeout`]: a 16 MiB message at ~2.2 Mbit/s.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`Config::send_timeout`].
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`Config::reply_queue_limit`] (the engine's soft send-queue limit).
+pub const DEFAULT_REPLY_QUEUE_LIMIT: usize = 256 * 1024;
 
 /// What the connection reports to the application.
 ///
@@ -91,8 +114,12 @@ pub enum Event {
     /// The peer broke a rule; our close frame with the matching code is queued and the
     /// connection is closed.
     ProtocolError(ProtocolError),
-    /// A deadline passed (no pong, or no close reply): drop the connection (code 1006).
+    /// A deadline passed (no pong, no close reply, or the closed connection's last bytes
+    /// were not taken within the close timeout): drop the connection (code 1006).
     TimedOut,
+    /// Queued bytes made no progress for [`Config::send_timeout`]: the peer stopped
+    /// reading. Drop the connection (code 1006); the connection is closed.
+    SendTimedOut,
 }
 
 /// The connection's state.
@@ -261,6 +288,14 @@ struct Busy {
     transmit_offset: usize,
     /// Bytes queued and not yet written.
     queued_bytes: usize,
+    /// The pong owed for the latest ping that arrived while the queue was past
+    /// [`Config::reply_queue_limit`]; queued once the queue drains below it.
+    owed_pong: Option<Bytes>,
+    /// When the frame or message in progress must be complete ([`Config::message_timeout`]).
+    message_deadline: Deadline,
+    /// When queued bytes that made no progress drop the connection
+    /// ([`Config::send_timeout`]); set by [`Connection::note_unsent`], cleared by progress.
+    send_deadline: Deadline,
 }
 
 impl Busy {
@@ -346,8 +381,12 @@ impl Busy {
             && self.tail.is_empty()
             && self.partial.is_none()
             && self.decoder.at_boundary()
+            && self.owed_pong.is_none()
     }
 }
+
+/// Smallest reassembly buffer allocation.
+const RESERVE_MIN: usize = 4096;
 
 /// Queue capacity a spare [`Busy`] may keep (more is freed with the box).
 const SPARE_QUEUE_CAPACITY: usize = 64;
@@ -417,6 +456,9 @@ fn give_spare(mut b: Box<Busy>) {
     b.decoder = Decoder::new();
     b.transmit_offset = 0;
     b.queued_bytes = 0;
+    b.owed_pong = None;
+    b.message_deadline = Deadline::NONE;
+    b.send_deadline = Deadline::NONE;
     with_spares(|s| s.boxes.push(b));
 }
 
@@ -563,6 +605,21 @@ impl Connection {
         let mut b = self.busy.take().unwrap_or_else(take_spare);
         if let Err(e) = self.read_frames(&mut b, data) {
             self.fail(&mut b, e);
+        }
+        if b.decoder.at_boundary() || self.input_done {
+            b.message_deadline = Deadline::NONE;
+        } else if b.message_deadline == Deadline::NONE
+            && let Some(t) = self.config.message_timeout
+        {
+            // The clock of a frame or message starts with its first bytes.
+            b.message_deadline = Deadline::at(now + t);
+        }
+        if self.input_done && self.timer != Timer::Closing {
+            // The peer's close or a protocol error: what is still queued (our reply, and
+            // the answers before it) must be taken within the close timeout, or the
+            // connection is dropped; a peer that stopped reading cannot hold it open.
+            self.timer = Timer::Closing;
+            self.deadline = Deadline::at(now + self.config.close_timeout);
         }
         self.busy = Some(b);
         self.settle();
@@ -723,11 +780,18 @@ impl Connection {
         } else {
             let p = b.partial.get_or_insert_with(Box::default);
             if p.message.capacity() - p.message.len() < chunk.len() {
-                // Reserve for the rest of this frame at once (no doubling copies), but no
-                // more than 1 MiB ahead of the bytes that actually arrived: a header that
-                // announces 16 MiB must not make us allocate 16 MiB before any payload.
-                let ahead = usize::try_from(b.decoder.remaining).unwrap_or(usize::MAX);
-                p.message.reserve(chunk.len() + ahead.min(1 << 20));
+                // Grow by doubling from what actually arrived (never ahead of it: a header
+                // that announces 16 MiB reserves nothing for bytes not yet sent, so the
+                // worker's budget counts memory peers really made us hold, at most twice
+                // what they sent), and no further than the end of the last frame.
+                let len = p.message.len();
+                let need = len + chunk.len();
+                let mut target = need.max(2 * p.message.capacity()).max(RESERVE_MIN);
+                if b.decoder.fin {
+                    let rest = usize::try_from(b.decoder.remaining).unwrap_or(usize::MAX);
+                    target = target.min(need.saturating_add(rest));
+                }
+                p.message.reserve_exact(target - len);
             }
             p.message.extend_from_slice(chunk);
             p.recount();
@@ -758,7 +822,12 @@ impl Connection {
         match op {
             OpCode::Ping => {
                 if self.state == State::Open {
-                    b.queue_encoded(OpCode::Pong, payload);
+                    if b.queued_bytes > self.config.reply_queue_limit {
+                        // Congested: owe only the latest ping's pong (§5.5.3).
+                        b.owed_pong = Some(Bytes::copy_from_slice(payload));
+                    } else {
+                        b.queue_encoded(OpCode::Pong, payload);
+                    }
                 }
                 b.events
                     .push_back(Event::Ping(super::arena::copy(&[payload])));
@@ -816,10 +885,20 @@ impl Connection {
         Some(event)
     }
 
+    /// Closed: nothing more is read or queued. A close deadline already running (ours,
+    /// or the one [`Connection::handle_read`] starts when the peer's close or an error
+    /// arrives) keeps running, so that bytes the peer never takes cannot keep the
+    /// connection; every other timer stops.
     fn closed(&mut self) {
         self.state = State::Closed;
-        self.timer = Timer::None;
-        self.deadline = Deadline::NONE;
+        if self.timer != Timer::Closing {
+            self.timer = Timer::None;
+            self.deadline = Deadline::NONE;
+        }
+        if let Some(b) = self.busy.as_mut() {
+            b.owed_pong = None;
+            b.message_deadline = Deadline::NONE;
+        }
     }
 
     /// Starts the closing handshake with `code` and `reason` (cut to fit 123 bytes). Does
@@ -951,32 +1030,89 @@ impl Connection {
         let Some(b) = self.busy.as_mut() else {
             return;
         };
+        if n > 0 {
+            b.send_deadline = Deadline::NONE; // progress
+        }
         b.queued_bytes = b.queued_bytes.saturating_sub(n);
         while let Some(front) = b.transmit.front() {
             let left = front.len() - b.transmit_offset;
             if n < left {
                 b.transmit_offset += n;
-                return;
+                break;
             }
             n -= left;
             b.transmit_offset = 0;
             b.transmit.pop_front();
         }
+        if b.queued_bytes <= self.config.reply_queue_limit
+            && let Some(payload) = b.owed_pong.take()
+            && self.state == State::Open
+        {
+            b.queue_encoded(OpCode::Pong, &payload);
+        }
         self.settle();
+    }
+
+    /// Tells the connection that bytes are still queued after a write at `now` (the
+    /// socket took less than everything, or a write is in flight): unless the queue makes
+    /// progress within [`Config::send_timeout`], [`Connection::handle_timeout`] drops the
+    /// connection ([`Event::SendTimedOut`]). Cheap when the clock already runs.
+    pub fn note_unsent(&mut self, now: Instant) {
+        let Some(timeout) = self.config.send_timeout else {
+            return;
+        };
+        if let Some(b) = self.busy.as_mut()
+            && b.queued_bytes > 0
+            && b.send_deadline == Deadline::NONE
+        {
+            b.send_deadline = Deadline::at(now + timeout);
+        }
     }
 
     /// The next deadline, if any: call [`Connection::handle_timeout`] when it has passed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline.get()
+        let mut d = self.deadline;
+        if let Some(b) = &self.busy {
+            for other in [b.message_deadline, b.send_deadline] {
+                if other != Deadline::NONE && (d == Deadline::NONE || other.0 < d.0) {
+                    d = other;
+                }
+            }
+        }
+        d.get()
     }
 
     /// Acts on a deadline that has passed: send a ping when the peer was silent, or close
-    /// (event [`Event::TimedOut`]) when a pong or a close reply did not come in time. Calls
-    /// before the deadline do nothing, so a driver may call it early.
+    /// (event [`Event::TimedOut`]) when a pong or a close reply did not come in time, or
+    /// (event [`Event::SendTimedOut`]) when queued bytes made no progress, or fail the
+    /// connection with 1008 when a message was not complete in time. Calls before the
+    /// deadline do nothing, so a driver may call it early.
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.deadline.get() {
-            Some(d) if d <= now => {}
-            _ => return,
+        let due = |d: Deadline| d.get().is_some_and(|d| d <= now);
+        if let Some(b) = self.busy.as_mut() {
+            if due(b.send_deadline) && b.queued_bytes > 0 && !b.events.iter().any(is_terminal) {
+                b.send_deadline = Deadline::NONE;
+                self.closed();
+                self.timer = Timer::None;
+                self.deadline = Deadline::NONE;
+                self.input_done = true;
+                self.busy().events.push_back(Event::SendTimedOut);
+                return;
+            }
+            if due(b.message_deadline) {
+                b.message_deadline = Deadline::NONE;
+                if self.state == State::Open && !self.input_done {
+                    let mut b = self.busy.take().unwrap_or_else(take_spare);
+                    self.fail(&mut b, ProtocolError::MessageTimeout);
+                    self.busy = Some(b);
+                    self.timer = Timer::Closing;
+                    self.deadline = Deadline::at(now + self.config.close_timeout);
+                    return;
+                }
+            }
+        }
+        if !due(self.deadline) {
+            return;
         }
         match self.timer {
             Timer::None => self.deadline = Deadline::NONE,
@@ -988,6 +1124,21 @@ impl Connection {
                 self.deadline = Deadline::at(now + self.config.pong_timeout);
             }
             Timer::AwaitPong | Timer::Closing => {
+                if self
+                    .busy
+                    .as_ref()
+                    .is_some_and(|b| b.events.iter().any(is_terminal))
+                {
+                    return; // the end is already reported; the driver polls it first
+                }
+                let was_closed = self.state == State::Closed;
+                self.timer = Timer::None;
+                self.deadline = Deadline::NONE;
+                if was_closed && self.queued_bytes() == 0 {
+                    return; // closed and flushed: nothing to drop for
+                }
+                // Closed with bytes the peer never took, or a pong or close reply that
+                // never came: drop.
                 self.closed();
                 self.input_done = true;
                 self.busy().events.push_back(Event::TimedOut);
@@ -1025,6 +1176,14 @@ impl Connection {
                 + b.tail.capacity()
         })
     }
+}
+
+/// Whether `event` ends the connection (nothing follows it).
+fn is_terminal(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Close(_) | Event::ProtocolError(_) | Event::TimedOut | Event::SendTimedOut
+    )
 }
 
 /// What [`Connection::transmit`] iterates when nothing is queued.

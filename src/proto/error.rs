@@ -44,6 +44,10 @@ pub enum ProtocolError {
     /// A frame or message above the configured limit.
     #[error("message of {0} bytes exceeds the limit")]
     MessageTooBig(u64),
+    /// A frame or message that had begun was not complete within the message timeout
+    /// (a slow-drip sender holding reassembly memory): a policy violation.
+    #[error("message not complete within the message timeout")]
+    MessageTimeout,
 }
 
 impl ProtocolError {
@@ -52,6 +56,7 @@ impl ProtocolError {
         match self {
             ProtocolError::InvalidUtf8 => CloseCode::Invalid,
             ProtocolError::MessageTooBig(_) => CloseCode::Size,
+            ProtocolError::MessageTimeout => CloseCode::Policy,
             ProtocolError::UnmaskedFrame
             | ProtocolError::ReservedBits(_)
             | ProtocolError::ReservedOpCode(_)

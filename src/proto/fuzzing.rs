@@ -166,6 +166,10 @@ pub fn frames(data: &[u8]) {
         } else {
             0
         },
+        // Short enough for the harness's time steps to reach them.
+        message_timeout: (config_byte & 0b1_0000 == 0).then_some(Duration::from_secs(60)),
+        send_timeout: (config_byte & 0b1000 == 0).then_some(Duration::from_secs(30)),
+        reply_queue_limit: if seed & 1 == 0 { 256 } else { 1 << 20 },
     };
     let split_mode = config_byte >> 5;
     let mut rng = Rng((u64::from(seed) << 8) | u64::from(config_byte) | (1 << 40));
@@ -176,6 +180,7 @@ pub fn frames(data: &[u8]) {
     let mut check = Checker {
         config,
         terminal: false,
+        dropped: false,
         state: conn.state(),
         expected_close: ExpectedClose::None,
         written: Vec::new(),
@@ -234,6 +239,7 @@ pub fn frames(data: &[u8]) {
                 assert_eq!(sent.is_ok(), conn.state() == State::Open);
             }
             3 => conn.shrink(),
+            4 => conn.note_unsent(start + elapsed),
             _ => {}
         }
         check.transmit(&mut conn, &mut rng, false);
@@ -254,6 +260,8 @@ struct Checker {
     config: Config,
     /// A terminal event was seen.
     terminal: bool,
+    /// The connection was dropped (nothing at all may follow).
+    dropped: bool,
     /// The state after the last step.
     state: State,
     expected_close: ExpectedClose,
@@ -272,7 +280,12 @@ impl Checker {
         }
         self.state = state;
         while let Some(event) = conn.poll_event() {
-            assert!(!self.terminal, "event after the terminal one: {event:?}");
+            // After the end only a drop may come, and only for bytes the peer never took.
+            let drop = matches!(event, Event::TimedOut | Event::SendTimedOut);
+            assert!(
+                !self.dropped && (!self.terminal || (drop && conn.queued_bytes() > 0)),
+                "event after the terminal one: {event:?}"
+            );
             match event {
                 Event::Text(b) => {
                     assert!(std::str::from_utf8(&b).is_ok());
@@ -305,8 +318,9 @@ impl Checker {
                         self.expected_close = ExpectedClose::Code(u16::from(e.close_code()));
                     }
                 }
-                Event::TimedOut => {
+                Event::TimedOut | Event::SendTimedOut => {
                     self.terminal = true;
+                    self.dropped = true;
                     assert!(conn.is_closed());
                 }
             }
