@@ -435,10 +435,12 @@ impl<D> Inner<D> {
                         None => held.push((topic.clone(), frame)),
                     }
                     self.shared.stats[self.index].conflated.bump(1);
+                    self.pause_full(id);
                     return SendStatus::Conflated;
                 }
                 (Policy::DropNew | Policy::Conflate, _) => {
                     self.shared.stats[self.index].dropped.bump(1);
+                    self.pause_full(id);
                     return SendStatus::Dropped;
                 }
             },
@@ -461,6 +463,19 @@ impl<D> Inner<D> {
         };
         self.mark_dirty(id);
         status
+    }
+
+    /// A connection whose queue is full (the drop or conflate policy applies) is not read
+    /// until the queue drains below the soft limit: whatever it sends would only queue
+    /// more replies, so TCP flow control holds it back instead.
+    fn pause_full(&mut self, id: ConnId) {
+        if let Some(slot) = slot_of(&mut self.slots, id)
+            && !slot.flags.has(Flags::QUEUE_PAUSED)
+        {
+            slot.flags.set(Flags::QUEUE_PAUSED, true);
+            self.shared.stats[self.index].queue_pauses.bump(1);
+            self.mark_dirty(id);
+        }
     }
 
     /// Moves conflated frames into the queue once it is back under the soft limit.
@@ -998,6 +1013,11 @@ impl<H: Handler> Core<H> {
             }
             Phase::Open => {
                 slot.conn.handle_read(data, now);
+                // A read may start an earlier deadline (a message's, or the close
+                // deadline of a peer's close); the wheel keeps only the earliest.
+                if let Some(at) = slot.conn.poll_timeout() {
+                    self.inner.schedule(id, at);
+                }
                 self.drain_events(id);
                 self.check_budget(id);
                 self.check_queue(id);
@@ -1359,10 +1379,10 @@ impl<H: Handler> Core<H> {
     }
 
     /// After `id` read: when this worker's messages in reassembly hold more than the
-    /// budget, stop reading `id` if it holds at least its share (the average over the
-    /// holders) — unless every other holder is already stopped (one always reads on, so
+    /// budget, stop reading `id` if it holds at least half its share (half the average
+    /// over the holders) — unless every other holder is already stopped (one always reads on, so
     /// memory is eventually freed). The connections holding the most wait; a message
-    /// smaller than the average (a well-behaved peer's, beside peers that announce large
+    /// much smaller than the average (a well-behaved peer's, beside peers that announce large
     /// messages and drip them) keeps being read and completes. Holders that never finish
     /// are closed by the message timeout (1008).
     fn check_budget(&mut self, id: ConnId) {
@@ -1373,7 +1393,7 @@ impl<H: Handler> Core<H> {
             if let Some(slot) = slot_of(&mut self.inner.slots, id)
                 && !slot.flags.has(Flags::BUDGET_PAUSED)
                 && slot.conn.reassembly_bytes() > 0
-                && slot.conn.reassembly_bytes().saturating_mul(holders) >= total
+                && slot.conn.reassembly_bytes().saturating_mul(2 * holders) >= total
                 && waiting + 1 < holders
             {
                 slot.flags.set(Flags::BUDGET_PAUSED, true);

@@ -780,13 +780,15 @@ impl Connection {
         } else {
             let p = b.partial.get_or_insert_with(Box::default);
             if p.message.capacity() - p.message.len() < chunk.len() {
-                // Grow by doubling from what actually arrived (never ahead of it: a header
-                // that announces 16 MiB reserves nothing for bytes not yet sent, so the
-                // worker's budget counts memory peers really made us hold, at most twice
-                // what they sent), and no further than the end of the last frame.
+                // Grow by half from what actually arrived (never ahead of it: a header that
+                // announces 16 MiB reserves nothing for bytes not yet sent, so the worker's
+                // budget counts memory peers really made us hold, at most 1.5x what they
+                // sent; copies stay linear in the message), and no further than the end
+                // of the last frame.
                 let len = p.message.len();
                 let need = len + chunk.len();
-                let mut target = need.max(2 * p.message.capacity()).max(RESERVE_MIN);
+                let grown = p.message.capacity() + p.message.capacity() / 2;
+                let mut target = need.max(grown).max(RESERVE_MIN);
                 if b.decoder.fin {
                     let rest = usize::try_from(b.decoder.remaining).unwrap_or(usize::MAX);
                     target = target.min(need.saturating_add(rest));
