@@ -1215,6 +1215,75 @@ mod tests {
     }
 
     #[test]
+    fn handler_publishes_to_a_full_inbox_are_counted_not_queued() {
+        let config = EngineConfig {
+            max_connections: 10,
+            ..EngineConfig::default()
+        };
+        let shared = Shared::new(config, 2, Backend::Epoll).unwrap();
+        let topic: Arc<str> = Arc::from("t");
+        let frame = Bytes::from(vec![0u8; 64 * 1024]);
+        let (mut taken, mut attempts) = (0, 0);
+        while attempts < 2 * HANDLE_QUEUE_LIMIT / frame.len() {
+            taken += shared.forward(1 << 1, &topic, &frame, Some(0));
+            attempts += 1;
+        }
+        let pending = shared.inboxes[1].pending_bytes.load(Ordering::Acquire);
+        assert!(
+            pending <= HANDLE_QUEUE_LIMIT + frame.len(),
+            "{pending} bytes queued"
+        );
+        let dropped = shared.stats[0].forward_dropped.load(Ordering::Relaxed);
+        assert_eq!(taken + dropped as usize, attempts);
+        assert!(dropped > 0);
+        // Once the worker takes its commands, there is room again.
+        assert_eq!(shared.take_commands(1).len(), taken);
+        assert_eq!(shared.forward(1 << 1, &topic, &frame, Some(0)), 1);
+        // `Handle::publish` (from = None) has waited for room itself: never refused.
+        for _ in 0..2 * HANDLE_QUEUE_LIMIT / frame.len() {
+            assert_eq!(shared.forward(1 << 1, &topic, &frame, None), 1);
+        }
+    }
+
+    #[test]
+    fn the_socket_limit_leaves_room_for_handshakes_within_the_descriptors() {
+        assert_eq!(socket_limit(1000, 1 << 20), 1000 + 125 + 16);
+        assert_eq!(socket_limit(19_936, 20_000), 20_000 - 32);
+        assert_eq!(socket_limit(usize::MAX, u64::MAX), usize::MAX - 32);
+        assert_eq!(socket_limit(0, 10), 1);
+    }
+
+    #[test]
+    fn accept_failures_for_resources_pause_with_a_growing_backoff() {
+        let stats = WorkerStats::default();
+        let mut b = AcceptBackoff::new();
+        let t0 = Instant::now();
+        assert!(b.ready(t0) && !b.paused());
+        // A client that reset before its accept: counted, no pause.
+        assert!(!b.failed(0, libc::ECONNABORTED, &stats, t0));
+        assert!(b.ready(t0));
+        assert!(b.failed(0, libc::EMFILE, &stats, t0));
+        assert!(b.paused());
+        assert!(!b.ready(t0 + Duration::from_millis(9)));
+        assert!(b.ready(t0 + Duration::from_millis(10)));
+        // Failing on: 20 ms, 40 ms, ... up to 1 s.
+        assert!(b.failed(0, libc::ENFILE, &stats, t0));
+        assert!(!b.ready(t0 + Duration::from_millis(19)));
+        for _ in 0..20 {
+            b.failed(0, libc::EMFILE, &stats, t0);
+        }
+        assert!(!b.ready(t0 + Duration::from_millis(999)));
+        assert!(b.ready(t0 + Duration::from_secs(1)));
+        // Success starts again from the shortest pause.
+        b.succeeded();
+        assert!(b.failed(0, libc::EMFILE, &stats, t0));
+        assert!(b.ready(t0 + Duration::from_millis(10)));
+        assert_eq!(stats.accept_errors.load(Ordering::Relaxed), 24);
+        // One WARN per 10 s: the failures in between are only counted.
+        assert_eq!(b.suppressed, 23);
+    }
+
+    #[test]
     fn an_invalid_configuration_does_not_start() {
         let err = Server::builder()
             .send_queue_soft(10)

@@ -838,3 +838,32 @@ fn finish_if_idle<H: Handler>(core: &mut Core<H>, io: &mut [SlotIo], slot: u32) 
         core.on_closed(id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recv_is_armed_again_unless_reading_ended_or_stays_off() {
+        let open = SlotIo::default();
+        assert!(rearm_after(&open, 100));
+        assert!(rearm_after(&open, -libc::ENOBUFS));
+        // The cancel of a pause whose resume came before this completion was reaped:
+        // `set_reading(on)` saw the recv still in flight and armed none, so this must.
+        assert!(rearm_after(&open, -libc::ECANCELED));
+        assert!(!rearm_after(&open, 0), "EOF");
+        assert!(!rearm_after(&open, -libc::ECONNRESET));
+        let paused = SlotIo {
+            paused: true,
+            ..SlotIo::default()
+        };
+        assert!(!rearm_after(&paused, -libc::ECANCELED));
+        assert!(!rearm_after(&paused, 100));
+        let closing = SlotIo {
+            closing: true,
+            ..SlotIo::default()
+        };
+        assert!(!rearm_after(&closing, -libc::ECANCELED));
+        assert!(!rearm_after(&closing, -libc::ENOBUFS));
+    }
+}

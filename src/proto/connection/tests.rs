@@ -631,3 +631,148 @@ fn spare_buffers_are_reused_and_trimmed_when_unused_for_a_window() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn pongs_past_the_reply_limit_collapse_into_the_latest_ping() {
+    let mut c = conn_with(Config {
+        reply_queue_limit: 100,
+        ..Config::default()
+    });
+    // Fill the queue past the limit with a message the peer has not read.
+    c.send(OpCode::Binary, &[0u8; 200]).unwrap();
+    for i in 0..1000u32 {
+        feed(&mut c, &frame(true, 9, &i.to_be_bytes()));
+    }
+    assert_eq!(events(&mut c).len(), 1000, "every ping is reported");
+    // One message and no pong queued.
+    assert_eq!(c.queued_bytes(), 204);
+    let out = written(&mut c);
+    assert_eq!(out.len(), 204);
+    // Once written, the latest ping's pong is owed and queued, and only it.
+    assert_eq!(
+        written(&mut c),
+        [&[0x8A, 4][..], &999u32.to_be_bytes()].concat()
+    );
+    assert!(written(&mut c).is_empty());
+    // Under the limit pongs go out one per ping again.
+    feed(&mut c, &frame(true, 9, b"a"));
+    feed(&mut c, &frame(true, 9, b"b"));
+    assert_eq!(written(&mut c), vec![0x8A, 1, b'a', 0x8A, 1, b'b']);
+}
+
+#[test]
+fn a_message_not_complete_within_the_message_timeout_fails_with_1008() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(
+        Arc::new(Config {
+            message_timeout: Some(Duration::from_secs(3)),
+            ping_interval: None,
+            ..Config::default()
+        }),
+        t0,
+    );
+    let whole = frame(true, 2, &[5u8; 1000]);
+    let mut head = whole[..100].to_vec();
+    c.handle_read(&mut head, t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(3)));
+    // Dripping more bytes does not move the deadline.
+    let mut more = whole[100..200].to_vec();
+    c.handle_read(&mut more, t0 + Duration::from_secs(2));
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(3)));
+    c.handle_timeout(t0 + Duration::from_secs(3));
+    assert_eq!(
+        events(&mut c),
+        vec![Event::ProtocolError(ProtocolError::MessageTimeout)]
+    );
+    assert!(c.is_closed());
+    assert_eq!(written(&mut c), close_frame(CloseCode::Policy, "").to_vec());
+    assert_eq!(reassembly_total(), (0, 0));
+
+    // A message that completes in time clears its deadline.
+    let mut c = Connection::new(
+        Arc::new(Config {
+            message_timeout: Some(Duration::from_secs(3)),
+            ping_interval: None,
+            ..Config::default()
+        }),
+        t0,
+    );
+    let mut head = whole[..100].to_vec();
+    c.handle_read(&mut head, t0);
+    let mut rest = whole[100..].to_vec();
+    c.handle_read(&mut rest, t0 + Duration::from_secs(1));
+    assert_eq!(c.poll_timeout(), None);
+    assert_eq!(events(&mut c).len(), 1);
+}
+
+#[test]
+fn a_closed_connection_whose_last_bytes_are_not_taken_times_out() {
+    let t0 = Instant::now();
+    let cfg = || Config {
+        close_timeout: Duration::from_secs(5),
+        ping_interval: Some(Duration::from_secs(25)),
+        ..Config::default()
+    };
+    // The peer closes while our queue still holds a message it never reads.
+    let mut c = Connection::new(Arc::new(cfg()), t0);
+    c.send(OpCode::Binary, &[1u8; 300]).unwrap();
+    let mut close = frame(true, 8, &1000u16.to_be_bytes());
+    c.handle_read(&mut close, t0 + Duration::from_secs(1));
+    assert!(matches!(events(&mut c).as_slice(), [Event::Close(_)]));
+    assert!(c.is_closed());
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(6)));
+    c.handle_timeout(t0 + Duration::from_secs(6));
+    assert_eq!(events(&mut c), vec![Event::TimedOut]);
+    assert_eq!(c.poll_timeout(), None);
+
+    // Our close (the 1013 of a full queue), then the peer's reply: the deadline stays.
+    let mut c = Connection::new(Arc::new(cfg()), t0);
+    c.send(OpCode::Binary, &[1u8; 300]).unwrap();
+    c.close(CloseCode::Again, "", t0);
+    let mut reply = frame(true, 8, &1000u16.to_be_bytes());
+    c.handle_read(&mut reply, t0 + Duration::from_secs(1));
+    events(&mut c);
+    assert!(c.is_closed());
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+    c.handle_timeout(t0 + Duration::from_secs(5));
+    assert_eq!(events(&mut c), vec![Event::TimedOut]);
+
+    // Written in time: the deadline passes with nothing to report.
+    let mut c = Connection::new(Arc::new(cfg()), t0);
+    let mut close = frame(true, 8, &1000u16.to_be_bytes());
+    c.handle_read(&mut close, t0);
+    events(&mut c);
+    written(&mut c);
+    c.handle_timeout(t0 + Duration::from_secs(5));
+    assert!(events(&mut c).is_empty());
+}
+
+#[test]
+fn queued_bytes_without_progress_for_the_send_timeout_drop_the_connection() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(
+        Arc::new(Config {
+            send_timeout: Some(Duration::from_secs(30)),
+            ping_interval: None,
+            ..Config::default()
+        }),
+        t0,
+    );
+    // Nothing queued: nothing to time.
+    c.note_unsent(t0);
+    assert_eq!(c.poll_timeout(), None);
+    c.send(OpCode::Binary, &[1u8; 2000]).unwrap();
+    c.note_unsent(t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+    // Progress restarts the clock at the next note.
+    c.advance_transmit(100);
+    assert_eq!(c.poll_timeout(), None);
+    c.note_unsent(t0 + Duration::from_secs(20));
+    c.note_unsent(t0 + Duration::from_secs(25)); // already running: unchanged
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(50)));
+    c.handle_timeout(t0 + Duration::from_secs(49));
+    assert!(events(&mut c).is_empty());
+    c.handle_timeout(t0 + Duration::from_secs(50));
+    assert_eq!(events(&mut c), vec![Event::SendTimedOut]);
+    assert!(c.is_closed());
+}
