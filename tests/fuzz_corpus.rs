@@ -1,5 +1,5 @@
 //! Replays the committed fuzz seed corpus (`fuzz/corpus/<target>/`) through the fuzz target
-//! bodies in `wsring::proto::fuzzing`, so every seed and every past crash is checked by
+//! bodies in `wsring::proto::fuzzing` and `wsring::engine::core::fuzzing`, so every seed and every past crash is checked by
 //! `cargo test` on stable, without libFuzzer.
 
 use std::fs;
@@ -37,4 +37,9 @@ fn frames_corpus_replays_without_panics() {
 #[test]
 fn close_payload_corpus_replays_without_panics() {
     replay("close_payload", wsring::proto::fuzzing::close_payload);
+}
+
+#[test]
+fn worker_corpus_replays_without_panics() {
+    replay("worker", wsring::engine::core::fuzzing::worker);
 }

@@ -1730,6 +1730,9 @@ impl<H: Handler> Core<H> {
     }
 }
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests {
     use super::*;
