@@ -16,6 +16,10 @@
 #              read from and written under DIR, so tests never touch the real host.
 #   --workers W number of wsring worker threads = io_uring rings (default: nproc).
 #
+#   Env WSRING_BIN: the wsring binary that measures memlock on the real root (default:
+#   wsring on PATH, else this checkout's target/release or target/debug build; set it
+#   empty to decide by kernel version only). Never used with a fake --root.
+#
 # Formulas (N = --connections; tuning/README.md explains each one):
 #   nofile                        >= N + 1024          (listeners, rings, eventfds, logs, stdio)
 #   fs.nr_open                    >= nofile            (a hard RLIMIT_NOFILE above it is refused)
@@ -25,7 +29,11 @@
 #   net.core.netdev_max_backlog   >= clamp(N/64, 1000, 65536)
 #   net.ipv4.tcp_mem (pages)      pressure >= N * 4 KiB / page size, max >= 3/2 * that,
 #                                 min >= 3/4 * that (one page of buffer per busy socket)
-#   memlock                       >= workers * 64 MiB  (rings + provided buffers per ring)
+#   memlock                       on the real root, measured by 'wsring check --threads W'
+#                                 (W rings set up as the server does, under the current
+#                                 limit); otherwise by kernel version: none on 5.12 to 6.13
+#                                 (io_uring charges the memory cgroup), else >= W * 1 MiB
+#                                 (792 KiB per worker measured on 6.18)
 #   memory (MemAvailable)         >= N * 5632 B        (3.6 KiB TCP socket + 0.9 KiB
 #                                 multishot recv + 1 KiB wsring hard budget; DESIGN.md)
 #   kernel.io_uring_disabled      == 0 (or 1 with the user in kernel.io_uring_group, or root)
@@ -37,7 +45,14 @@
 set -euo pipefail
 
 readonly HEADROOM_FDS=1024
-readonly RING_MEMLOCK_BYTES=$((64 * 1024 * 1024))
+# RLIMIT_MEMLOCK budget per worker where the kernel charges io_uring rings to it: 792 KiB
+# measured on Linux 6.18 (SQ/CQ rings and SQEs at 4096/32768 entries, buffer ring), rounded
+# up to 1 MiB for larger pages. The same as RING_MEMLOCK_BYTES in src/check.rs.
+readonly RING_MEMLOCK_BYTES=$((1024 * 1024))
+# io_uring charges ring memory to the memory cgroup, not RLIMIT_MEMLOCK, from 5.12 up to
+# (not including) 6.14, where its region API charges RLIMIT_MEMLOCK again (as major*1000+minor).
+readonly MEMLOCK_UNCHARGED_FROM=5012
+readonly MEMLOCK_UNCHARGED_TO=6014
 readonly TCP_MEM_BYTES_PER_CONN=4096
 readonly KERNEL_TCP_SOCKET_BYTES=3686
 readonly IO_URING_RECV_BYTES=922
@@ -230,6 +245,94 @@ check_min_sysctl() {
 	fi
 }
 
+# The kernel release: <root>/proc/sys/kernel/osrelease, or uname on the real root.
+kernel_release() {
+	if read_sysctl kernel.osrelease; then return 0; fi
+	if ((REAL_ROOT)); then uname -r; else return 1; fi
+}
+
+# charges_memlock RELEASE: true when io_uring on that kernel charges ring memory to
+# RLIMIT_MEMLOCK (an unparsable or empty release is assumed to).
+charges_memlock() {
+	[[ $1 =~ ^([0-9]+)\.([0-9]+) ]] || return 0
+	local v=$((10#${BASH_REMATCH[1]} * 1000 + 10#${BASH_REMATCH[2]}))
+	((v < MEMLOCK_UNCHARGED_FROM || v >= MEMLOCK_UNCHARGED_TO))
+}
+
+# The wsring binary to measure memlock with, if any (see WSRING_BIN in --help).
+find_wsring() {
+	if [[ -n ${WSRING_BIN+set} ]]; then
+		[[ -n $WSRING_BIN && -x $WSRING_BIN ]] || return 1
+		echo "$WSRING_BIN"
+		return 0
+	fi
+	local here candidate
+	here=$(cd "$(dirname "$0")/.." && pwd)
+	for candidate in "$(command -v wsring || true)" "$here/target/release/wsring" "$here/target/debug/wsring"; do
+		if [[ -n $candidate && -x $candidate ]]; then
+			echo "$candidate"
+			return 0
+		fi
+	done
+	return 1
+}
+
+# memlock_raise_to SOFT: what --apply raises memlock to when the rings do not fit: the
+# budget, or that much above SOFT when SOFT is already above it (other processes of the user
+# hold the rest). The same rule as src/check.rs.
+memlock_raise_to() {
+	if [[ $1 != unlimited ]] && (($1 >= NEED_MEMLOCK)); then
+		echo $(($1 + NEED_MEMLOCK))
+	else
+		echo "$NEED_MEMLOCK"
+	fi
+}
+
+# memlock_row SOFT: the memlock row. On the real root 'wsring check' measures it (it sets up
+# the server's rings under this limit); otherwise, or when that gives no memlock line, the
+# kernel version decides.
+memlock_row() {
+	local soft=$1 bin out row cur need status note prefix="" release kernel
+	if ((REAL_ROOT)); then
+		if bin=$(find_wsring); then
+			out=$("$bin" check --connections "$CONNECTIONS" --threads "$WORKERS" 2>/dev/null) || true
+			# Fields: name, current, needed (may hold spaces), status.
+			row=$(awk '$1 == "memlock" && NF >= 4 { n = $3; for (i = 4; i < NF; i++) n = n " " $i; print $2 "\t" n "\t" $NF; exit }' <<<"$out")
+			note=$(awk '/^  memlock \([A-Z]+\): / { sub(/^  memlock \([A-Z]+\): /, ""); print; exit }' <<<"$out")
+			if [[ -n $row ]]; then
+				IFS=$'\t' read -r cur need status <<<"$row"
+				add_row memlock "$cur" "$need" "$status" "${note:+$note; }from $bin check --threads $WORKERS"
+				if [[ $status == LOW ]]; then
+					APPLY_MEMLOCK=1
+					NEED_MEMLOCK=$(memlock_raise_to "$soft")
+				fi
+				return 0
+			fi
+			prefix="not measured ($bin check printed no memlock line); "
+		else
+			prefix="not measured (no wsring binary: build it or set WSRING_BIN); "
+		fi
+	fi
+	if release=$(kernel_release) && [[ -n $release ]]; then
+		kernel="kernel $release"
+	else
+		release=""
+		kernel="an unknown kernel (no proc/sys/kernel/osrelease)"
+	fi
+	if ! charges_memlock "$release"; then
+		add_row memlock "$(kib "$soft")" "not charged" OK \
+			"${prefix}$kernel charges io_uring rings to the memory cgroup, not RLIMIT_MEMLOCK (5.12 to 6.13)"
+		return 0
+	fi
+	local why="${prefix}$kernel charges io_uring rings to RLIMIT_MEMLOCK (before 5.12, and again from 6.14) unless the process has CAP_IPC_LOCK: $WORKERS worker(s) x 1 MiB (792 KiB measured on 6.18), summed over every process of the user; 'wsring check' on the host measures it"
+	if ge "$soft" "$NEED_MEMLOCK"; then
+		add_row memlock "$(kib "$soft")" "$(kib "$NEED_MEMLOCK")" OK "${prefix:+$why}"
+	else
+		add_row memlock "$(kib "$soft")" "$(kib "$NEED_MEMLOCK")" LOW "$why"
+		APPLY_MEMLOCK=1
+	fi
+}
+
 collect() {
 	ROW_NAME=()
 	ROW_CUR=()
@@ -263,13 +366,7 @@ collect() {
 
 	# RLIMIT_MEMLOCK: io_uring checks the soft limit.
 	read -r soft hard <<<"$(read_limit "Max locked memory" -l 1024)"
-	if ge "$soft" "$NEED_MEMLOCK"; then
-		add_row memlock "$(kib "$soft")" "$(kib "$NEED_MEMLOCK")" OK ""
-	else
-		add_row memlock "$(kib "$soft")" "$(kib "$NEED_MEMLOCK")" LOW \
-			"RLIMIT_MEMLOCK (soft) must hold $WORKERS ring(s) x 64 MiB: rings, buffer rings and registered buffers are charged to it (by kernel version) unless the process has CAP_IPC_LOCK"
-		APPLY_MEMLOCK=1
-	fi
+	memlock_row "$soft"
 
 	# Memory for N idle connections.
 	cur=""

@@ -11,6 +11,15 @@
 //! each knob. Two lines exist only here: `backend` (a real `io_uring_setup` call, see
 //! [`backend_probe`]) and, like the script, `seccomp`; both only when the proc root is `/`.
 //!
+//! `memlock` is measured, not computed, when the proc root is `/`: whether the kernel
+//! charges io_uring memory to RLIMIT_MEMLOCK, and how much, changed twice (not charged from
+//! 5.12, charged again from 6.14), and the charge is per user, summed over all of its
+//! processes. So the check sets up W rings exactly as the server's workers do (same flags,
+//! entries, file table and provided-buffer ring) under the current limit, all at once, and
+//! reports whether they fit; see [`memlock_fit`]. Only where it cannot measure (a fake proc
+//! root, a kernel that refuses the server's ring) does it fall back to the kernel-version
+//! rule of the table below, the same one `scripts/tune.sh` applies.
+//!
 //! [`startup_limits_summary`] is the same arithmetic for `wsring serve`'s start-up log line:
 //! how many connections the descriptor limit allows.
 //!
@@ -21,7 +30,7 @@
 //! | `fs.file-max` | >= nofile * 5/4 |
 //! | `fs.nr_open` | >= nofile |
 //! | `nofile` (RLIMIT_NOFILE, hard) | >= N + [`HEADROOM_FDS`] |
-//! | `memlock` (RLIMIT_MEMLOCK, soft) | >= W * [`RING_MEMLOCK_BYTES`] |
+//! | `memlock` (RLIMIT_MEMLOCK, soft) | measured: W rings set up as the server does fit (root `/`); otherwise by kernel: none on 5.12 to 6.13 (charged to the memory cgroup), >= W * [`RING_MEMLOCK_BYTES`] before 5.12, from 6.14, or when unknown |
 //! | `memory` (MemAvailable) | >= N * [`PER_CONNECTION_BYTES`] |
 //! | `net.core.somaxconn` | >= clamp(N/16, 4096, 65535) |
 //! | `net.ipv4.tcp_max_syn_backlog` | >= clamp(N/16, 1024, 65535) |
@@ -68,12 +77,26 @@ pub const PER_CONNECTION_BYTES: u64 =
 /// any queued data is charged at least one 4 KiB page.
 pub const TCP_MEM_BYTES_PER_CONNECTION: u64 = 4096;
 
-/// RLIMIT_MEMLOCK budget per io_uring ring (one per worker): the SQ/CQ rings (under 1 MiB
-/// at 4096/16384 entries) plus a provided-buffer pool (e.g. 4096 x 16 KiB). Depending on the
-/// kernel version, rings, buffer rings and registered buffers are charged to RLIMIT_MEMLOCK
-/// unless the process has CAP_IPC_LOCK; when the limit is short, `io_uring_setup` or the
-/// buffer registration fails with ENOMEM.
-pub const RING_MEMLOCK_BYTES: u64 = 64 * 1024 * 1024;
+/// RLIMIT_MEMLOCK budget per worker where the kernel charges io_uring memory to it and the
+/// charge cannot be measured (see the module doc): 1 MiB. Measured on Linux 6.18 with 4 KiB
+/// pages, one worker's ring at the server's 4096 SQ / 32768 CQ entries charges 788 KiB
+/// (SQ/CQ rings and SQEs, 197 pages) and its provided-buffer ring 4 KiB: 792 KiB, rounded up
+/// here for larger pages. The receive buffers themselves are ordinary process memory: the
+/// kernel pins none of them. A process with CAP_IPC_LOCK is charged nothing; when the
+/// limit is short, `io_uring_setup` or the buffer-ring registration fails with ENOMEM.
+pub const RING_MEMLOCK_BYTES: u64 = 1024 * 1024;
+
+/// The kernels (from, to exclusive) whose io_uring charges ring memory to the memory cgroup
+/// instead of RLIMIT_MEMLOCK: 5.12 moved it to the cgroup, 6.14 (io_uring's region API)
+/// charges RLIMIT_MEMLOCK again, as measured on 6.18.
+pub const MEMLOCK_UNCHARGED_KERNELS: ((u32, u32), (u32, u32)) = ((5, 12), (6, 14));
+
+/// Whether io_uring on kernel `version` (major, minor) charges ring memory to RLIMIT_MEMLOCK
+/// (for a process without CAP_IPC_LOCK); an unknown version is assumed to.
+pub fn kernel_charges_memlock(version: Option<(u32, u32)>) -> bool {
+    let (from, to) = MEMLOCK_UNCHARGED_KERNELS;
+    version.is_none_or(|v| v < from || v >= to)
+}
 
 /// The kernel's largest `fs.nr_open` (`sysctl_nr_open_max` on 64-bit).
 pub const NR_OPEN_MAX: u64 = 1_073_741_816;
@@ -95,16 +118,21 @@ pub struct CheckOptions {
     /// The number of concurrent connections the host should hold.
     pub connections: u64,
     /// Where `proc/` is read from: normally `/`; tests point it at a fake tree.
-    /// Only when it is `/` are the process's own limits, seccomp and io_uring probed live.
+    /// Only when it is `/` are the process's own limits, seccomp and io_uring probed live
+    /// (and the rings for `memlock` really set up).
     pub proc_root: PathBuf,
+    /// Worker threads (= io_uring rings) the server will run, as `wsring serve --threads`:
+    /// 0 = one per online CPU.
+    pub threads: usize,
 }
 
 impl CheckOptions {
-    /// Options for `connections` on the real host (`proc_root` = `/`).
+    /// Options for `connections` on the real host (`proc_root` = `/`), one worker per CPU.
     pub fn new(connections: u64) -> Self {
         CheckOptions {
             connections,
             proc_root: PathBuf::from("/"),
+            threads: 0,
         }
     }
 }
@@ -245,7 +273,8 @@ pub struct Needed {
     pub netdev_backlog: u64,
     /// `net.ipv4.tcp_mem` in pages: [3/4 p, p, 3/2 p] with p = ceil(N * 4 KiB / page).
     pub tcp_mem: [u64; 3],
-    /// RLIMIT_MEMLOCK (soft) in bytes: workers * [`RING_MEMLOCK_BYTES`].
+    /// RLIMIT_MEMLOCK (soft) in bytes where the kernel charges io_uring memory and the
+    /// charge is not measured: workers * [`RING_MEMLOCK_BYTES`].
     pub memlock: u64,
     /// MemAvailable in MiB: ceil(N * [`PER_CONNECTION_BYTES`] / MiB).
     pub memory_mib: u64,
@@ -369,8 +398,15 @@ fn page_size() -> u64 {
     u64::try_from(v).ok().filter(|&v| v > 0).unwrap_or(4096)
 }
 
-fn workers() -> u64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+/// The server's worker count for `--threads threads` (0 = one per CPU, at most
+/// [`crate::engine::MAX_WORKERS`], as `Server::start_with` decides).
+fn workers(threads: usize) -> u64 {
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    n.min(crate::engine::MAX_WORKERS) as u64
 }
 
 fn euid() -> u32 {
@@ -445,7 +481,7 @@ pub fn run_check(opts: &CheckOptions) -> CheckReport {
     let root = opts.proc_root.as_path();
     let real = is_real_root(root);
     let n = opts.connections;
-    let workers = workers();
+    let workers = workers(opts.threads);
     let page = page_size();
     let need = Needed::compute(n, workers, page);
     let mut b = Builder { lines: Vec::new() };
@@ -496,29 +532,8 @@ pub fn run_check(opts: &CheckOptions) -> CheckReport {
         }
     }
 
-    // RLIMIT_MEMLOCK: io_uring checks the soft limit.
-    match read_limit(root, "Max locked memory", libc::RLIMIT_MEMLOCK) {
-        None => b.push(
-            "memlock",
-            "?".into(),
-            rlim_kib(Some(need.memlock)),
-            Status::Info,
-            "cannot read RLIMIT_MEMLOCK",
-        ),
-        Some((soft, _)) => {
-            let ok = rlim_ge(soft, need.memlock);
-            let why = format!(
-                "RLIMIT_MEMLOCK (soft) must hold {workers} ring(s) x 64 MiB: rings, buffer rings and registered buffers are charged to it (by kernel version) unless the process has CAP_IPC_LOCK"
-            );
-            b.push(
-                "memlock",
-                rlim_kib(soft),
-                rlim_kib(Some(need.memlock)),
-                if ok { Status::Ok } else { Status::Low },
-                if ok { "" } else { &why },
-            );
-        }
-    }
+    let nofile_soft = read_limit(root, "Max open files", libc::RLIMIT_NOFILE).map(|(soft, _)| soft);
+    memlock_line(&mut b, root, real, workers, need.memlock, n, nofile_soft);
 
     // Memory for N idle connections.
     let avail = fs::read_to_string(root.join("proc/meminfo"))
@@ -735,6 +750,384 @@ fn mem_available_mib(meminfo: &str) -> Option<u64> {
             .flatten()
             .map(|kib| kib / 1024)
     })
+}
+
+/// The server's ring geometry, as `engine/uring.rs` sets it up (keep the two in step):
+/// submission and completion queue entries, and the provided-buffer ring's entries with
+/// incremental consumption (64 x 64 KiB) and without it (256 x 16 KiB).
+const SERVER_SQ_ENTRIES: u32 = 4096;
+const SERVER_CQ_ENTRIES: u32 = 32768;
+const SERVER_INC_RING_BUFFERS: u16 = 64;
+const SERVER_RING_BUFFERS: u16 = 256;
+/// `IOU_PBUF_RING_INC`: the provided-buffer ring flag for incremental consumption (6.12+).
+const IOU_PBUF_RING_INC: u16 = 2;
+/// Bit of CAP_IPC_LOCK in the capability sets of `/proc/self/status`.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// The step of a worker's ring set-up that failed in [`memlock_fit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingStage {
+    /// `io_uring_setup` with the server's flags and entries.
+    Setup,
+    /// Registering the sparse direct-descriptor table.
+    FileTable,
+    /// Registering the provided-buffer ring (incremental, else the plain fallback).
+    BufferRing,
+}
+
+impl fmt::Display for RingStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RingStage::Setup => "io_uring_setup",
+            RingStage::FileTable => "sparse file table",
+            RingStage::BufferRing => "buffer ring registration",
+        })
+    }
+}
+
+/// What [`memlock_fit`] found.
+#[derive(Debug)]
+pub enum RingFit {
+    /// Every ring was set up, all of them at once.
+    Fits,
+    /// The rings before `fitted` (0-based) were set up; ring `fitted` failed at `stage`.
+    Short {
+        /// Rings that were set up before the failure.
+        fitted: u64,
+        /// The step that failed.
+        stage: RingStage,
+        /// Its error.
+        error: std::io::Error,
+    },
+}
+
+/// Anonymous memory for a provided-buffer ring's entries, unmapped on drop.
+struct RingEntries {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl RingEntries {
+    fn map(entries: u16) -> std::io::Result<RingEntries> {
+        let len = usize::from(entries) * size_of::<io_uring::types::BufRingEntry>();
+        // SAFETY: a fresh anonymous private mapping at an address the kernel picks; it
+        // aliases nothing of ours, and the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RingEntries { ptr, len })
+    }
+
+    /// Registers these entries as buffer group 0 of `ring`.
+    ///
+    /// # Safety
+    /// `self` must outlive the registration: drop `ring` first.
+    unsafe fn register(
+        &self,
+        ring: &io_uring::IoUring,
+        entries: u16,
+        flags: u16,
+    ) -> std::io::Result<()> {
+        // SAFETY: the memory is page-aligned (mmap), holds `entries` entries and, per this
+        // function's contract, outlives the registration. The kernel reads entries only
+        // between its head and our tail, which is 0: it never reads a buffer address.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(self.ptr as u64, entries, 0, flags)
+        }
+    }
+}
+
+impl Drop for RingEntries {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; the ring it was registered with is gone
+        // (`WorkerRing` drops its ring first).
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// One worker's ring as the server sets it up. Fields drop in order: the ring, and with it
+/// its registrations, before the buffer-ring memory.
+struct WorkerRing {
+    _ring: io_uring::IoUring,
+    _entries: RingEntries,
+}
+
+/// Sets up one ring like a server worker: the flags of `engine/uring.rs`'s `builder()`
+/// (SINGLE_ISSUER, DEFER_TASKRUN, TASKRUN_FLAG, SUBMIT_ALL), its entries, a sparse file
+/// table of `file_table` slots, and its provided-buffer ring (incremental, else plain).
+fn set_up_worker_ring(file_table: u32) -> Result<WorkerRing, (RingStage, std::io::Error)> {
+    let mut builder = io_uring::IoUring::builder();
+    builder
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_submit_all()
+        .setup_cqsize(SERVER_CQ_ENTRIES);
+    let ring = builder
+        .build(SERVER_SQ_ENTRIES)
+        .map_err(|e| (RingStage::Setup, e))?;
+    ring.submitter()
+        .register_files_sparse(file_table)
+        .map_err(|e| (RingStage::FileTable, e))?;
+    let buffer_ring = |entries: u16, flags: u16| -> std::io::Result<RingEntries> {
+        let memory = RingEntries::map(entries)?;
+        // SAFETY: `memory` is returned to become `WorkerRing::_entries`, dropped after the
+        // ring; when registration fails nothing is registered and it may go at once.
+        unsafe { memory.register(&ring, entries, flags) }?;
+        Ok(memory)
+    };
+    // Like the server: any failure of the incremental ring falls back to the plain one.
+    let entries = buffer_ring(SERVER_INC_RING_BUFFERS, IOU_PBUF_RING_INC)
+        .or_else(|_| buffer_ring(SERVER_RING_BUFFERS, 0))
+        .map_err(|e| (RingStage::BufferRing, e))?;
+    Ok(WorkerRing {
+        _ring: ring,
+        _entries: entries,
+    })
+}
+
+/// How long [`memlock_fit`] retries a ring the kernel refused with ENOMEM, in all. io_uring
+/// releases a closed ring's charge asynchronously (in a kernel worker, after an RCU grace
+/// period): here a previous check's rings still counted for a few tens of milliseconds
+/// after it exited (gone within 50 ms), so rings just closed by another process of the
+/// user (a previous check, a stopped server) must not make this one short.
+pub const RING_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Sets up `workers` rings exactly as the server's workers do (flags, 4096/32768 entries,
+/// a sparse file table of `file_table` slots, the provided-buffer ring), keeps them all at
+/// once, as a running server does, and closes them again. This measures what the kernel
+/// charges to RLIMIT_MEMLOCK (if anything) under the process's current limit, on this
+/// kernel, for this user (the charge is per user: other processes' rings count too). A
+/// ring refused with ENOMEM is retried for up to [`RING_RELEASE_WAIT`] in all.
+pub fn memlock_fit(workers: u64, file_table: u32) -> RingFit {
+    const STEP: std::time::Duration = std::time::Duration::from_millis(10);
+    let mut rings = Vec::new();
+    let mut waited = std::time::Duration::ZERO;
+    for fitted in 0..workers {
+        loop {
+            match set_up_worker_ring(file_table) {
+                Ok(ring) => {
+                    rings.push(ring);
+                    break;
+                }
+                Err((_, error))
+                    if error.raw_os_error() == Some(libc::ENOMEM) && waited < RING_RELEASE_WAIT =>
+                {
+                    std::thread::sleep(STEP);
+                    waited += STEP;
+                }
+                Err((stage, error)) => {
+                    return RingFit::Short {
+                        fitted,
+                        stage,
+                        error,
+                    };
+                }
+            }
+        }
+    }
+    RingFit::Fits
+}
+
+/// The effective capability set from text in the format of `/proc/self/status`.
+fn cap_eff(status: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let hex = l.strip_prefix("CapEff:")?.trim();
+        u64::from_str_radix(hex, 16).ok()
+    })
+}
+
+/// Whether this process holds CAP_IPC_LOCK: io_uring then charges it no locked memory.
+fn has_cap_ipc_lock() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| cap_eff(&s))
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOMEM) => "ENOMEM".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::ENOSYS) => "ENOSYS".into(),
+        Some(libc::EMFILE) => "EMFILE".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn rings(n: u64) -> String {
+    if n == 1 {
+        "1 ring".into()
+    } else {
+        format!("{n} rings")
+    }
+}
+
+/// What to raise RLIMIT_MEMLOCK to when the rings do not fit under `soft`: their `need`
+/// ([`Needed::memlock`]), or that much above the current value when it already is above it
+/// (other processes of the user hold the rest). The same rule as `scripts/tune.sh --apply`.
+fn memlock_raise_to(soft: u64, need: u64) -> u64 {
+    if soft >= need {
+        soft.saturating_add(need)
+    } else {
+        need
+    }
+}
+
+/// The `memlock` line: measured when the root is `/` ([`memlock_fit`]); by the kernel
+/// version (`<root>/proc/sys/kernel/osrelease`) on a fake root or when the measurement
+/// cannot run. io_uring checks the soft limit.
+fn memlock_line(
+    b: &mut Builder,
+    root: &Path,
+    real: bool,
+    workers: u64,
+    budget: u64,
+    connections: u64,
+    nofile_soft: Option<Rlim>,
+) {
+    const NAME: &str = "memlock";
+    let Some((soft, _)) = read_limit(root, "Max locked memory", libc::RLIMIT_MEMLOCK) else {
+        b.push(
+            NAME,
+            "?".into(),
+            rlim_kib(Some(budget)),
+            Status::Info,
+            "cannot read RLIMIT_MEMLOCK",
+        );
+        return;
+    };
+    let release =
+        read_sysctl(root, "kernel.osrelease").or_else(|| real.then(kernel_release).flatten());
+    let version = release.as_deref().and_then(parse_kernel_version);
+    let kernel = match &release {
+        Some(r) => format!("kernel {r}"),
+        None => "an unknown kernel (no proc/sys/kernel/osrelease)".to_string(),
+    };
+    let charges = kernel_charges_memlock(version);
+
+    let mut not_measured = String::new();
+    if real {
+        let cap = has_cap_ipc_lock();
+        let applies = soft.is_some() && !cap;
+        // The server's table: max connections + 1024, within RLIMIT_NOFILE (the kernel
+        // refuses a table above the soft limit).
+        let file_table = connections
+            .saturating_add(HEADROOM_FDS)
+            .min(nofile_soft.flatten().unwrap_or(u64::MAX))
+            .clamp(64, u64::from(u32::MAX));
+        let file_table = u32::try_from(file_table).unwrap_or(u32::MAX);
+        match memlock_fit(workers, file_table) {
+            RingFit::Fits => {
+                let why = match (cap, charges) {
+                    (false, _) => String::new(),
+                    (true, true) => format!(
+                        "measured with CAP_IPC_LOCK, which io_uring charges nothing; {kernel} charges a server without it (another user, tuning/wsring.service) about 792 KiB per worker: give it at least {}KiB (LimitMEMLOCK=)",
+                        budget.div_ceil(1024)
+                    ),
+                    (true, false) => format!(
+                        "measured with CAP_IPC_LOCK; {kernel} charges io_uring rings to the memory cgroup, not RLIMIT_MEMLOCK, so a server without it needs none either"
+                    ),
+                };
+                b.push(
+                    NAME,
+                    rlim_kib(soft),
+                    format!(
+                        "{} {} (measured)",
+                        rings(workers),
+                        if workers == 1 { "fits" } else { "fit" }
+                    ),
+                    Status::Ok,
+                    &why,
+                );
+                return;
+            }
+            RingFit::Short {
+                fitted,
+                stage,
+                error,
+            } => {
+                let errno = error.raw_os_error();
+                let memlock_refused = match stage {
+                    RingStage::Setup => errno == Some(libc::ENOMEM),
+                    RingStage::BufferRing => {
+                        matches!(errno, Some(libc::ENOMEM) | Some(libc::EPERM))
+                    }
+                    RingStage::FileTable => false,
+                };
+                let failed = format!(
+                    "setting up worker ring {} of {workers} as the server does failed ({stage}: {})",
+                    fitted + 1,
+                    errno_name(&error)
+                );
+                let needed = format!("{} ({fitted} fit)", rings(workers));
+                if applies && memlock_refused {
+                    let cause = if charges {
+                        format!(
+                            "{kernel} charges io_uring rings to RLIMIT_MEMLOCK (about 792 KiB per worker), summed over every process of this user"
+                        )
+                    } else {
+                        format!(
+                            "RLIMIT_MEMLOCK limits this process (no CAP_IPC_LOCK), though {kernel} is expected to charge the memory cgroup instead: if raising it does not help, memory is short"
+                        )
+                    };
+                    let why = format!(
+                        "{failed}: {cause}; raise the soft limit to at least {}KiB (LimitMEMLOCK= in the unit, memlock in limits.d) or to unlimited",
+                        memlock_raise_to(soft.unwrap_or(0), budget).div_ceil(1024)
+                    );
+                    b.push(NAME, rlim_kib(soft), needed, Status::Low, &why);
+                    return;
+                }
+                if errno == Some(libc::ENOMEM) {
+                    let why = format!(
+                        "{failed} although RLIMIT_MEMLOCK does not limit this process (unlimited, or CAP_IPC_LOCK, or not charged): the host or its memory cgroup is out of memory"
+                    );
+                    b.push(NAME, rlim_kib(soft), needed, Status::Info, &why);
+                    return;
+                }
+                not_measured = format!(
+                    "not measured ({stage}: {}; the backend line says which backend runs); ",
+                    errno_name(&error)
+                );
+            }
+        }
+    }
+
+    // By kernel version.
+    if !charges {
+        let why = format!(
+            "{not_measured}{kernel} charges io_uring rings to the memory cgroup, not RLIMIT_MEMLOCK (5.12 to 6.13)"
+        );
+        b.push(NAME, rlim_kib(soft), "not charged".into(), Status::Ok, &why);
+        return;
+    }
+    let ok = rlim_ge(soft, budget);
+    let why = if ok && not_measured.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "{not_measured}{kernel} charges io_uring rings to RLIMIT_MEMLOCK (before 5.12, and again from 6.14) unless the process has CAP_IPC_LOCK: {workers} worker(s) x 1 MiB (792 KiB measured on 6.18), summed over every process of the user; `wsring check` on the host measures it"
+        )
+    };
+    b.push(
+        NAME,
+        rlim_kib(soft),
+        rlim_kib(Some(budget)),
+        if ok { Status::Ok } else { Status::Low },
+        &why,
+    );
 }
 
 /// `kernel.io_uring_disabled` (Linux 6.6+): 0 everyone, 1 root and `kernel.io_uring_group`,
@@ -1088,14 +1481,17 @@ mod tests {
             "proc/meminfo",
             "MemTotal:       4194304 kB\nMemAvailable:   2097152 kB\n",
         );
-        r.limits(("1024", "4096"), ("8388608", "8388608"));
+        // 64 KiB: the stock limit before systemd 253 / Linux 5.16, less than one ring.
+        r.limits(("1024", "4096"), ("65536", "65536"));
         r
     }
 
+    /// Two workers, whatever this machine's CPU count: the memlock budget depends on it.
     fn opts(connections: u64, root: &FakeRoot) -> CheckOptions {
         CheckOptions {
             connections,
             proc_root: root.0.clone(),
+            threads: 2,
         }
     }
 
@@ -1129,7 +1525,7 @@ mod tests {
         assert_eq!(n.syn_backlog, 62_500);
         assert_eq!(n.netdev_backlog, 15_625);
         assert_eq!(n.tcp_mem, [750_000, 1_000_000, 1_500_000]);
-        assert_eq!(n.memlock, 128 * MIB);
+        assert_eq!(n.memlock, 2 * MIB);
         assert_eq!(n.memory_mib, 5372);
 
         let small = Needed::compute(1000, 1, 4096);
@@ -1211,7 +1607,7 @@ mod tests {
         let nofile = report.line("nofile").expect("nofile line");
         assert_eq!(nofile.current, "1024/4096");
         assert_eq!(nofile.needed, "1001024");
-        assert_eq!(report.line("memlock").expect("memlock").current, "8192KiB");
+        assert_eq!(report.line("memlock").expect("memlock").current, "64KiB");
         assert_eq!(report.line("memory").expect("memory").current, "2048MiB");
         let text = report.to_string();
         assert!(
@@ -1273,6 +1669,140 @@ mod tests {
         );
         assert_eq!(parse_limits(text, "Max locked memory"), Some((None, None)));
         assert_eq!(parse_limits(text, "Max processes"), None);
+    }
+
+    #[test]
+    fn memlock_is_charged_before_5_12_and_from_6_14() {
+        for (version, charged) in [
+            (Some((4, 19)), true),
+            (Some((5, 11)), true),
+            (Some((5, 12)), false),
+            (Some((6, 1)), false),
+            (Some((6, 13)), false),
+            (Some((6, 14)), true),
+            (Some((6, 18)), true),
+            (None, true),
+        ] {
+            assert_eq!(kernel_charges_memlock(version), charged, "{version:?}");
+        }
+    }
+
+    /// On a fake root the memlock line follows the kernel in `proc/sys/kernel/osrelease`:
+    /// (release or none, soft limit, threads) -> (needed, status).
+    #[test]
+    fn memlock_on_a_fake_root_follows_the_kernel_version() {
+        for (release, soft, threads, needed, status) in [
+            (Some("5.10.0-28-amd64"), "65536", 2, "2048KiB", Status::Low),
+            (Some("5.10.0-28-amd64"), "8388608", 2, "2048KiB", Status::Ok),
+            (
+                Some("5.15.0-91-generic"),
+                "65536",
+                2,
+                "not charged",
+                Status::Ok,
+            ),
+            (
+                Some("6.8.0-45-generic"),
+                "65536",
+                64,
+                "not charged",
+                Status::Ok,
+            ),
+            (Some("6.14.0"), "65536", 2, "2048KiB", Status::Low),
+            (Some("6.18.44-fc-v857"), "8388608", 2, "2048KiB", Status::Ok),
+            (
+                Some("6.18.44-fc-v857"),
+                "8388608",
+                16,
+                "16384KiB",
+                Status::Low,
+            ),
+            (
+                Some("6.18.44-fc-v857"),
+                "unlimited",
+                64,
+                "65536KiB",
+                Status::Ok,
+            ),
+            (None, "65536", 1, "1024KiB", Status::Low),
+        ] {
+            let root = good_host();
+            root.limits(("1048576", "1048576"), (soft, soft));
+            if let Some(release) = release {
+                root.sysctl("kernel.osrelease", release);
+            }
+            let report = run_check(&CheckOptions {
+                threads,
+                ..opts(1000, &root)
+            });
+            let line = report.line("memlock").expect("memlock line");
+            let case = format!("{release:?} {soft} x{threads}: {line:?}");
+            assert_eq!(
+                (line.needed.as_str(), line.status),
+                (needed, status),
+                "{case}"
+            );
+            assert_eq!(report.passed(), status != Status::Low, "{case}");
+            if status == Status::Low {
+                assert!(
+                    line.why
+                        .contains("charges io_uring rings to RLIMIT_MEMLOCK"),
+                    "{case}"
+                );
+            }
+            if needed == "not charged" {
+                assert!(line.why.contains("memory cgroup"), "{case}");
+            }
+        }
+    }
+
+    #[test]
+    fn memlock_raise_leaves_room_beyond_what_others_hold() {
+        assert_eq!(memlock_raise_to(64 * 1024, 2 * MIB), 2 * MIB);
+        // Already above the budget yet short: other processes of the user hold the rest.
+        assert_eq!(memlock_raise_to(8 * MIB, 2 * MIB), 10 * MIB);
+    }
+
+    #[test]
+    fn parses_the_effective_capabilities() {
+        let status = "Name:\tcat\nCapPrm:\t000001ffffffffff\nCapEff:\t0000000000004000\n";
+        assert_eq!(cap_eff(status), Some(1 << CAP_IPC_LOCK));
+        assert_eq!(cap_eff("Name:\tcat\n"), None);
+    }
+
+    /// The server's rings, really set up: where io_uring works and RLIMIT_MEMLOCK does not
+    /// limit this process (CAP_IPC_LOCK, or unlimited), two workers' rings fit.
+    #[test]
+    fn the_servers_rings_fit_where_memlock_does_not_limit() {
+        let (usable, reason) = backend_probe();
+        let unlimited = getrlimit(libc::RLIMIT_MEMLOCK).is_some_and(|(soft, _)| soft.is_none());
+        if !usable || !(has_cap_ipc_lock() || unlimited) {
+            eprintln!("skipped: io_uring {reason}; memlock limits this process");
+            return;
+        }
+        match memlock_fit(2, 64) {
+            RingFit::Fits => {}
+            RingFit::Short {
+                fitted,
+                stage,
+                error,
+            } => {
+                panic!("ring {fitted} failed at {stage}: {error}")
+            }
+        }
+        let line = run_check(&CheckOptions {
+            threads: 2,
+            ..CheckOptions::new(1000)
+        })
+        .lines
+        .into_iter()
+        .find(|l| l.name == "memlock")
+        .expect("memlock line");
+        assert_eq!(
+            (line.needed.as_str(), line.status),
+            ("2 rings fit (measured)", Status::Ok),
+            "{line:?}"
+        );
     }
 
     #[test]

@@ -32,10 +32,18 @@ enum Command {
     /// page with a browser demo, `GET /metrics` is Prometheus text.
     Serve(Box<ServeArgs>),
     /// Check whether this host can hold N connections (read only, no root needed).
+    ///
+    /// One line per knob (current value, value needed, OK/LOW/INFO), then notes. `memlock`
+    /// is measured: the check sets up as many io_uring rings as the server would have
+    /// workers, with the server's parameters, under the current RLIMIT_MEMLOCK.
     Check {
         /// Number of concurrent connections to plan for.
         #[arg(long, default_value_t = 100_000)]
         connections: u64,
+        /// Worker threads the server will run (as `serve --threads`); 0 = one per online
+        /// CPU. The memlock check sets up this many rings.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// Root of the /proc tree to read (for tests).
         #[arg(long, default_value = "/", hide = true)]
         proc_root: std::path::PathBuf,
@@ -288,11 +296,13 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Check {
             connections,
+            threads,
             proc_root,
         } => {
             let report = wsring::check::run_check(&wsring::check::CheckOptions {
                 connections,
                 proc_root,
+                threads,
             });
             print!("{report}");
             if report.passed() {

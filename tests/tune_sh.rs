@@ -1,7 +1,11 @@
 //! Tests of `scripts/tune.sh` on fake filesystem roots (`--root`), so the real host's
 //! sysctls and limits are never read for a verdict nor written: `--check` exit codes and
 //! output, `--apply` twice then `--revert` restoring the tree byte for byte, "never lower",
-//! the knob names shared with `wsring check` (src/check.rs), and shellcheck on every script.
+//! the knob names shared with `wsring check` (src/check.rs), memlock by kernel version, and
+//! shellcheck on every script. On the real root only `--check` runs, and only its memlock
+//! row is looked at: the one `wsring check` measures by setting up the server's rings (with
+//! a stand-in binary whose answer is known, and with the real one, whose answer must be
+//! the script's).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -173,7 +177,9 @@ fn short_host() -> FakeRoot {
         "proc/meminfo",
         "MemTotal:        4194304 kB\nMemFree:         1048576 kB\nMemAvailable:    2097152 kB\n",
     );
-    r.set_limits(("1024", "524288"), ("8388608", "8388608"));
+    // 64 KiB: the stock limit before systemd 253 / Linux 5.16, less than one ring. No
+    // proc/sys/kernel/osrelease: an unknown kernel, assumed to charge io_uring to it.
+    r.set_limits(("1024", "524288"), ("65536", "65536"));
     r.write("etc/sysctl.d/10-other.conf", "vm.swappiness = 10\n");
     r
 }
@@ -291,7 +297,7 @@ fn check_fails_on_a_short_host_for_a_million_and_names_the_short_knobs() {
 #[test]
 fn the_short_host_is_fine_for_1000() {
     let root = short_host();
-    // Only memlock (8 MiB vs 64 MiB per ring) and io_uring_disabled=2 stand in the way.
+    // Only memlock (64 KiB, less than one ring) and io_uring_disabled=2 stand in the way.
     root.set_limits(("1024", "524288"), ("unlimited", "unlimited"));
     root.set_sysctl("kernel.io_uring_disabled", "0");
     let out = tune_root(&root, 1000, "--check");
@@ -311,6 +317,17 @@ fn check_is_the_default_mode_and_the_root_comes_from_the_environment() {
     assert!(stdout(&out).contains(&format!("root {}", root.0.display())));
 }
 
+/// A host like `good_host` with RLIMIT_MEMLOCK `soft` (bytes or "unlimited") and, when
+/// given, the kernel release in proc/sys/kernel/osrelease.
+fn host_with_kernel(release: Option<&str>, soft: &str) -> FakeRoot {
+    let r = good_host();
+    r.set_limits(("1048576", "1048576"), (soft, soft));
+    if let Some(release) = release {
+        r.set_sysctl("kernel.osrelease", release);
+    }
+    r
+}
+
 #[test]
 fn script_and_wsring_check_agree() {
     for (root, n) in [
@@ -318,12 +335,19 @@ fn script_and_wsring_check_agree() {
         (good_host(), 1_000_000),
         (short_host(), 1000),
         (short_host(), 1_000_000),
+        (host_with_kernel(Some("5.10.0-28-amd64"), "65536"), 1000),
+        (host_with_kernel(Some("5.15.0-91-generic"), "65536"), 1000),
+        (host_with_kernel(Some("6.18.44-fc-v857"), "8388608"), 1000),
+        (host_with_kernel(Some("6.18.44-fc-v857"), "1048576"), 1000),
     ] {
-        let out = tune_root(&root, n, "--check");
+        // The same worker count on both sides: nproc and available_parallelism (which also
+        // honours cgroup CPU quotas) may differ.
+        let out = tune_workers(&root, n, "--check", 2);
         let rows = table(&stdout(&out));
         let report = run_check(&CheckOptions {
             connections: n,
             proc_root: root.0.clone(),
+            threads: 2,
         });
         assert_eq!(
             rows.len(),
@@ -339,14 +363,281 @@ fn script_and_wsring_check_agree() {
             };
             assert_eq!(row.0, line.name);
             assert_eq!(row.1, line.current, "{}", line.name);
+            assert_eq!(row.2, line.needed, "{}", line.name);
             assert_eq!(row.3, status, "{}", line.name);
-            // memlock's need depends on the worker count: nproc vs available_parallelism
-            // (which also honours cgroup CPU quotas).
-            if line.name != "memlock" {
-                assert_eq!(row.2, line.needed, "{}", line.name);
-            }
         }
         assert_eq!(out.status.code() == Some(0), report.passed());
+    }
+}
+
+fn tune_workers(root: &FakeRoot, connections: u64, mode: &str, workers: u64) -> Output {
+    let n = connections.to_string();
+    let w = workers.to_string();
+    let root = root.0.to_str().expect("utf-8 temp path");
+    tune(&["--connections", &n, mode, "--root", root, "--workers", &w])
+}
+
+/// The note of knob `name` in a `--check` output.
+fn note_of(text: &str, name: &str) -> Option<String> {
+    let prefix = format!("  {name} (");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split_once("): "))
+        .map(|(_, note)| note.to_string())
+}
+
+/// io_uring charges its rings to RLIMIT_MEMLOCK before 5.12 and from 6.14 (and an unknown
+/// kernel is assumed to), to the memory cgroup in between: memlock is LOW only where it is
+/// charged and short of 1 MiB per worker.
+#[test]
+fn memlock_follows_the_kernel_version_on_a_fake_root() {
+    for (release, soft, workers, needed, status) in [
+        (Some("4.19.0-26-amd64"), "65536", 2, "2048KiB", "LOW"),
+        (Some("5.10.0-28-amd64"), "65536", 2, "2048KiB", "LOW"),
+        (Some("5.10.0-28-amd64"), "8388608", 2, "2048KiB", "OK"),
+        (Some("5.12.0"), "65536", 2, "not charged", "OK"),
+        (Some("5.15.0-91-generic"), "65536", 2, "not charged", "OK"),
+        (Some("6.8.0-45-generic"), "65536", 64, "not charged", "OK"),
+        (Some("6.13.12"), "65536", 2, "not charged", "OK"),
+        (Some("6.14.0-15-generic"), "65536", 2, "2048KiB", "LOW"),
+        (Some("6.18.44-fc-v857"), "8388608", 2, "2048KiB", "OK"),
+        (Some("6.18.44-fc-v857"), "8388608", 16, "16384KiB", "LOW"),
+        (Some("6.18.44-fc-v857"), "unlimited", 64, "65536KiB", "OK"),
+        (None, "65536", 1, "1024KiB", "LOW"),
+    ] {
+        let root = host_with_kernel(release, soft);
+        let out = tune_workers(&root, 1000, "--check", workers);
+        let text = stdout(&out);
+        let rows = table(&text);
+        let row = rows.iter().find(|r| r.0 == "memlock").expect("memlock row");
+        let case = format!("{release:?} memlock {soft} x{workers}\n{}", describe(&out));
+        assert_eq!((row.2.as_str(), row.3.as_str()), (needed, status), "{case}");
+        assert_eq!(
+            out.status.code(),
+            Some(if status == "LOW" { 1 } else { 0 }),
+            "{case}"
+        );
+        let note = note_of(&text, "memlock").unwrap_or_default();
+        if status == "LOW" {
+            assert!(
+                note.contains("charges io_uring rings to RLIMIT_MEMLOCK"),
+                "{case}"
+            );
+            assert!(
+                note.contains(&format!("{workers} worker(s) x 1 MiB")),
+                "{case}"
+            );
+        }
+        if needed == "not charged" {
+            assert!(note.contains("memory cgroup, not RLIMIT_MEMLOCK"), "{case}");
+        }
+        // A fake root is never measured.
+        assert!(
+            !note.contains("measured)") && !note.contains("not measured"),
+            "{case}"
+        );
+    }
+}
+
+/// `--apply` writes a memlock limit only where the kernel charges io_uring to it: W x 1 MiB
+/// on 5.10, nothing on 5.15.
+#[test]
+fn apply_raises_memlock_only_where_the_kernel_charges_it() {
+    let old = host_with_kernel(Some("5.10.0-28-amd64"), "65536");
+    let original = old.snapshot();
+    let out = tune_workers(&old, 1000, "--apply", 2);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let limits = old.read("etc/security/limits.d/61-wsring-tune.conf");
+    for line in [
+        "*     soft  memlock  2048",
+        "*     hard  memlock  2048",
+        "root  soft  memlock  2048",
+    ] {
+        assert!(limits.contains(line), "{line:?} in\n{limits}");
+    }
+    assert!(!limits.contains("nofile"), "{limits}");
+    let revert = tune_workers(&old, 1000, "--revert", 2);
+    assert_eq!(revert.status.code(), Some(0), "{}", describe(&revert));
+    assert_eq!(old.snapshot(), original);
+
+    let memcg = host_with_kernel(Some("5.15.0-91-generic"), "65536");
+    let original = memcg.snapshot();
+    let out = tune_workers(&memcg, 1000, "--apply", 2);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("nothing to raise"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(memcg.snapshot(), original);
+}
+
+/// `tune.sh --check` on the real root, read only, with `WSRING_BIN` set to `bin` ("" for
+/// none); returns the output and the memlock row.
+fn real_root_memlock(bin: &str, workers: u64) -> (Output, (String, String, String, String)) {
+    let w = workers.to_string();
+    let out = Command::new("bash")
+        .arg(script())
+        .args([
+            "--connections",
+            "1000",
+            "--check",
+            "--root",
+            "/",
+            "--workers",
+            &w,
+        ])
+        .env_remove("WSRING_TUNE_ROOT")
+        .env("WSRING_BIN", bin)
+        .output()
+        .expect("run bash scripts/tune.sh");
+    let row = table(&stdout(&out))
+        .into_iter()
+        .find(|r| r.0 == "memlock")
+        .unwrap_or_else(|| panic!("no memlock row\n{}", describe(&out)));
+    (out, row)
+}
+
+/// On the real root the memlock row is what `wsring check --threads W` says: a stand-in
+/// binary that reports 10 of 64 rings fits makes the row LOW with its values and note, and
+/// `--check` fail.
+#[test]
+fn on_the_real_root_memlock_comes_from_wsring_check() {
+    let dir = FakeRoot::new("bin");
+    let args = dir.path("args");
+    dir.write(
+        "wsring",
+        &format!(
+            "#!/usr/bin/env bash\n\
+             printf '%s\\n' \"$*\" >'{}'\n\
+             printf '%-30s %-24s %-24s %s\\n' KNOB CURRENT NEEDED STATUS\n\
+             printf '%-30s %-24s %-24s %s\\n' memlock 8192KiB '64 rings (10 fit)' LOW\n\
+             printf '\\nnotes:\\n  memlock (LOW): ring 11 of 64 failed (io_uring_setup: ENOMEM)\\n'\n\
+             exit 1\n",
+            args.display()
+        ),
+    );
+    let bin = dir.path("wsring");
+    let mut perms = fs::metadata(&bin).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    fs::set_permissions(&bin, perms).expect("chmod");
+
+    let (out, row) = real_root_memlock(bin.to_str().expect("utf-8"), 64);
+    assert_eq!(
+        (row.1.as_str(), row.2.as_str(), row.3.as_str()),
+        ("8192KiB", "64 rings (10 fit)", "LOW"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let note = note_of(&stdout(&out), "memlock").expect("memlock note");
+    assert!(
+        note.starts_with("ring 11 of 64 failed (io_uring_setup: ENOMEM)"),
+        "{note}"
+    );
+    assert!(note.contains("check --threads 64"), "{note}");
+    assert_eq!(
+        fs::read_to_string(&args).expect("the binary ran"),
+        "check --connections 1000 --threads 64\n"
+    );
+}
+
+/// With the real binary, the script's memlock row is the binary's own, measured one.
+#[test]
+fn on_the_real_root_tune_sh_and_wsring_check_agree_on_memlock() {
+    let bin = env!("CARGO_BIN_EXE_wsring");
+    let (out, row) = real_root_memlock(bin, 2);
+    let own = Command::new(bin)
+        .args(["check", "--connections", "1000", "--threads", "2"])
+        .output()
+        .expect("run wsring check");
+    let own_row = table(&stdout(&own))
+        .into_iter()
+        .find(|r| r.0 == "memlock")
+        .unwrap_or_else(|| panic!("no memlock row\n{}", describe(&own)));
+    assert_eq!(row, own_row, "{}\n{}", describe(&out), describe(&own));
+    let note = note_of(&stdout(&out), "memlock").unwrap_or_default();
+    assert!(
+        note.contains(&format!("from {bin} check --threads 2")),
+        "{note}"
+    );
+}
+
+/// Without a binary the real root is decided by kernel version, and the note says that it
+/// was not measured.
+#[test]
+fn without_a_binary_the_real_root_memlock_is_not_measured() {
+    let (out, row) = real_root_memlock("", 2);
+    assert!(
+        row.2 == "not charged" || row.2 == "2048KiB",
+        "{row:?}\n{}",
+        describe(&out)
+    );
+    let note = note_of(&stdout(&out), "memlock").unwrap_or_default();
+    assert!(note.starts_with("not measured (no wsring binary"), "{note}");
+}
+
+/// The running kernel's (major, minor), from /proc/sys/kernel/osrelease.
+fn running_kernel() -> Option<(u32, u32)> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// `wsring check` measures memlock under the limit it runs with: at 64 KiB and without
+/// CAP_IPC_LOCK not one ring fits where the kernel charges io_uring to RLIMIT_MEMLOCK
+/// (LOW, exit 1), and both do where it does not.
+#[test]
+fn wsring_check_measures_memlock_under_the_limit_it_runs_with() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsring"));
+    cmd.args(["check", "--connections", "1000", "--threads", "2"]);
+    // SAFETY: the closure runs in the forked child before exec and only makes system calls
+    // (getrlimit, setrlimit, prctl), which are async-signal-safe; it touches no lock or
+    // allocation of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = 64 * 1024;
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Root keeps CAP_IPC_LOCK across exec unless it leaves the bounding set (this
+            // fails without CAP_SETPCAP, where the capability is not held anyway).
+            libc::prctl(libc::PR_CAPBSET_DROP, 14, 0, 0, 0);
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run wsring check");
+    let text = stdout(&out);
+    let rows = table(&text);
+    let memlock = rows.iter().find(|r| r.0 == "memlock").expect("memlock row");
+    let io_uring = status_of(&rows, "backend") == "OK";
+    let charged = wsring::check::kernel_charges_memlock(running_kernel());
+    assert_eq!(memlock.1, "64KiB", "{}", describe(&out));
+    let expected = match (io_uring, charged) {
+        (true, true) => ("2 rings (0 fit)", "LOW"),
+        (true, false) => ("2 rings fit (measured)", "OK"),
+        (false, true) => ("2048KiB", "LOW"),
+        (false, false) => ("not charged", "OK"),
+    };
+    assert_eq!(
+        (memlock.2.as_str(), memlock.3.as_str()),
+        expected,
+        "{}",
+        describe(&out)
+    );
+    if memlock.3 == "LOW" {
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    }
+    if io_uring && charged {
+        let note = note_of(&text, "memlock").unwrap_or_default();
+        assert!(note.contains("(io_uring_setup: ENOMEM)"), "{note}");
     }
 }
 
