@@ -36,6 +36,10 @@ enum Command {
     /// One line per knob (current value, value needed, OK/LOW/INFO), then notes. `memlock`
     /// is measured: the check sets up as many io_uring rings as the server would have
     /// workers, with the server's parameters, under the current RLIMIT_MEMLOCK.
+    #[command(
+        after_help = "Exit status: 0 when no knob is LOW (INFO lines never fail the \
+check), 1 when at least one knob is LOW, 2 on a usage error."
+    )]
     Check {
         /// Number of concurrent connections to plan for.
         #[arg(long, default_value_t = 100_000)]
