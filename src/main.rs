@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wsring::engine::{BackendChoice, EngineConfig, Server};
+use wsring::serve::BenchProtocol;
 
 // The system allocator by default: it keeps less memory per idle connection than
 // mimalloc (see the `server-mimalloc` feature in Cargo.toml for the figures).
@@ -137,6 +138,14 @@ struct ServeArgs {
     /// origin is allowed. Others get HTTP 403.
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
+    /// Subprotocols the server speaks, in its order of preference (e.g. chat.v2,chat.v1).
+    /// A client that offers some (Sec-WebSocket-Protocol) gets the first of this list it
+    /// offered; one that offers only others, or any while this list is empty (the
+    /// default), gets its own first offer, as Node's `ws` answers, because browsers fail a
+    /// connection whose 101 names none of their offers. A client offering none gets no
+    /// Sec-WebSocket-Protocol. The messages are the same whatever is chosen.
+    #[arg(long, value_delimiter = ',', value_parser = parse_protocol)]
+    protocols: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -164,6 +173,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// A subprotocol name: an HTTP token (RFC 6455 section 4.1), so it can go into the
+/// response header as given.
+fn parse_protocol(s: &str) -> Result<String, String> {
+    let separator = |c: char| "()<>@,;:\\\"/[]?={} \t".contains(c);
+    if s.is_empty() {
+        return Err("an empty subprotocol name".into());
+    }
+    match s
+        .chars()
+        .find(|&c| !c.is_ascii() || c.is_ascii_control() || separator(c))
+    {
+        Some(c) => Err(format!(
+            "{c:?} cannot be part of a subprotocol name (an HTTP token): {s:?}"
+        )),
+        None => Ok(s.to_string()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -263,7 +290,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     let configured = (args.max_connections > 0).then_some(args.max_connections as u64);
     let (_, limits_line) = wsring::check::startup_limits_summary(configured);
     tracing::info!("{limits_line}");
-    let server = match Server::start(config) {
+    let protocols: std::sync::Arc<[String]> = args.protocols.into();
+    let server = match Server::start_with(config, move |handle| {
+        BenchProtocol::new(handle).with_protocols(protocols.clone())
+    }) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wsring: cannot start: {e}");
@@ -332,5 +362,26 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn protocols_are_a_comma_separated_list_of_tokens() {
+        let cli = Cli::try_parse_from(["wsring", "serve", "--protocols", "chat.v2,chat.v1"])
+            .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!(args.protocols, ["chat.v2", "chat.v1"]);
+        let Command::Serve(args) = Cli::try_parse_from(["wsring", "serve"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not serve");
+        };
+        assert!(args.protocols.is_empty());
+        assert_eq!(parse_protocol("mqtt"), Ok("mqtt".to_string()));
+        for bad in ["", "chat v2", "a;b", "x\r\ny", "caf\u{e9}"] {
+            assert!(parse_protocol(bad).is_err(), "{bad:?}");
+        }
     }
 }

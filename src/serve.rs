@@ -6,6 +6,14 @@
 //! - `GET /` is a status page with a browser demo on `/pubsub/demo`, `GET /metrics` the
 //!   counters in Prometheus text format; any other path is 404, and a plain GET to an
 //!   upgrade-only path is 426.
+//!
+//! Subprotocols (`Sec-WebSocket-Protocol`): the messages are the same whatever is
+//! negotiated, but a browser fails a connection whose 101 names none of the protocols it
+//! offered. A client that offers some gets the first of the server's list
+//! ([`BenchProtocol::with_protocols`], `wsring serve --protocols`, in the server's order of
+//! preference) that it offered; one that offers only others, or any when the list is empty
+//! (the default), gets its own first offer, as Node's `ws` answers. A client that offers
+//! none gets no header.
 
 use std::sync::Arc;
 
@@ -27,25 +35,57 @@ pub enum Route {
 /// The bench-protocol handler (one per worker).
 pub struct BenchProtocol {
     handle: Handle,
+    /// Subprotocols the server speaks, in its order of preference (shared by the workers).
+    protocols: Arc<[String]>,
 }
 
 impl BenchProtocol {
-    /// A handler for one worker.
+    /// A handler for one worker, with no subprotocol list of its own (it answers a client
+    /// that offers some with the client's first).
     pub fn new(handle: Handle) -> BenchProtocol {
-        BenchProtocol { handle }
+        BenchProtocol {
+            handle,
+            protocols: Arc::from(Vec::new()),
+        }
+    }
+
+    /// The same handler speaking `protocols`, in the server's order of preference.
+    pub fn with_protocols(mut self, protocols: impl Into<Arc<[String]>>) -> BenchProtocol {
+        self.protocols = protocols.into();
+        self
+    }
+
+    /// The subprotocol to answer `upgrade` with: the first of the server's protocols the
+    /// client offered, else the client's first offer; `None` when it offered none.
+    pub fn choose_protocol<'a>(&'a self, upgrade: &'a Upgrade) -> Option<&'a str> {
+        let first = upgrade.protocols.first()?;
+        if !self.protocols.is_empty() {
+            let supported: Vec<&str> = self.protocols.iter().map(String::as_str).collect();
+            if let Some(chosen) = upgrade.select_protocol(&supported) {
+                return Some(chosen);
+            }
+        }
+        Some(first)
     }
 }
 
 impl Handler for BenchProtocol {
     type Data = Route;
 
-    fn on_upgrade(&mut self, request: &Request, _upgrade: &Upgrade) -> Decision<Route> {
+    fn on_upgrade(&mut self, request: &Request, upgrade: &Upgrade) -> Decision<Route> {
+        let accept = |route| {
+            let accept = Accept::new(route);
+            match self.choose_protocol(upgrade) {
+                Some(protocol) => accept.protocol(protocol),
+                None => accept,
+            }
+        };
         if request.path == "/echo" {
-            return Decision::Accept(Accept::new(Route::Echo));
+            return Decision::Accept(accept(Route::Echo));
         }
         match request.path.strip_prefix("/pubsub/") {
             Some(topic) if !topic.is_empty() => {
-                Decision::Accept(Accept::new(Route::PubSub(Arc::from(topic))).subscribe(topic))
+                Decision::Accept(accept(Route::PubSub(Arc::from(topic))).subscribe(topic))
             }
             _ => Decision::Reject(Reject::status(404)),
         }
