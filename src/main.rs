@@ -29,8 +29,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: `/echo` echoes every message, `/pubsub/<topic>` publishes every
-    /// message to all subscribers of <topic> (the sender included), `GET /` is a status
-    /// page with a browser demo, `GET /metrics` is Prometheus text.
+    /// message to all subscribers of <topic> (the sender included; a topic longer than 256
+    /// bytes gets HTTP 414), `GET /` is a status page with a browser demo, `GET /metrics`
+    /// is Prometheus text.
     Serve(Box<ServeArgs>),
     /// Check whether this host can hold N connections (read only, no root needed).
     ///

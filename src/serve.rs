@@ -2,7 +2,9 @@
 //!
 //! - `/echo` sends every message back with the same opcode;
 //! - `/pubsub/<topic>` subscribes the connection to `<topic>` and publishes every message
-//!   it sends to all subscribers of `<topic>` (the sender included);
+//!   it sends to all subscribers of `<topic>` (the sender included); a topic name longer
+//!   than [`MAX_TOPIC_BYTES`] (256 bytes) is refused with HTTP 414, so a peer cannot make
+//!   every worker's topic registry hold names as long as the request head allows;
 //! - `GET /` is a status page with a browser demo on `/pubsub/demo`, `GET /metrics` the
 //!   counters in Prometheus text format; any other path is 404, and a plain GET to an
 //!   upgrade-only path is 426.
@@ -31,6 +33,9 @@ pub enum Route {
     /// Publish them to this topic.
     PubSub(Arc<str>),
 }
+
+/// The longest topic name `/pubsub/<topic>` accepts, in bytes; a longer one gets 414.
+pub const MAX_TOPIC_BYTES: usize = 256;
 
 /// The bench-protocol handler (one per worker).
 pub struct BenchProtocol {
@@ -84,6 +89,10 @@ impl Handler for BenchProtocol {
             return Decision::Accept(accept(Route::Echo));
         }
         match request.path.strip_prefix("/pubsub/") {
+            Some(topic) if topic.len() > MAX_TOPIC_BYTES => Decision::Reject(Reject {
+                body: format!("topic name longer than {MAX_TOPIC_BYTES} bytes\n"),
+                ..Reject::status(414)
+            }),
             Some(topic) if !topic.is_empty() => {
                 Decision::Accept(accept(Route::PubSub(Arc::from(topic))).subscribe(topic))
             }

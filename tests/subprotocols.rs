@@ -1,6 +1,6 @@
 //! What `wsring serve` answers to a client that offers subprotocols, seen from
 //! tokio-tungstenite (which, like Chromium, fails a connection whose 101 names none of the
-//! protocols it offered). A real server on
+//! protocols it offered), and the bound on `/pubsub/<topic>` names. A real server on
 //! 127.0.0.1 with the bench-protocol handler, on both backends: `io_uring::<name>` and
 //! `epoll::<name>` (see the macro at the end).
 
@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{Error, Message};
 use wsring::engine::{BackendChoice, EngineConfig, Server};
-use wsring::serve::BenchProtocol;
+use wsring::serve::{BenchProtocol, MAX_TOPIC_BYTES};
 
 /// A browser's offer, in its order of preference.
 const OFFER: &str = "chat.v2, chat.v1";
@@ -137,6 +137,39 @@ fn an_offer_of_only_unknown_protocols_gets_the_clients_first(backend: BackendCho
     });
 }
 
+/// A topic name of 300 bytes is refused with 414 before any upgrade; one of exactly
+/// [`MAX_TOPIC_BYTES`] (256) is subscribed to, and its messages come back.
+fn a_topic_longer_than_256_bytes_gets_414(backend: BackendChoice) {
+    assert_eq!(MAX_TOPIC_BYTES, 256);
+    let server = ProtocolServer::start(backend, &[]);
+    block_on(async {
+        let long = format!("/pubsub/{}", "t".repeat(300));
+        match upgrade(server.addr, &long, None).await {
+            Err(Error::Http(response)) => {
+                assert_eq!(response.status(), 414);
+                let body = response.body().as_deref().unwrap_or_default();
+                assert!(
+                    String::from_utf8_lossy(body).contains("longer than 256 bytes"),
+                    "{response:?}"
+                );
+            }
+            Err(e) => panic!("a 300-byte topic: expected HTTP 414, got {e}"),
+            Ok((_, protocol)) => panic!("a 300-byte topic was accepted ({protocol:?})"),
+        }
+
+        let longest = format!("/pubsub/{}", "t".repeat(MAX_TOPIC_BYTES));
+        let (mut ws, _) = upgrade(server.addr, &longest, Some(OFFER))
+            .await
+            .unwrap_or_else(|e| panic!("a 256-byte topic: {e}"));
+        send(&mut ws, Message::text("to the longest topic")).await;
+        assert_eq!(
+            next_data(&mut ws).await,
+            Message::text("to the longest topic")
+        );
+        close_normally(&mut ws).await;
+    });
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod io_uring {
@@ -162,4 +195,5 @@ on_both_backends!(
     without_a_list_the_clients_first_offer_is_answered,
     the_servers_preference_wins_among_the_offered,
     an_offer_of_only_unknown_protocols_gets_the_clients_first,
+    a_topic_longer_than_256_bytes_gets_414,
 );
