@@ -11,7 +11,8 @@
 //! in its read loop while other connections and the timers wait.
 //!
 //! Accept failures for lack of resources (EMFILE...) take the listener out of the epoll
-//! set for a pause ([`super::AcceptBackoff`]): level-triggered, it would wake every turn.
+//! set for a pause (`AcceptBackoff` in the engine module): level-triggered, it would wake
+//! every turn.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -20,7 +20,7 @@
 //! the timers and the writes of a turn never wait behind a flood. (Between connections
 //! the kernel already interleaves: a multishot recv posts as data arrives and is requeued
 //! after a bounded number of retries.) Accept failures for lack of resources pause
-//! accepting ([`super::AcceptBackoff`]).
+//! accepting (`AcceptBackoff` in the engine module).
 //!
 //! Leaving the loop: every operation is cancelled and the loop waits (briefly) for their
 //! completions, and the ring is declared after everything it points into (buffers,
@@ -122,17 +122,22 @@ pub fn probe(_config: &EngineConfig) -> Result<(), String> {
     if !kernel_at_least(6, 1) {
         return Err("kernel older than 6.1 (multishot recv and buffer rings needed)".into());
     }
-    let ring = builder().build(8).map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) => {
-            "io_uring_setup refused (EPERM): kernel.io_uring_disabled or a seccomp profile"
-                .to_string()
-        }
-        Some(libc::ENOSYS) => "io_uring_setup not implemented (ENOSYS)".to_string(),
-        Some(libc::ENOMEM) => {
-            "io_uring_setup: out of locked memory (ENOMEM): raise RLIMIT_MEMLOCK".to_string()
-        }
-        _ => format!("io_uring_setup failed: {e}"),
-    })?;
+    // The workers' own size (SQ and CQ entries): where RLIMIT_MEMLOCK charges rings, a
+    // small probe ring could fit while the real ones do not, and `auto` would then fail at
+    // start instead of choosing epoll.
+    let ring = builder()
+        .build(SQ_ENTRIES)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => {
+                "io_uring_setup refused (EPERM): kernel.io_uring_disabled or a seccomp profile"
+                    .to_string()
+            }
+            Some(libc::ENOSYS) => "io_uring_setup not implemented (ENOSYS)".to_string(),
+            Some(libc::ENOMEM) => {
+                "io_uring_setup: out of locked memory (ENOMEM): raise RLIMIT_MEMLOCK".to_string()
+            }
+            _ => format!("io_uring_setup failed: {e}"),
+        })?;
     let mut probe = Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
