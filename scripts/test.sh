@@ -31,6 +31,11 @@ for backend in io-uring epoll; do
     scripts/idle.sh --backend "$backend" --connections 15000
 done
 
+step "soak: every hostile-peer attack at once beside checked traffic, 60 s per backend"
+for backend in io-uring epoll; do
+    scripts/soak.sh --backend "$backend" --duration 60
+done
+
 if [ -x scripts/autobahn.sh ]; then
     step "Autobahn|Testsuite"
     scripts/autobahn.sh
