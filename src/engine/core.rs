@@ -16,6 +16,14 @@
 //! reorder it), so a subscriber costs one queue operation and one write per turn, not
 //! per message. Other workers that have subscribers get the encoded `Bytes` once each,
 //! through their command inbox.
+//!
+//! Hostile peers: every queue and buffer a peer can fill is bounded here. A queue past
+//! the hard limit after a read (or refused by the drop/conflate policy) stops reading
+//! (`Flags::QUEUE_PAUSED`); the reassembly budget pauses the connections holding the most
+//! (`check_budget`); sockets in any phase count against `Shared::socket_limit`; an HTTP
+//! answer ends with a FIN and a linger (`Flags::LINGERING`); every deadline of
+//! `proto::Connection` (message, send, close) is scheduled on the wheel when a read or a
+//! write starts it. [`fuzzing`] drives a core through a fake backend to check all of it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -17,6 +17,15 @@
 //! `Closed` (the peer sent close and we replied, or the peer broke a rule and we sent our
 //! close code, or a deadline passed). Once closing, nothing but a close reply is queued.
 //!
+//! Bounds a peer cannot push past: a frame or message that has begun must complete within
+//! [`Config::message_timeout`] (else 1008); past [`Config::reply_queue_limit`] queued bytes
+//! a ping's pong is owed, not queued, and only the latest ping's (§5.5.3); once closed
+//! with bytes still queued, the close deadline keeps running (a peer that never reads
+//! them is dropped, [`Event::TimedOut`]); queued bytes that make no progress for
+//! [`Config::send_timeout`] after the driver's [`Connection::note_unsent`] drop the
+//! connection ([`Event::SendTimedOut`]); reassembly buffers grow by half from the bytes
+//! received, never ahead of them.
+//!
 //! The idle footprint is small on purpose: an idle [`Connection`] is 32 bytes (asserted in
 //! the tests) and owns no heap. The frame decoder, the event and transmit queues and the
 //! reassembly buffers live in a box that exists only while something is in progress (a
