@@ -8,6 +8,7 @@
 # Environment:
 #   AUTOBAHN_DIR              where ../shared/autobahn lives (default: ../shared/autobahn)
 #   WSRING_REQUIRE_AUTOBAHN=1 fail instead of skipping when the suite is not found (CI)
+#   WSRING_REQUIRE_BROWSER=1  fail instead of skipping when Chromium is not installed (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,10 @@ step "soak: every hostile-peer attack at once beside checked traffic, 60 s per b
 for backend in io-uring epoll; do
     scripts/soak.sh --backend "$backend" --duration 60
 done
+
+step "a real browser: headless Chromium offering subprotocols connects, echoes, closes 1000"
+scripts/browser.sh --backend io-uring
+scripts/browser.sh --backend epoll
 
 if [ -x scripts/autobahn.sh ]; then
     step "Autobahn|Testsuite"

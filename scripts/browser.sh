@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A real browser as the client: headless Chromium opens tests/browser/subprotocols.html,
+# which connects to `wsring serve`'s /echo offering subprotocols (['chat.v2','chat.v1'],
+# as a page does), sends a message and closes. Checks that the connection opens with a
+# subprotocol the page offered (browsers fail the connection otherwise: close 1006), that
+# the echo comes back, and that the close is clean (1000). Run twice: with the default
+# (no --protocols: the client's first offer) and with `--protocols chat.v1`.
+#
+#   scripts/browser.sh [--backend io-uring|epoll]
+#
+# Needs Chromium (Debian: apt-get install chromium); says so and exits 0 when it is not
+# installed, unless WSRING_REQUIRE_BROWSER=1 (CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+backend=io-uring
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --backend) backend=$2; shift 2 ;;
+        *) echo "usage: $0 [--backend io-uring|epoll]" >&2; exit 2 ;;
+    esac
+done
+browser=$(command -v chromium || command -v chromium-browser || true)
+if [ -z "$browser" ]; then
+    if [ "${WSRING_REQUIRE_BROWSER:-0}" = 1 ]; then
+        echo "browser check: chromium not found (apt-get install chromium)" >&2
+        exit 1
+    fi
+    echo "browser check: SKIPPED (chromium not installed; apt-get install chromium)"
+    exit 0
+fi
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+
+# run_page EXPECTED_PROTOCOL [SERVE FLAG...]: one server, one page load.
+run_page() {
+    local expected=$1 log profile port
+    shift
+    start_server "$backend" "$@"
+    port=${SERVER_ADDR##*:}
+    log=$(mktemp)
+    profile=$(mktemp -d)
+    # The flags keep Chromium off the network (this machine has none) and out of any
+    # profile; the page reports on the console, which --enable-logging prints.
+    timeout 60 "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+        --disable-background-networking --disable-component-update --disable-sync \
+        --user-data-dir="$profile" --enable-logging=stderr --v=0 \
+        "file://$PWD/tests/browser/subprotocols.html#$port" >"$log" 2>&1 &
+    local chrome=$!
+    for _ in $(seq 1 300); do
+        grep -q 'WSRING-CLOSE' "$log" && break
+        sleep 0.1
+    done
+    kill "$chrome" 2>/dev/null || true
+    wait "$chrome" 2>/dev/null || true
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    rm -rf "$profile" "$SERVER_LOG"
+    python3 - "$log" "$expected" "$backend" "$*" <<'PY'
+import json, re, sys
+log, expected, backend, flags = sys.argv[1:]
+seen = {}
+for line in open(log, errors="replace"):
+    m = re.search(r'WSRING-(\w+) (\{.*?\})"', line)
+    if m:
+        seen[m.group(1)] = json.loads(m.group(2))
+what = f"browser check ({backend}, serve {flags or 'without --protocols'})"
+opened = seen.get("OPEN", {}).get("protocol")
+echo = seen.get("ECHO", {}).get("data")
+close = seen.get("CLOSE", {})
+print(f"{what}: opened with {opened!r}, echo {echo!r}, close {close}")
+if opened != expected or echo != "hello from chromium" or close.get("code") != 1000 or not close.get("clean"):
+    sys.exit(f"{what}: FAILED (expected protocol {expected!r}, the echo, a clean 1000); log: " + open(log, errors="replace").read()[-2000:])
+PY
+    rm -f "$log"
+}
+
+run_page chat.v2
+run_page chat.v1 --protocols chat.v1
+echo "browser check ($backend): PASS"
