@@ -17,6 +17,7 @@
 //! (the default), gets its own first offer, as Node's `ws` answers. A client that offers
 //! none gets no header.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -42,6 +43,10 @@ pub struct BenchProtocol {
     handle: Handle,
     /// Subprotocols the server speaks, in its order of preference (shared by the workers).
     protocols: Arc<[String]>,
+    /// This worker's topic names, one copy each: every subscriber's [`Route`] holds a
+    /// reference, not a copy of its own (a topic name may be 256 bytes). A name goes
+    /// when its last connection closes.
+    topics: HashSet<Arc<str>>,
 }
 
 impl BenchProtocol {
@@ -51,6 +56,7 @@ impl BenchProtocol {
         BenchProtocol {
             handle,
             protocols: Arc::from(Vec::new()),
+            topics: HashSet::new(),
         }
     }
 
@@ -58,6 +64,11 @@ impl BenchProtocol {
     pub fn with_protocols(mut self, protocols: impl Into<Arc<[String]>>) -> BenchProtocol {
         self.protocols = protocols.into();
         self
+    }
+
+    /// Topic names this worker's handler holds (one per topic with a connection here).
+    pub fn topic_names(&self) -> usize {
+        self.topics.len()
     }
 
     /// The subprotocol to answer `upgrade` with: the first of the server's protocols the
@@ -78,9 +89,10 @@ impl Handler for BenchProtocol {
     type Data = Route;
 
     fn on_upgrade(&mut self, request: &Request, upgrade: &Upgrade) -> Decision<Route> {
+        let protocol = self.choose_protocol(upgrade).map(str::to_owned);
         let accept = |route| {
             let accept = Accept::new(route);
-            match self.choose_protocol(upgrade) {
+            match protocol {
                 Some(protocol) => accept.protocol(protocol),
                 None => accept,
             }
@@ -94,7 +106,15 @@ impl Handler for BenchProtocol {
                 ..Reject::status(414)
             }),
             Some(topic) if !topic.is_empty() => {
-                Decision::Accept(accept(Route::PubSub(Arc::from(topic))).subscribe(topic))
+                let name = match self.topics.get(topic) {
+                    Some(name) => name.clone(),
+                    None => {
+                        let name: Arc<str> = Arc::from(topic);
+                        self.topics.insert(name.clone());
+                        name
+                    }
+                };
+                Decision::Accept(accept(Route::PubSub(name)).subscribe(topic))
             }
             _ => Decision::Reject(Reject::status(404)),
         }
@@ -141,5 +161,59 @@ impl Handler for BenchProtocol {
             }
             None => {}
         }
+    }
+
+    fn on_close(&mut self, conn: &mut Conn<'_, Route>, _code: u16, _reason: &str) {
+        if let Some(Route::PubSub(topic)) = conn.data()
+            && Arc::strong_count(topic) <= 2
+        {
+            // This connection's reference and the set's: the last one of the topic here.
+            let topic = topic.clone();
+            self.topics.remove(&topic);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_name_is_kept_once_per_worker() {
+        let shared = crate::engine::Shared::detached(crate::engine::EngineConfig::default())
+            .expect("shared");
+        let mut h = BenchProtocol::new(Handle::from_shared(shared));
+        let request = |path: &str| {
+            let raw = format!(
+                "GET {path} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            match crate::proto::handshake::parse_request(raw.as_bytes(), &Default::default()) {
+                Ok(crate::proto::handshake::ParseStatus::Complete { request, .. }) => request,
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut routes = Vec::new();
+        for _ in 0..3 {
+            let req = request("/pubsub/prices");
+            let up = req.validate_upgrade().expect("upgrade");
+            match h.on_upgrade(&req, &up) {
+                Decision::Accept(a) => routes.push(a.data),
+                Decision::Reject(r) => panic!("rejected {}", r.status),
+            }
+        }
+        let names: Vec<&Arc<str>> = routes
+            .iter()
+            .map(|r| match r {
+                Route::PubSub(t) => t,
+                Route::Echo => panic!("echo"),
+            })
+            .collect();
+        assert!(
+            names.windows(2).all(|w| Arc::ptr_eq(w[0], w[1])),
+            "one copy"
+        );
+        assert_eq!(h.topics.len(), 1);
+        assert_eq!(Arc::strong_count(names[0]), 4);
     }
 }

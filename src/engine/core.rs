@@ -1798,6 +1798,24 @@ mod tests {
     }
 
     #[test]
+    fn the_bench_protocol_forgets_a_topic_name_with_its_last_connection() {
+        let now = Instant::now();
+        let mut core = bench_core(EngineConfig::default(), now);
+        let mut driver = Recorder::default();
+        let a = subscriber(&mut core, 1, now);
+        let b = subscriber(&mut core, 2, now);
+        core.flush(&mut driver);
+        assert_eq!(core.handler.topic_names(), 1);
+        core.on_eof(a);
+        core.flush(&mut driver);
+        assert_eq!(core.handler.topic_names(), 1, "b still holds it");
+        core.on_eof(b);
+        core.flush(&mut driver);
+        assert!(core.is_empty());
+        assert_eq!(core.handler.topic_names(), 0);
+    }
+
+    #[test]
     fn a_run_reaches_every_subscriber_in_one_write_and_the_publisher_last() {
         let now = Instant::now();
         let mut core = bench_core(EngineConfig::default(), now);
