@@ -6,8 +6,11 @@
 //! Open http://127.0.0.1:9003/ in two browser tabs, or connect any WebSocket client to
 //! `ws://127.0.0.1:9003/chat/lobby?token=alice-secret` (users: alice, bob, carol; the token
 //! is `<name>-secret`). A bad or missing token gets HTTP 401 and opens nothing. Every text
-//! message is published to the room as `name: text`; `/join ROOM` and `/leave ROOM` change
-//! rooms; `/who` answers with the number of people in the current room.
+//! message is published to the room as `name: text`; `/join ROOM` moves to another room,
+//! `/leave` goes back to `lobby`, `/who` answers with the number of people in the current
+//! room. The room in the path is percent-decoded (`/chat/tea%20room` is `tea room`, as
+//! `/join tea room` is). SIGINT/SIGTERM closes every client with 1001 (a second signal
+//! exits at once).
 
 use std::collections::HashMap;
 
@@ -40,8 +43,27 @@ impl Chat {
     }
 }
 
+/// Where `/leave` goes.
+const LOBBY: &str = "lobby";
+
 fn room_topic(room: &str) -> String {
     format!("room:{room}")
+}
+
+/// `%XX` sequences decoded (`+` is left alone: it is a space only in form bodies); `None`
+/// for a bad escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl Handler for Chat {
@@ -51,10 +73,12 @@ impl Handler for Chat {
         let Some(room) = request
             .path
             .strip_prefix("/chat/")
-            .filter(|r| !r.is_empty())
+            .and_then(percent_decode)
+            .filter(|r| !r.trim().is_empty())
         else {
             return Decision::Reject(Reject::status(404));
         };
+        let room = room.trim();
         let token = request.query_param("token").unwrap_or("");
         match self.tokens.get(token) {
             Some(name) => Decision::Accept(
@@ -114,9 +138,22 @@ impl Handler for Chat {
         } else if text.trim() == "/who" {
             let n = self.handle.subscriber_count(&room_topic(&room));
             conn.send_text(&format!("* {n} in {room}"));
-        } else if let Some(left) = text.strip_prefix("/leave ").map(str::trim) {
-            conn.unsubscribe(&room_topic(left));
-            conn.send_text(&format!("* you left {left}"));
+        } else if text.trim() == "/leave" {
+            if room == LOBBY {
+                conn.send_text("* you are in lobby: /join ROOM to go elsewhere");
+                return;
+            }
+            conn.publish(
+                &room_topic(&room),
+                wsring::proto::OpCode::Text,
+                format!("* {name} left").as_bytes(),
+            );
+            conn.unsubscribe(&room_topic(&room));
+            conn.subscribe(&room_topic(LOBBY));
+            if let Some(u) = conn.data() {
+                u.room = LOBBY.to_string();
+            }
+            conn.send_text(&format!("* you left {room}; you are in {LOBBY}"));
         } else {
             conn.publish(
                 &room_topic(&room),
@@ -142,7 +179,7 @@ const PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>wsring chat</t
 <p>user <select id="u"><option>alice</option><option>bob</option><option>carol</option></select>
 room <input id="r" value="lobby" size="8"> <button id="c">connect</button></p>
 <div id="log" style="height:16em;overflow:auto;border:1px solid #ccc;font-family:monospace"></div>
-<form id="f"><input id="m" size="50" placeholder="message, /join ROOM, /who"> <button>send</button></form>
+<form id="f"><input id="m" size="50" placeholder="message, /join ROOM, /leave, /who"> <button>send</button></form>
 <script>
 let ws; const log = t => { const d = document.createElement('div'); d.textContent = t; document.getElementById('log').appendChild(d); };
 document.getElementById('c').onclick = () => {
@@ -156,12 +193,18 @@ document.getElementById('f').onsubmit = e => { e.preventDefault(); const m = doc
 
 fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").init();
+    // Before the server starts, so that its threads inherit the blocked signals.
+    let signals = wsring::signals::ShutdownSignals::block();
+    let listen = std::env::var("CHAT_LISTEN").unwrap_or_else(|_| "127.0.0.1:9003".into());
     let config = EngineConfig {
-        listen: "127.0.0.1:9003".parse().expect("address"),
+        listen: listen
+            .parse()
+            .expect("CHAT_LISTEN: an address like 127.0.0.1:9003"),
         ..EngineConfig::default()
     };
     let server = Server::start_with(config, Chat::new)?;
     println!("chat on http://{}/ (Ctrl-C to stop)", server.local_addr());
-    server.join();
+    // The first SIGINT/SIGTERM closes every client with 1001; a second exits at once.
+    signals.drain_on_signal(server);
     Ok(())
 }

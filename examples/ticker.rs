@@ -6,10 +6,13 @@
 //! cargo run --release --example ticker                       # 2,000 subscribers, 10 s
 //! cargo run --release --example ticker -- --subscribers 5000 --seconds 20
 //! ```
-//! The example starts the server on 127.0.0.1 (a free port), the publisher thread, and
-//! the subscribers (tokio-tungstenite clients in the same process), prints one line per
-//! second (prices published, deliveries, deliveries per second), then shuts the server
-//! down gracefully. One topic per symbol; every subscriber follows every symbol.
+//! The example starts the server on 127.0.0.1 (a free port), the publisher thread (one
+//! price for each of 4 symbols every millisecond: 4,000 prices/s), and the subscribers
+//! (tokio-tungstenite clients in the same process), prints one line per second, then
+//! shuts the server down gracefully (close 1001); SIGINT/SIGTERM does the same at once (a
+//! second signal exits). One topic per symbol; every subscriber follows every symbol, and
+//! any other WebSocket client can join at the address it prints. Columns: prices
+//! published and deliveries made since the start, then deliveries in the last second.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,6 +55,8 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn main() -> std::io::Result<()> {
+    // Before any thread starts: they inherit the blocked signals.
+    let signals = wsring::signals::ShutdownSignals::block();
     let subscribers = arg("--subscribers", 2000);
     let seconds = arg("--seconds", 10);
     let config = EngineConfig {
@@ -65,6 +70,14 @@ fn main() -> std::io::Result<()> {
     let addr = server.local_addr();
     let handle = server.handle();
     println!("ticker on ws://{addr}/ticker: {subscribers} subscribers for {seconds} s");
+    let signalled = Arc::new(AtomicBool::new(false));
+    {
+        let (signalled, handle) = (signalled.clone(), handle.clone());
+        std::thread::spawn(move || {
+            signals.shutdown_on_signal(&handle);
+            signalled.store(true, Ordering::Relaxed);
+        });
+    }
 
     // The subscribers.
     let delivered = Arc::new(AtomicU64::new(0));
@@ -93,7 +106,9 @@ fn main() -> std::io::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    // The publisher: a plain thread, one price per symbol every millisecond.
+    // The publisher: a plain thread, one price per symbol every millisecond (paced by a
+    // deadline, not by sleeping a millisecond after each round, which the scheduler
+    // stretches to ~1.1 ms).
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
     let publisher = {
@@ -101,6 +116,7 @@ fn main() -> std::io::Result<()> {
         std::thread::spawn(move || {
             let mut price = [64_000.0f64, 3_100.0, 140.0, 0.52];
             let mut tick = 0u64;
+            let mut next = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 for (i, s) in SYMBOLS.iter().enumerate() {
                     tick += 1;
@@ -112,17 +128,30 @@ fn main() -> std::io::Result<()> {
                     handle.publish(s, OpCode::Text, msg.as_bytes());
                     published.fetch_add(1, Ordering::Relaxed);
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                next += Duration::from_millis(1);
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
             }
         })
     };
     let start = Instant::now();
     let mut last = 0;
+    println!("    t  prices published  deliveries (total)  deliveries/s (last second)");
     for second in 1..=seconds {
-        std::thread::sleep(Duration::from_secs(1));
+        for _ in 0..10 {
+            if signalled.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if signalled.load(Ordering::Relaxed) {
+            println!("signal: shutting down");
+            break;
+        }
         let now = delivered.load(Ordering::Relaxed);
         println!(
-            "t={second:>3}s published {:>8}  delivered {:>10}  {:>9} deliveries/s",
+            "{second:>4}s  {:>16}  {:>18}  {:>26}",
             published.load(Ordering::Relaxed),
             now,
             now - last

@@ -6,22 +6,30 @@
 # this script fails when the fresh summary differs from the committed one (set
 # WSRING_AUTOBAHN_UPDATE=1 to accept a new summary).
 #
+# The suite comes from its Python package: tests/autobahn/suite/install.sh downloads it
+# with pip (once, ~30 s, into ~/.cache/autobahn-venv), ports it to Python 3 and installs it
+# into a venv; nothing outside this repository is needed but python3 with venv and the
+# package index.
+#
 # Environment:
-#   AUTOBAHN_DIR              the suite's folder (default: ../shared/autobahn)
-#   WSRING_REQUIRE_AUTOBAHN=1 fail (instead of skipping) when the suite is not found
+#   AUTOBAHN_DIR              another copy of the suite's scripts (default: tests/autobahn/suite)
+#   WSRING_REQUIRE_AUTOBAHN=1 fail (instead of skipping) when the suite cannot be installed
 #   WSRING_AUTOBAHN_BACKENDS  backends to run (default: "io-uring epoll")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-dir="${AUTOBAHN_DIR:-$root/../shared/autobahn}"
-if [ ! -x "$dir/run.sh" ]; then
+dir="${AUTOBAHN_DIR:-$root/tests/autobahn/suite}"
+skip() {
     if [ "${WSRING_REQUIRE_AUTOBAHN:-0}" = 1 ]; then
-        echo "autobahn: suite not found at $dir (AUTOBAHN_DIR) and WSRING_REQUIRE_AUTOBAHN=1" >&2
+        echo "autobahn: $1 and WSRING_REQUIRE_AUTOBAHN=1" >&2
         exit 1
     fi
-    echo "autobahn: SKIPPED: suite not found at $dir (set AUTOBAHN_DIR to run it)"
+    echo "autobahn: SKIPPED: $1"
     exit 0
-fi
+}
+[ -x "$dir/run.sh" ] || skip "suite scripts not found at $dir (AUTOBAHN_DIR)"
+python3 -c 'import venv, ensurepip' 2>/dev/null || skip "python3 with venv is needed (apt-get install python3-venv)"
+"$dir/install.sh" >/dev/null || skip "the suite could not be installed (it needs the Python package index once)"
 
 cargo build --release --quiet --bin wsring
 bin="$root/target/release/wsring"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compares wsring with other WebSocket servers on the scenarios of BENCH_PROTOCOL.md
-# (../shared/BENCH_PROTOCOL.md), interleaved in one run, and prints one markdown table
+# (docs/PROTOCOL.md), interleaved in one run, and prints one markdown table
 # per scenario. See BENCHMARKS.md for the machine, the latest table and what limits it.
 #
 #   scripts/bench.sh [--scenarios a,b] [--servers x,y] [--rounds N] [--duration S] [--quick]

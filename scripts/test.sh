@@ -6,8 +6,9 @@
 #   scripts/test.sh
 #
 # Environment:
-#   AUTOBAHN_DIR              where ../shared/autobahn lives (default: ../shared/autobahn)
-#   WSRING_REQUIRE_AUTOBAHN=1 fail instead of skipping when the suite is not found (CI)
+#   AUTOBAHN_DIR              another copy of the Autobahn scripts (default: tests/autobahn/suite)
+#   WSRING_REQUIRE_AUTOBAHN=1 fail instead of skipping when the suite cannot be installed (CI)
+#   WSRING_SKIP_SHELLCHECK=1  skip the shellcheck test (when shellcheck is not installed)
 #   WSRING_REQUIRE_BROWSER=1  fail instead of skipping when Chromium is not installed (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -247,12 +247,65 @@ impl fmt::Display for CheckReport {
                 self.connections,
                 low.join(" ")
             )?;
-            writeln!(
-                f,
-                "fix: sudo scripts/tune.sh --connections {} --apply   (sysctls at once and at boot; limits at next login)",
-                self.connections
-            )
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            for line in self.fix_lines(root, sudo_available()) {
+                writeln!(f, "{line}")?;
+            }
+            Ok(())
         }
+    }
+}
+
+/// Whether a `sudo` is on `PATH`.
+fn sudo_available() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("sudo").is_file()))
+}
+
+impl CheckReport {
+    /// What to run to fix the knobs that are LOW, one command per knob, for a user who is
+    /// `root` or has `sudo` (else the commands are marked to run as root): `sysctl -w` for
+    /// kernel settings (persist them with `tuning/sysctl.d`), the limit for a shell and for a
+    /// systemd service, and the one-step script for a checkout of the repository.
+    pub fn fix_lines(&self, root: bool, sudo: bool) -> Vec<String> {
+        let low: Vec<&CheckLine> = self
+            .lines
+            .iter()
+            .filter(|l| l.status == Status::Low)
+            .collect();
+        if low.is_empty() {
+            return Vec::new();
+        }
+        let (prefix, who) = match (root, sudo) {
+            (true, _) => ("", ""),
+            (false, true) => ("sudo ", ""),
+            (false, false) => ("", " (as root)"),
+        };
+        let mut out = vec![format!("fix{who}:")];
+        for l in low {
+            let how = if l.name.contains('.') {
+                format!("{prefix}sysctl -w {}=\"{}\"", l.name, l.needed)
+            } else {
+                match l.name.as_str() {
+                    "nofile" => format!(
+                        "ulimit -n {n} in the shell that starts wsring (the hard limit: {prefix}prlimit --nofile={n}:{n} --pid $$), LimitNOFILE={n} in a systemd unit",
+                        n = l.needed
+                    ),
+                    "memlock" => format!(
+                        "ulimit -l {} in the shell that starts wsring, LimitMEMLOCK= in a systemd unit",
+                        l.needed.trim_end_matches("KiB")
+                    ),
+                    _ => format!("needs {} ({})", l.needed, l.why),
+                }
+            };
+            out.push(format!("  {:<28} {how}", l.name));
+        }
+        out.push(format!(
+            "  or, in a checkout of wsring: {prefix}scripts/tune.sh --connections {} --apply   (sysctls at once and at boot; limits at next login)",
+            self.connections
+        ));
+        out
     }
 }
 
@@ -1388,6 +1441,60 @@ pub fn startup_limits_summary(max_connections_configured: Option<u64>) -> (u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fix_names_a_command_per_low_knob_for_root_sudo_or_neither() {
+        let line = |name: &str, needed: &str, status| CheckLine {
+            name: name.into(),
+            current: "1".into(),
+            needed: needed.into(),
+            status,
+            why: "because".into(),
+        };
+        let report = CheckReport {
+            lines: vec![
+                line("net.core.somaxconn", "62500", Status::Low),
+                line("net.ipv4.tcp_mem", "750000 1000000 1500000", Status::Low),
+                line("nofile", "1001024", Status::Low),
+                line("fs.file-max", "1251280", Status::Ok),
+            ],
+            connections: 1_000_000,
+            workers: 2,
+            proc_root: PathBuf::from("/"),
+        };
+        let root = report.fix_lines(true, false);
+        assert_eq!(root[0], "fix:");
+        assert!(
+            root[1].ends_with("sysctl -w net.core.somaxconn=\"62500\""),
+            "{root:?}"
+        );
+        assert!(root[2].ends_with("sysctl -w net.ipv4.tcp_mem=\"750000 1000000 1500000\""));
+        assert!(root[3].contains("ulimit -n 1001024") && root[3].contains("LimitNOFILE=1001024"));
+        assert!(
+            !root.iter().any(|l| l.contains("sudo")),
+            "root needs no sudo: {root:?}"
+        );
+        assert!(
+            !root.iter().any(|l| l.contains("file-max")),
+            "OK knobs are not fixed"
+        );
+        let sudo = report.fix_lines(false, true);
+        assert!(sudo[1].contains("sudo sysctl -w"), "{sudo:?}");
+        let neither = report.fix_lines(false, false);
+        assert_eq!(neither[0], "fix (as root):");
+        assert!(!neither.iter().any(|l| l.contains("sudo")));
+        assert!(
+            neither
+                .last()
+                .expect("the checkout line")
+                .contains("in a checkout of wsring: scripts/tune.sh")
+        );
+        let ok = CheckReport {
+            lines: vec![line("fs.file-max", "1", Status::Ok)],
+            ..report
+        };
+        assert!(ok.fix_lines(true, true).is_empty());
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     static COUNTER: AtomicUsize = AtomicUsize::new(0);

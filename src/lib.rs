@@ -12,8 +12,14 @@ pub mod check;
 pub mod engine;
 pub mod proto;
 pub mod serve;
+pub mod signals;
 
 pub use api::{
     Accept, Conn, Decision, Handler, Message, Policy, PublishReport, Reject, SendStatus,
 };
 pub use engine::{EngineConfig, Handle, Server};
+
+/// README.md's Rust snippets, compiled as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -215,33 +215,13 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: escape codes in a log file or the journal are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
-}
-
-/// Blocks SIGINT and SIGTERM in this thread (and the workers it starts) so that they can
-/// be received synchronously with `sigwait`; ignores SIGPIPE.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset operations on a local set; pthread_sigmask and signal with valid
-    // arguments.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        set
-    }
-}
-
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: set is an initialised sigset; sig is a valid out pointer.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
 }
 
 /// glibc's allocator returns freed memory at the top of the heap to the kernel (trim) and
@@ -260,7 +240,8 @@ fn tune_allocator() {
 fn serve(args: ServeArgs) -> ExitCode {
     tune_allocator();
     init_logging(&args.log_level);
-    let signals = block_signals();
+    // Before any thread starts: the workers inherit the blocked signals.
+    let signals = wsring::signals::ShutdownSignals::block();
     let config = EngineConfig {
         listen: args.listen,
         threads: args.threads,
@@ -310,18 +291,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         shared.config.max_connections
     );
     let _ = std::io::stdout().flush();
-    let handle = server.shutdown_handle();
-    let sig = wait_signal(&signals);
-    tracing::info!(signal = sig, "shutting down: closing connections with 1001");
-    handle.shutdown();
-    // A second signal exits at once.
-    std::thread::spawn(move || {
-        let sig = wait_signal(&signals);
-        eprintln!("wsring: second signal ({sig}), exiting now");
-        std::process::exit(1);
-    });
-    server.join();
-    tracing::info!("stopped");
+    // The first signal drains (close 1001, or 1012 with --restart); a second exits at once.
+    let sig = signals.drain_on_signal(server);
+    tracing::info!(signal = sig, "stopped");
     ExitCode::SUCCESS
 }
 

@@ -1,4 +1,4 @@
-//! The handler behind `wsring serve`: ../shared/BENCH_PROTOCOL.md plus a status page.
+//! The handler behind `wsring serve`: the bench protocol (docs/PROTOCOL.md) plus a status page.
 //!
 //! - `/echo` sends every message back with the same opcode;
 //! - `/pubsub/<topic>` subscribes the connection to `<topic>` and publishes every message

@@ -1,4 +1,4 @@
-//! `wsring-load`: a WebSocket load generator that speaks ../shared/BENCH_PROTOCOL.md
+//! `wsring-load`: a WebSocket load generator that speaks the bench protocol (docs/PROTOCOL.md)
 //! against any server, so servers can be compared side by side in one run.
 //!
 //! Modes (`--mode`): `echo`, `fanout`, `idle`, `handshake`; `--scenario NAME` fills in the

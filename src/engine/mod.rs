@@ -978,15 +978,19 @@ fn defer_accept(socket: &Socket) {
     }
 }
 
+/// A listener on `addr`; an error names the address ("127.0.0.1:9001: Address already in
+/// use"), which the bare system error does not.
 fn bind(addr: SocketAddr, nonblocking: bool) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(nonblocking)?;
+    let with_addr = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{addr}: {e}"));
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(with_addr)?;
+    socket.set_reuse_address(true).map_err(with_addr)?;
+    socket.set_reuse_port(true).map_err(with_addr)?;
+    socket.set_tcp_nodelay(true).map_err(with_addr)?;
+    socket.set_nonblocking(nonblocking).map_err(with_addr)?;
     defer_accept(&socket);
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
+    socket.bind(&addr.into()).map_err(with_addr)?;
+    socket.listen(4096).map_err(with_addr)?;
     Ok(socket)
 }
 

@@ -28,10 +28,11 @@ pub fn page(shared: &Shared) -> String {
 <table>
 <tr><td>backend</td><td>{backend}, {threads} worker(s)</td></tr>
 <tr><td>connections open</td><td id="open">{open}</td></tr>
-<tr><td>accepted</td><td>{accepted}</td></tr>
-<tr><td>messages in / out</td><td>{msgs_in} / {msgs_out}</td></tr>
-<tr><td>uptime</td><td>{up} s</td></tr>
+<tr><td>accepted</td><td id="accepted">{accepted}</td></tr>
+<tr><td>messages in / out</td><td><span id="in">{msgs_in}</span> / <span id="out">{msgs_out}</span></td></tr>
+<tr><td>uptime</td><td><span id="up">{up}</span> s</td></tr>
 </table>
+<p><small>The counters refresh every 2 s from <code>/metrics</code>.</small></p>
 <p>Endpoints: <code>/echo</code>, <code>/pubsub/&lt;topic&gt;</code>, <code>/metrics</code>.</p>
 <h2>Demo: topic <code>demo</code></h2>
 <div id="log"></div>
@@ -44,6 +45,13 @@ ws.onopen = () => add('joined /pubsub/demo');
 ws.onmessage = e => add('> ' + e.data);
 ws.onclose = e => add('closed: ' + e.code + ' ' + e.reason);
 document.getElementById('f').onsubmit = e => {{ e.preventDefault(); const m = document.getElementById('m'); if (m.value) ws.send(m.value); m.value = ''; }};
+const show = {{ wsring_connections_open: 'open', wsring_accepted_total: 'accepted', wsring_messages_in_total: 'in', wsring_messages_out_total: 'out', wsring_uptime_seconds: 'up' }};
+setInterval(() => fetch('/metrics').then(r => r.text()).then(text => {{
+  for (const line of text.split('\n')) {{
+    const [name, value] = line.split(' ');
+    if (show[name]) document.getElementById(show[name]).textContent = value;
+  }}
+}}).catch(() => {{}}), 2000);
 </script>
 </body></html>
 "#,
@@ -205,4 +213,30 @@ pub fn metrics(shared: &Shared) -> String {
         shared.started.elapsed().as_secs()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_page_refreshes_counters_that_metrics_reports() {
+        let shared = Shared::detached(crate::engine::EngineConfig::default()).expect("shared");
+        let page = page(&shared);
+        let metrics = metrics(&shared);
+        for name in [
+            "wsring_connections_open",
+            "wsring_accepted_total",
+            "wsring_messages_in_total",
+            "wsring_messages_out_total",
+            "wsring_uptime_seconds",
+        ] {
+            assert!(page.contains(name), "the page does not refresh {name}");
+            assert!(
+                metrics.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "/metrics has no {name}"
+            );
+        }
+        assert!(page.contains("setInterval(() => fetch('/metrics')"));
+    }
 }
