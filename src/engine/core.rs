@@ -1020,10 +1020,11 @@ impl<H: Handler> Core<H> {
                 }
             }
             Phase::Open => {
-                slot.conn.handle_read(data, now);
                 // A read may start an earlier deadline (a message's, or the close
                 // deadline of a peer's close); the wheel keeps only the earliest.
-                if let Some(at) = slot.conn.poll_timeout() {
+                if slot.conn.handle_read(data, now)
+                    && let Some(at) = slot.conn.poll_timeout()
+                {
                     self.inner.schedule(id, at);
                 }
                 self.drain_events(id);

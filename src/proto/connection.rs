@@ -603,9 +603,14 @@ impl Connection {
     /// frame cut at the end of `data` is carried over to the next call (headers inline,
     /// payloads in a buffer that is freed when the frame completes). Bytes read after the
     /// connection closed are ignored.
-    pub fn handle_read(&mut self, data: &mut [u8], now: Instant) {
+    ///
+    /// Returns `true` when the read started a deadline that may come before the one
+    /// [`Connection::poll_timeout`] gave before it (a message's, or the close deadline
+    /// after the peer's close or an error): a driver that keeps one timer per connection
+    /// re-arms it then (the ping deadline only ever moves later on a read).
+    pub fn handle_read(&mut self, data: &mut [u8], now: Instant) -> bool {
         if self.state == State::Closed || self.input_done {
-            return;
+            return false;
         }
         if let (Timer::Idle | Timer::AwaitPong, Some(d)) = (self.timer, self.config.ping_interval) {
             self.timer = Timer::Idle;
@@ -615,6 +620,7 @@ impl Connection {
         if let Err(e) = self.read_frames(&mut b, data) {
             self.fail(&mut b, e);
         }
+        let mut started = false;
         if b.decoder.at_boundary() || self.input_done {
             b.message_deadline = Deadline::NONE;
         } else if b.message_deadline == Deadline::NONE
@@ -622,6 +628,7 @@ impl Connection {
         {
             // The clock of a frame or message starts with its first bytes.
             b.message_deadline = Deadline::at(now + t);
+            started = true;
         }
         if self.input_done && self.timer != Timer::Closing {
             // The peer's close or a protocol error: what is still queued (our reply, and
@@ -629,9 +636,11 @@ impl Connection {
             // connection is dropped; a peer that stopped reading cannot hold it open.
             self.timer = Timer::Closing;
             self.deadline = Deadline::at(now + self.config.close_timeout);
+            started = true;
         }
         self.busy = Some(b);
         self.settle();
+        started
     }
 
     fn read_frames(&mut self, b: &mut Busy, mut data: &mut [u8]) -> Result<(), ProtocolError> {
