@@ -805,15 +805,12 @@ fn mem_available_mib(meminfo: &str) -> Option<u64> {
     })
 }
 
-/// The server's ring geometry, as `engine/uring.rs` sets it up (keep the two in step):
-/// submission and completion queue entries, and the provided-buffer ring's entries with
-/// incremental consumption (64 x 64 KiB) and without it (256 x 16 KiB).
-const SERVER_SQ_ENTRIES: u32 = 4096;
-const SERVER_CQ_ENTRIES: u32 = 32768;
-const SERVER_INC_RING_BUFFERS: u16 = 64;
-const SERVER_RING_BUFFERS: u16 = 256;
-/// `IOU_PBUF_RING_INC`: the provided-buffer ring flag for incremental consumption (6.12+).
-const IOU_PBUF_RING_INC: u16 = 2;
+// The server's ring geometry comes from the io_uring backend itself: the same builder
+// (flags, completion-queue size), submission-queue entries and buffer-ring sizes.
+use crate::engine::uring::{
+    INC_RING_BUFFERS as SERVER_INC_RING_BUFFERS, IOU_PBUF_RING_INC,
+    RING_BUFFERS as SERVER_RING_BUFFERS, SQ_ENTRIES as SERVER_SQ_ENTRIES,
+};
 /// Bit of CAP_IPC_LOCK in the capability sets of `/proc/self/status`.
 const CAP_IPC_LOCK: u32 = 14;
 
@@ -916,18 +913,11 @@ struct WorkerRing {
     _entries: RingEntries,
 }
 
-/// Sets up one ring like a server worker: the flags of `engine/uring.rs`'s `builder()`
-/// (SINGLE_ISSUER, DEFER_TASKRUN, TASKRUN_FLAG, SUBMIT_ALL), its entries, a sparse file
-/// table of `file_table` slots, and its provided-buffer ring (incremental, else plain).
+/// Sets up one ring like a server worker: the io_uring backend's own builder (its flags
+/// and entries), a sparse file table of `file_table` slots, and its provided-buffer ring
+/// (incremental, else plain).
 fn set_up_worker_ring(file_table: u32) -> Result<WorkerRing, (RingStage, std::io::Error)> {
-    let mut builder = io_uring::IoUring::builder();
-    builder
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_taskrun_flag()
-        .setup_submit_all()
-        .setup_cqsize(SERVER_CQ_ENTRIES);
-    let ring = builder
+    let ring = crate::engine::uring::builder()
         .build(SERVER_SQ_ENTRIES)
         .map_err(|e| (RingStage::Setup, e))?;
     ring.submitter()

@@ -66,13 +66,16 @@ const BGID: u16 = 0;
 /// Receive buffers per worker, and their size: with incremental consumption (kernel 6.12+,
 /// each completion takes only the bytes it needs from a buffer) few large buffers; without
 /// it more, smaller ones. 4 MiB per worker either way.
-const INC_RING_BUFFERS: u16 = 64;
+/// (`wsring check` sets up rings of the same geometry to measure what they cost.)
+pub(crate) const INC_RING_BUFFERS: u16 = 64;
 const INC_BUFFER_SIZE: usize = 64 * 1024;
-const RING_BUFFERS: u16 = 256;
+pub(crate) const RING_BUFFERS: u16 = 256;
 const BUFFER_SIZE: usize = 16 * 1024;
 const MAX_IOV: usize = 64;
-const SQ_ENTRIES: u32 = 4096;
+pub(crate) const SQ_ENTRIES: u32 = 4096;
 const CQ_ENTRIES: u32 = 32768;
+/// `IOU_PBUF_RING_INC`: the provided-buffer ring flag for incremental consumption (6.12+).
+pub(crate) const IOU_PBUF_RING_INC: u16 = 2;
 
 fn user_data(op: u64, id: ConnId) -> u64 {
     (op << 56) | ((u64::from(id.generation) & 0xFF_FFFF) << 32) | u64::from(id.slot)
@@ -82,7 +85,9 @@ fn split(ud: u64) -> (u64, u32, u32) {
     (ud >> 56, ((ud >> 32) & 0xFF_FFFF) as u32, ud as u32)
 }
 
-fn builder() -> io_uring::Builder {
+/// The ring a worker runs on: its flags and completion-queue size (build it with
+/// [`SQ_ENTRIES`]).
+pub(crate) fn builder() -> io_uring::Builder {
     let mut b = IoUring::builder();
     b.setup_single_issuer()
         .setup_defer_taskrun()
@@ -253,7 +258,6 @@ impl BufRing {
         submitter: &Submitter<'_>,
         bgid: u16,
     ) -> io::Result<()> {
-        const IOU_PBUF_RING_INC: u16 = 2;
         // SAFETY: as in `register`.
         unsafe {
             submitter.register_buf_ring_with_flags(

@@ -99,10 +99,11 @@ fn check_response(out: &[u8], status: u16) {
 
 /// A small deterministic generator (xorshift64*) for split points and actions, seeded by
 /// the input so every run of the same bytes does the same thing.
-struct Rng(u64);
+/// A xorshift generator: the harnesses' choices, repeatable from the input's seed.
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -110,7 +111,7 @@ impl Rng {
     }
 
     /// A number in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }

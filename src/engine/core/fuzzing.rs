@@ -24,27 +24,13 @@ use std::time::{Duration, Instant};
 use super::{ConnId, Core, Driver, SendOutcome};
 use crate::engine::{EngineConfig, Handle, Shared};
 use crate::proto::frame::encode_client_frame;
+use crate::proto::fuzzing::Rng;
 use crate::proto::{OpCode, connection::reassembly_total};
 use crate::serve::BenchProtocol;
 
 const HARD: usize = 16 * 1024;
 const SOFT: usize = 4 * 1024;
 const MAX_MESSAGE: u64 = 8 * 1024;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// How the fake sockets take writes.
 #[derive(Clone, Copy, PartialEq, Eq)]
