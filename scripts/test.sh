@@ -24,6 +24,9 @@ cargo clippy --all-targets -- -D warnings
 step "cargo test"
 cargo test --all-targets
 
+step "cargo test --doc (the README's snippets and the API examples)"
+cargo test --doc
+
 step "cargo bench --no-run"
 cargo bench --no-run
 

@@ -25,8 +25,21 @@ impl Drop for ChildGuard {
     }
 }
 
-/// target/<profile>/examples/<name>, next to this test's own deps/ folder.
+/// target/<profile>/examples/<name>, next to this test's own deps/ folder, built first
+/// (`cargo test` builds examples only as test targets, not as the programs a user runs).
 fn example(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--quiet", "--examples"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !cfg!(debug_assertions) {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build --examples");
+        assert!(status.success(), "cargo build --examples: {status}");
+    });
     let exe = std::env::current_exe().expect("test executable");
     let profile_dir = exe
         .parent()
@@ -35,7 +48,7 @@ fn example(name: &str) -> PathBuf {
     let path = profile_dir.join("examples").join(name);
     assert!(
         path.exists(),
-        "{} is missing: `cargo test` builds the examples",
+        "{} is missing after cargo build --examples",
         path.display()
     );
     path
