@@ -1664,27 +1664,24 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return sends;
         };
-        if slot.conn.transmit_frames() > 0
-            && !slot.flags.has(Flags::DEAD)
-            && matches!(slot.phase, Phase::Open)
-        {
+        let pending = slot.conn.transmit_frames() > 0;
+        if pending && !slot.flags.has(Flags::DEAD) && matches!(slot.phase, Phase::Open) {
             // Bytes left over (a write in flight, or a full socket): they must make
-            // progress within the send timeout.
+            // progress within the send timeout. (The wheel is scheduled here, on the slot
+            // already borrowed: `Inner::schedule` would look it up again, once per write.)
             slot.conn.note_unsent(now);
             if let Some(at) = slot.conn.poll_timeout() {
-                self.inner.schedule(id, at);
+                let tick = self.inner.wheel.tick_of(at);
+                if tick < slot.tick {
+                    slot.tick = tick;
+                    self.inner.wheel.schedule(id.slot, id.generation, tick);
+                }
             }
         }
-        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
-            return sends;
-        };
         if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
             return sends;
         }
-        if matches!(slot.phase, Phase::Finish)
-            && slot.conn.transmit_frames() == 0
-            && !slot.flags.has(Flags::DEAD)
-        {
+        if !pending && matches!(slot.phase, Phase::Finish) && !slot.flags.has(Flags::DEAD) {
             // The answer is out: FIN, then wait for the peer's EOF (reading and
             // discarding what it still sends) or the deadline set in `finish_with`.
             if !slot.flags.has(Flags::LINGERING) {
@@ -1693,8 +1690,7 @@ impl<H: Handler> Core<H> {
             }
             return sends;
         }
-        let done = slot.flags.has(Flags::DEAD)
-            || (slot.conn.transmit_frames() == 0 && slot.conn.is_closed());
+        let done = slot.flags.has(Flags::DEAD) || (!pending && slot.conn.is_closed());
         if done && !slot.flags.has(Flags::CLOSING) {
             slot.flags.set(Flags::CLOSING, true);
             if driver.close(id, slot.fd) {

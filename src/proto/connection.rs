@@ -367,6 +367,7 @@ impl Busy {
         }
     }
 
+    #[inline]
     fn push_large(&mut self, frame: Bytes) {
         self.seal();
         self.queued_bytes += frame.len();
@@ -1016,6 +1017,7 @@ impl Connection {
     /// [`Connection::advance_transmit`]. The slices stay valid and unchanged until
     /// `advance_transmit` reports them written, whatever is queued meanwhile, so an
     /// asynchronous write may hold on to them.
+    #[inline]
     pub fn transmit(&mut self) -> impl Iterator<Item = &[u8]> {
         if let Some(b) = self.busy.as_mut() {
             b.seal();
@@ -1034,6 +1036,7 @@ impl Connection {
     }
 
     /// How many slices [`Connection::transmit`] will yield (0: nothing to write).
+    #[inline]
     pub fn transmit_frames(&self) -> usize {
         self.busy
             .as_ref()
@@ -1041,11 +1044,13 @@ impl Connection {
     }
 
     /// Bytes queued and not yet written.
+    #[inline]
     pub fn queued_bytes(&self) -> usize {
         self.busy.as_ref().map_or(0, |b| b.queued_bytes)
     }
 
     /// Reports that `n` bytes of [`Connection::transmit`] were written.
+    #[inline]
     pub fn advance_transmit(&mut self, mut n: usize) {
         let Some(b) = self.busy.as_mut() else {
             return;
@@ -1064,13 +1069,25 @@ impl Connection {
             b.transmit_offset = 0;
             b.transmit.pop_front();
         }
-        if b.queued_bytes <= self.config.reply_queue_limit
+        if b.owed_pong.is_some() {
+            self.pay_owed_pong();
+        }
+        self.settle();
+    }
+
+    /// Queues the pong owed for the latest ping once the queue is back under the reply
+    /// limit (rare: only after a ping flood into a full queue).
+    #[cold]
+    fn pay_owed_pong(&mut self) {
+        let open = self.state == State::Open;
+        let limit = self.config.reply_queue_limit;
+        if let Some(b) = self.busy.as_mut()
+            && b.queued_bytes <= limit
             && let Some(payload) = b.owed_pong.take()
-            && self.state == State::Open
+            && open
         {
             b.queue_encoded(OpCode::Pong, &payload);
         }
-        self.settle();
     }
 
     /// Tells the connection that bytes are still queued after a write at `now` (the
