@@ -1288,6 +1288,21 @@ mod tests {
     }
 
     #[test]
+    fn a_port_in_use_is_reported_with_its_address() {
+        // A listener without SO_REUSEPORT holds the port, so wsring's bind fails.
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = holder.local_addr().unwrap();
+        let err = Server::builder()
+            .listen(addr)
+            .threads(1)
+            .start(crate::serve::BenchProtocol::new)
+            .err()
+            .expect("the port is taken");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(err.to_string().starts_with(&addr.to_string()), "{err}");
+    }
+
+    #[test]
     fn an_invalid_configuration_does_not_start() {
         let err = Server::builder()
             .send_queue_soft(10)
