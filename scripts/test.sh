@@ -21,6 +21,13 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "the library alone (default-features = false) compiles no CLI dependency"
+cargo clippy --lib --no-default-features -- -D warnings
+if cargo tree --no-default-features -e normal --prefix none | grep -E '^(clap|tracing-subscriber|mimalloc) '; then
+    echo "test: the library without the cli feature depends on the CLI crates above" >&2
+    exit 1
+fi
+
 step "cargo test"
 cargo test --all-targets
 

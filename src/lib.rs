@@ -8,6 +8,8 @@
 #![warn(missing_docs)]
 
 pub mod api;
+/// `wsring check` (part of the `cli` feature).
+#[cfg(feature = "cli")]
 pub mod check;
 pub mod engine;
 pub mod proto;

@@ -66,8 +66,8 @@ struct ServeArgs {
     threads: usize,
     /// I/O backend: `auto` uses io_uring when the kernel allows it and falls back to
     /// epoll (logging why); `io-uring` fails instead of falling back.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    backend: BackendChoice,
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
     /// Largest message or frame accepted (e.g. 16MiB, 65536); larger ones close with 1009.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     max_message_size: u64,
@@ -147,6 +147,27 @@ struct ServeArgs {
     /// Sec-WebSocket-Protocol. The messages are the same whatever is chosen.
     #[arg(long, value_delimiter = ',', value_parser = parse_protocol)]
     protocols: Vec<String>,
+}
+
+/// `--backend`: the CLI's names for [`BackendChoice`] (clap stays out of the engine).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BackendArg {
+    /// io_uring when the kernel has every operation wsring uses, else epoll.
+    Auto,
+    /// io_uring, or fail to start.
+    IoUring,
+    /// epoll.
+    Epoll,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> BackendChoice {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::IoUring => BackendChoice::IoUring,
+            BackendArg::Epoll => BackendChoice::Epoll,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -245,7 +266,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let config = EngineConfig {
         listen: args.listen,
         threads: args.threads,
-        backend: args.backend,
+        backend: args.backend.into(),
         max_message_size: args.max_message_size,
         max_header_bytes: usize::try_from(args.max_header_bytes).unwrap_or(usize::MAX),
         handshake_timeout: args.handshake_timeout,

@@ -38,7 +38,7 @@ use crate::proto::{self, OpCode};
 pub use core::ConnId;
 
 /// Which I/O backend to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
     /// io_uring when the kernel has every operation wsring uses, else epoll.
     Auto,
