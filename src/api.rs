@@ -5,8 +5,6 @@
 //! locks: the engine calls it with the connection it concerns. Every convenience here is a
 //! thin layer over the engine's core; no io_uring or epoll type appears in it.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
 use crate::proto::OpCode;
@@ -126,6 +124,23 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
+    /// The answer to a refused request: the status, one-line body and headers that
+    /// [`HandshakeError`](crate::proto::HandshakeError) maps to (426 names
+    /// `Sec-WebSocket-Version: 13` and `Upgrade`, 405 names `Allow`), the same as the
+    /// engine's own refusals.
+    pub fn error(e: crate::proto::HandshakeError) -> HttpResponse {
+        let (status, body, headers) = crate::proto::handshake::error_parts(e);
+        HttpResponse {
+            status,
+            content_type: "text/plain".to_string(),
+            body: Bytes::from(body),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     /// A response with `status`, `content_type` and `body`, no extra header.
     pub fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
         HttpResponse {
@@ -228,6 +243,3 @@ pub trait Handler: Send + 'static {
         let _ = (conn, code, reason);
     }
 }
-
-/// Builds one handler per worker.
-pub type HandlerFactory<H> = Arc<dyn Fn(usize) -> H + Send + Sync>;

@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use crate::proto::HandshakeError;
 
 use crate::api::{Accept, Conn, Decision, Handler, HttpResponse, Message, Reject};
 use crate::engine::{Handle, status};
@@ -134,16 +134,7 @@ impl Handler for BenchProtocol {
                 status::metrics(shared),
             )),
             p if p == "/echo" || p.starts_with("/pubsub/") => {
-                let mut r = HttpResponse::new(
-                    426,
-                    "text/plain",
-                    Bytes::from_static(b"this path only upgrades to WebSocket\n"),
-                );
-                r.headers = vec![
-                    ("Upgrade".into(), "websocket".into()),
-                    ("Sec-WebSocket-Version".into(), "13".into()),
-                ];
-                Some(r)
+                Some(HttpResponse::error(HandshakeError::UpgradeRequired))
             }
             _ => None,
         }

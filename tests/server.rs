@@ -713,7 +713,7 @@ fn graceful_shutdown_closes_every_client_with_1001(backend: BackendChoice) {
     const DRAIN: Duration = Duration::from_secs(2);
     let server = TestServer::start_with(backend, |c| c.drain_timeout = DRAIN);
     let shared = server.shared();
-    let handle = server.server().shutdown_handle();
+    let handle = server.server().handle();
     let addr = server.addr;
     let server = server.into_server();
     let rt = runtime();

@@ -55,7 +55,7 @@ impl ProtocolServer {
 impl Drop for ProtocolServer {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
-            server.shutdown_handle().abort();
+            server.handle().abort();
             server.join();
         }
     }

@@ -52,6 +52,10 @@ pub struct ConnId {
     pub generation: u32,
 }
 
+/// Generations are 24 bits wide: the io_uring backend packs op (8 bits), generation (24)
+/// and slot (32) into a completion's `user_data`; the core wraps generations at this mask.
+pub const GENERATION_MASK: u32 = 0xFF_FFFF;
+
 /// What a backend did with a write request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -76,6 +80,11 @@ pub trait Driver {
     /// Writes as much of `bufs` as possible to the connection's socket. `last`: these are
     /// the connection's final bytes and `close` follows once they are written, so the
     /// backend may hold them back (`MSG_MORE`) for the FIN to ride in the same segment.
+    ///
+    /// The contract a backend's `unsafe` may rely on: the core has at most one write in
+    /// flight per connection (after [`SendOutcome::InFlight`] it calls `send` for that
+    /// connection again only after `Core::on_sent`), and the slices stay valid and
+    /// unchanged until `on_sent` reports them written (see `Connection::transmit`).
     fn send(
         &mut self,
         id: ConnId,
@@ -893,11 +902,6 @@ impl<H: Handler> Core<H> {
         self.inner.slots.is_empty()
     }
 
-    /// Local topics (for tests and metrics).
-    pub fn topic_count(&self) -> usize {
-        self.inner.topics.len()
-    }
-
     /// Whether a graceful drain has started.
     pub fn draining(&self) -> bool {
         self.inner.draining.is_some()
@@ -917,6 +921,16 @@ impl<H: Handler> Core<H> {
             .slots
             .get(id.slot as usize)
             .filter(|s| s.generation == id.generation && !s.flags.has(Flags::CLOSING))
+            .map(|s| s.fd)
+    }
+
+    /// The socket of a connection this worker still holds, closing or not (for a backend
+    /// that closes it late).
+    pub fn socket_of(&self, id: ConnId) -> Option<u32> {
+        self.inner
+            .slots
+            .get(id.slot as usize)
+            .filter(|s| s.generation == id.generation)
             .map(|s| s.fd)
     }
 
@@ -942,7 +956,7 @@ impl<H: Handler> Core<H> {
         inner.now = now;
         inner.stats().accepted.bump(1);
         let generation = inner.next_generation;
-        inner.next_generation = inner.next_generation.wrapping_add(1) & 0xFF_FFFF;
+        inner.next_generation = inner.next_generation.wrapping_add(1) & GENERATION_MASK;
         let deadline = now + inner.shared.config.handshake_timeout;
         let slot = inner.slots.insert(Slot {
             conn: Connection::new(inner.shared.proto.clone(), now),
@@ -1126,11 +1140,7 @@ impl<H: Handler> Core<H> {
     fn respond_http(&mut self, id: ConnId, request: &Request) {
         let mut out = Vec::new();
         if request.method != "GET" && request.method != "HEAD" {
-            handshake::encode_error(
-                &mut out,
-                HandshakeError::MethodNotAllowed,
-                &[("Allow", "GET")],
-            );
+            handshake::encode_error(&mut out, HandshakeError::MethodNotAllowed, &[]);
         } else {
             match self.handler.on_http(request) {
                 Some(r) => {

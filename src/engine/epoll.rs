@@ -24,7 +24,7 @@ use socket2::Socket;
 
 use super::core::{ConnId, Core, Driver, SendOutcome};
 use super::wheel::TICK;
-use super::{AcceptBackoff, Shared};
+use super::{AcceptBackoff, Shared, ShutdownState};
 use crate::api::Handler;
 
 const LISTENER: u64 = u64::MAX;
@@ -282,14 +282,14 @@ pub fn run<H: Handler>(
         }
         core.on_tick(now);
         match shared.shutdown_state() {
-            0 => {}
-            1 => {
+            ShutdownState::Running => {}
+            ShutdownState::Draining => {
                 if !core.draining() {
                     listener = None; // stop accepting on this worker
                     core.begin_drain(now, now + shared.config.drain_timeout);
                 }
             }
-            _ => {
+            ShutdownState::Aborting => {
                 core.abort_all(&mut driver);
                 return Ok(());
             }

@@ -432,6 +432,19 @@ impl WorkerStats {
     }
 }
 
+/// Where a server is in its shutdown; it only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum ShutdownState {
+    /// Serving.
+    Running = 0,
+    /// Closing every connection with the drain code and waiting for the close
+    /// handshakes (up to the drain timeout).
+    Draining = 1,
+    /// Dropping every connection now.
+    Aborting = 2,
+}
+
 /// Work handed to a worker by other threads.
 #[derive(Debug)]
 pub enum Command {
@@ -471,7 +484,7 @@ pub struct Shared {
     /// The backend running.
     pub backend: Backend,
     inboxes: Box<[Inbox]>,
-    /// 0 running, 1 draining, 2 abort.
+    /// A [`ShutdownState`] as its number (it only grows).
     shutdown: AtomicU8,
     /// Which workers have subscribers of which topic.
     pub(crate) directory: Directory,
@@ -674,7 +687,7 @@ impl Shared {
                 continue;
             }
             while inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
-                && self.shutdown_state() == 0
+                && self.shutdown_state() == ShutdownState::Running
             {
                 std::thread::sleep(Duration::from_micros(100));
             }
@@ -688,13 +701,18 @@ impl Shared {
             .map_or(-1, |i| i.eventfd.as_raw_fd())
     }
 
-    /// 0 running, 1 draining, 2 abort now.
-    pub fn shutdown_state(&self) -> u8 {
-        self.shutdown.load(Ordering::Acquire)
+    /// Where the server is in its shutdown.
+    pub fn shutdown_state(&self) -> ShutdownState {
+        match self.shutdown.load(Ordering::Acquire) {
+            0 => ShutdownState::Running,
+            1 => ShutdownState::Draining,
+            _ => ShutdownState::Aborting,
+        }
     }
 
-    fn set_shutdown(&self, state: u8) {
-        self.shutdown.fetch_max(state, Ordering::AcqRel);
+    /// Moves the shutdown on to `state` (never back: aborting wins over draining).
+    fn set_shutdown(&self, state: ShutdownState) {
+        self.shutdown.fetch_max(state as u8, Ordering::AcqRel);
         for inbox in self.inboxes.iter() {
             wake(&inbox.eventfd);
         }
@@ -739,9 +757,6 @@ pub struct GlobalConnId {
 pub struct Handle {
     shared: Arc<Shared>,
 }
-
-/// The old name of [`Handle`].
-pub type ShutdownHandle = Handle;
 
 impl Handle {
     /// A handle on shared state built without a server (see [`Shared::detached`]).
@@ -803,12 +818,12 @@ impl Handle {
     /// Stop accepting, send close 1001 to every connection, wait for the close handshakes
     /// until the drain deadline, then drop the rest.
     pub fn shutdown(&self) {
-        self.shared.set_shutdown(1);
+        self.shared.set_shutdown(ShutdownState::Draining);
     }
 
     /// Drop every connection and stop now.
     pub fn abort(&self) {
-        self.shared.set_shutdown(2);
+        self.shared.set_shutdown(ShutdownState::Aborting);
     }
 
     /// The shared state (counters).
@@ -1094,7 +1109,7 @@ impl Server {
                         tracing::error!(worker = index, "worker stopped: {e}");
                         let _ = ready.send(Err(e.to_string()));
                         // One worker down means the server is not what was asked for.
-                        shared.set_shutdown(2);
+                        shared.set_shutdown(ShutdownState::Aborting);
                     }
                 })?;
             workers.push(handle);
@@ -1104,11 +1119,11 @@ impl Server {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    shared.set_shutdown(2);
+                    shared.set_shutdown(ShutdownState::Aborting);
                     return Err(std::io::Error::other(e));
                 }
                 Err(_) => {
-                    shared.set_shutdown(2);
+                    shared.set_shutdown(ShutdownState::Aborting);
                     return Err(std::io::Error::other("a worker exited during start-up"));
                 }
             }
@@ -1135,11 +1150,6 @@ impl Server {
         Handle {
             shared: self.shared.clone(),
         }
-    }
-
-    /// Same as [`Server::handle`].
-    pub fn shutdown_handle(&self) -> Handle {
-        self.handle()
     }
 
     /// The shared state (configuration, counters).

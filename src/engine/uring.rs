@@ -44,9 +44,9 @@ use io_uring::types::{BufRingEntry, Fd, Fixed, TimeoutFlags, Timespec};
 use io_uring::{IoUring, Probe, Submitter, cqueue, opcode, squeue};
 use socket2::Socket;
 
-use super::core::{ConnId, Core, Driver, SendOutcome};
+use super::core::{ConnId, Core, Driver, GENERATION_MASK, SendOutcome};
 use super::wheel::TICK;
-use super::{AcceptBackoff, EngineConfig, Shared};
+use super::{AcceptBackoff, EngineConfig, Shared, ShutdownState};
 use crate::api::Handler;
 
 const OP_ACCEPT: u64 = 1;
@@ -78,11 +78,11 @@ const CQ_ENTRIES: u32 = 32768;
 pub(crate) const IOU_PBUF_RING_INC: u16 = 2;
 
 fn user_data(op: u64, id: ConnId) -> u64 {
-    (op << 56) | ((u64::from(id.generation) & 0xFF_FFFF) << 32) | u64::from(id.slot)
+    (op << 56) | (u64::from(id.generation & GENERATION_MASK) << 32) | u64::from(id.slot)
 }
 
 fn split(ud: u64) -> (u64, u32, u32) {
-    (ud >> 56, ((ud >> 32) & 0xFF_FFFF) as u32, ud as u32)
+    (ud >> 56, ((ud >> 32) as u32) & GENERATION_MASK, ud as u32)
 }
 
 /// The ring a worker runs on: its flags and completion-queue size (build it with
@@ -343,6 +343,10 @@ struct SlotIo {
     close: bool,
     /// A shutdown (FIN after an HTTP answer) is in flight.
     shutdown: bool,
+    /// The close waits for that shutdown's completion: the kernel may run a shutdown in
+    /// its worker pool after a close issued later, and by then the fixed-file index may
+    /// name a newly accepted socket.
+    close_after_shutdown: bool,
     closing: bool,
 }
 
@@ -516,6 +520,20 @@ impl Driver for UringDriver<'_, '_> {
             // A send parked on a full socket of a peer that stopped reading.
             self.cancel(OP_SEND, id);
         }
+        if io.shutdown {
+            // Closed when the shutdown completes (see `SlotIo::close_after_shutdown`).
+            let io = self.io(id.slot);
+            io.close_after_shutdown = true;
+            io.closing = true;
+            return false;
+        }
+        self.submit_close(id, fd);
+        false
+    }
+}
+
+impl UringDriver<'_, '_> {
+    fn submit_close(&mut self, id: ConnId, fd: u32) {
         let e = opcode::Close::new(Fixed(fd))
             .build()
             .user_data(user_data(OP_CLOSE, id));
@@ -524,7 +542,6 @@ impl Driver for UringDriver<'_, '_> {
         let io = self.io(id.slot);
         io.close = true;
         io.closing = true;
-        false
     }
 }
 
@@ -673,7 +690,7 @@ pub fn run<H: Handler>(
                         slot,
                         generation: drv.io(slot).generation,
                     };
-                    if id.generation & 0xFF_FFFF != generation {
+                    if id.generation & GENERATION_MASK != generation {
                         continue;
                     }
                     if res > 0 {
@@ -709,7 +726,7 @@ pub fn run<H: Handler>(
                         slot,
                         generation: drv.io(slot).generation,
                     };
-                    if id.generation & 0xFF_FFFF != generation {
+                    if id.generation & GENERATION_MASK != generation {
                         continue;
                     }
                     drv.io(slot).send = false;
@@ -721,13 +738,22 @@ pub fn run<H: Handler>(
                 }
                 OP_CLOSE | OP_SHUTDOWN => {
                     let sio = drv.io(slot);
-                    if sio.generation & 0xFF_FFFF != generation {
+                    if sio.generation & GENERATION_MASK != generation {
                         continue;
                     }
                     if op == OP_CLOSE {
                         sio.close = false;
                     } else {
                         sio.shutdown = false;
+                        if std::mem::take(&mut sio.close_after_shutdown) {
+                            let id = ConnId {
+                                slot,
+                                generation: sio.generation,
+                            };
+                            if let Some(fd) = core.socket_of(id) {
+                                drv.submit_close(id, fd);
+                            }
+                        }
                     }
                     finish_if_idle(&mut core, drv.io, slot);
                 }
@@ -761,8 +787,8 @@ pub fn run<H: Handler>(
         }
         core.on_tick(now);
         match shared.shutdown_state() {
-            0 => {}
-            1 => {
+            ShutdownState::Running => {}
+            ShutdownState::Draining => {
                 if !core.draining() {
                     if accept_armed {
                         let e = opcode::AsyncCancel::new(user_data(OP_ACCEPT, none))
@@ -775,7 +801,7 @@ pub fn run<H: Handler>(
                     core.begin_drain(now, now + shared.config.drain_timeout);
                 }
             }
-            _ => {
+            ShutdownState::Aborting => {
                 if aborting.is_none() {
                     listener = None;
                     aborting = Some(now);

@@ -112,7 +112,7 @@ pub enum HandshakeError {
     #[error("server at capacity")]
     Full,
     /// A plain HTTP request (no upgrade) to a path that only upgrades.
-    #[error("upgrade required")]
+    #[error("this path only upgrades to WebSocket")]
     UpgradeRequired,
     /// The application chose a subprotocol the client did not offer.
     #[error("subprotocol not offered by the client")]

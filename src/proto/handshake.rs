@@ -355,20 +355,26 @@ pub fn encode_response(
 /// Appends the error response for a refused handshake: the status from
 /// [`HandshakeError::status`], a one-line body, and `Sec-WebSocket-Version: 13` on 426.
 pub fn encode_error(out: &mut Vec<u8>, err: HandshakeError, extra: &[(&str, &str)]) {
-    let status = err.status();
-    let body = format!("{err}\n");
-    if status == 426 {
-        let mut all = vec![("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")];
-        all.extend_from_slice(extra);
-        encode_response(out, status, "text/plain", body.as_bytes(), &all);
-    } else if status == 405 && !extra.iter().any(|(n, _)| n.eq_ignore_ascii_case("allow")) {
-        // RFC 9110 §15.5.6: a 405 names the allowed methods.
-        let mut all = vec![("Allow", "GET")];
-        all.extend_from_slice(extra);
-        encode_response(out, status, "text/plain", body.as_bytes(), &all);
-    } else {
-        encode_response(out, status, "text/plain", body.as_bytes(), extra);
+    let (status, body, mut headers) = error_parts(err);
+    for (name, value) in extra {
+        if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            headers.push((name, value));
+        }
     }
+    encode_response(out, status, "text/plain", body.as_bytes(), &headers);
+}
+
+/// What a refusal with `err` answers: its status, a one-line body, and the headers that
+/// status requires: `Sec-WebSocket-Version: 13` and `Upgrade` on 426 (RFC 6455 §4.4),
+/// `Allow: GET` on 405 (RFC 9110 §15.5.6). The one place those rules live.
+pub fn error_parts(err: HandshakeError) -> (u16, String, Vec<(&'static str, &'static str)>) {
+    let status = err.status();
+    let headers = match status {
+        426 => vec![("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")],
+        405 => vec![("Allow", "GET")],
+        _ => Vec::new(),
+    };
+    (status, format!("{err}\n"), headers)
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ impl TestServer {
 
     fn abort_and_join(&mut self) {
         if let Some(server) = self.server.take() {
-            server.shutdown_handle().abort();
+            server.handle().abort();
             server.join();
         }
     }
