@@ -8,7 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
-/// `wsring check` (part of the `cli` feature).
+// `wsring check`: part of the `cli` feature.
 #[cfg(feature = "cli")]
 pub mod check;
 pub mod engine;

@@ -1,0 +1,135 @@
+//! [`Conn`]: a connection as a handler sees it, inside a callback.
+
+use super::*;
+
+impl<D> Conn<'_, D> {
+    /// This connection's id on its worker.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The worker this connection lives on.
+    pub fn worker(&self) -> usize {
+        self.inner.index
+    }
+
+    /// The handler's data for this connection.
+    pub fn data(&mut self) -> Option<&mut D> {
+        slot_of(&mut self.inner.slots, self.id).and_then(|s| s.data.as_mut())
+    }
+
+    /// Queues a message (or a ping/pong) on this connection. A control frame over 125
+    /// bytes, or a close frame (use [`Conn::close`]), is not sent: `Dropped`.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
+        if refused(opcode, payload.len()) {
+            return SendStatus::Dropped;
+        }
+        self.queue(Out::Message(opcode, payload))
+    }
+
+    /// Like [`Conn::send`], taking the payload by value: a large one is written from
+    /// where it is, with no copy. Echoing or forwarding a received [`Message`] this way
+    /// (`conn.send_bytes(m.opcode, m.payload)`) costs no copy of its payload.
+    pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> SendStatus {
+        if refused(opcode, payload.len()) {
+            return SendStatus::Dropped;
+        }
+        self.queue(Out::Payload(opcode, payload))
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&mut self, text: &str) -> SendStatus {
+        self.send(OpCode::Text, text.as_bytes())
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&mut self, payload: &[u8]) -> SendStatus {
+        self.send(OpCode::Binary, payload)
+    }
+
+    /// Queues an already encoded frame (see [`crate::proto::encode_frame`]).
+    pub fn send_frame(&mut self, frame: Bytes) -> SendStatus {
+        self.queue(Out::Owned(frame))
+    }
+
+    fn queue(&mut self, frame: Out<'_>) -> SendStatus {
+        let status = self.inner.queue_frame(self.id, frame, None);
+        if matches!(status, SendStatus::Queued | SendStatus::Backpressure) {
+            self.inner.shared.stats[self.inner.index]
+                .messages_out
+                .bump(1);
+        }
+        status
+    }
+
+    /// Subscribes this connection to `topic`. Returns `false` if it already was.
+    pub fn subscribe(&mut self, topic: &str) -> bool {
+        self.inner.subscribe(self.id, topic)
+    }
+
+    /// Unsubscribes this connection from `topic`. Returns `false` if it was not subscribed.
+    pub fn unsubscribe(&mut self, topic: &str) -> bool {
+        self.inner.unsubscribe(self.id, topic)
+    }
+
+    /// The topics this connection is subscribed to.
+    pub fn topics(&self) -> Vec<String> {
+        self.inner
+            .slots
+            .get(self.id.slot as usize)
+            .map(|s| s.topics().iter().map(|t| t.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Publishes a message to every subscriber of `topic` on every worker (this connection
+    /// included if it is subscribed). The report covers this worker's subscribers.
+    ///
+    /// When this connection is itself a subscriber, its own copy is written last in this
+    /// turn, after every other write the turn makes: a client that paces its publishing
+    /// on its own echo (a window of unacknowledged messages) then paces it on the server's
+    /// progress, not on a head start. A turn writes at most `write_batch` (1,024 by
+    /// default) connections; in a wider fan-out the rest are written in the next turns, in the
+    /// order they became due, and the publisher's copy does not wait for them (its
+    /// message is already in every subscriber's queue): its next messages then join the
+    /// writes still to come, so each write carries more frames.
+    pub fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
+        if let Some(slot) = slot_of(&mut self.inner.slots, self.id)
+            && !slot.flags.has(Flags::PUBLISHED)
+        {
+            slot.flags.set(Flags::PUBLISHED, true);
+            self.inner.publishers.push(self.id.slot);
+        }
+        self.inner.publish(topic, opcode, payload)
+    }
+
+    /// Starts the closing handshake.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        self.inner.close_conn(self.id, code, reason)
+    }
+
+    /// Stops reading from this connection (TCP flow control then slows the peer down).
+    pub fn pause_reading(&mut self) {
+        let id = self.id;
+        if let Some(s) = slot_of(&mut self.inner.slots, id) {
+            s.flags.set(Flags::PAUSED, true);
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// Resumes reading.
+    pub fn resume_reading(&mut self) {
+        let id = self.id;
+        if let Some(s) = slot_of(&mut self.inner.slots, id) {
+            s.flags.set(Flags::PAUSED, false);
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// Bytes queued on this connection and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner
+            .slots
+            .get(self.id.slot as usize)
+            .map_or(0, |s| s.conn.queued_bytes())
+    }
+}

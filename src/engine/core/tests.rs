@@ -1,0 +1,173 @@
+use super::*;
+use crate::engine::{EngineConfig, Handle};
+use crate::proto::frame::encode_client_frame;
+use crate::serve::BenchProtocol;
+
+/// Records the order of writes and accepts each in full.
+#[derive(Default)]
+struct Recorder {
+    writes: Vec<(ConnId, Vec<u8>)>,
+}
+
+impl Driver for Recorder {
+    fn send(
+        &mut self,
+        id: ConnId,
+        _fd: u32,
+        bufs: &mut dyn Iterator<Item = &[u8]>,
+        _last: bool,
+    ) -> SendOutcome {
+        let bytes: Vec<u8> = bufs.flat_map(|b| b.iter().copied()).collect();
+        let n = bytes.len();
+        self.writes.push((id, bytes));
+        SendOutcome::Wrote { n, all: true }
+    }
+    fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
+        true
+    }
+    fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
+    fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
+}
+
+fn masked(payload: &[u8]) -> Vec<u8> {
+    encode_client_frame(OpCode::Binary, payload, [9, 8, 7, 6])
+}
+
+/// A worker core running the bench protocol, detached from any backend.
+fn bench_core(config: EngineConfig, now: Instant) -> Core<BenchProtocol> {
+    let shared = Shared::detached(config).expect("shared state");
+    Core::new(
+        0,
+        shared.clone(),
+        BenchProtocol::new(Handle::from_shared(shared)),
+        now,
+    )
+}
+
+/// Accepts socket `fd` and upgrades it on `/pubsub/t` (a subscriber of `t`).
+fn subscriber(core: &mut Core<BenchProtocol>, fd: u32, now: Instant) -> ConnId {
+    let id = core.on_accept(fd, now);
+    let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
+    core.on_data(id, &mut req, now);
+    id
+}
+
+#[test]
+fn the_bench_protocol_forgets_a_topic_name_with_its_last_connection() {
+    let now = Instant::now();
+    let mut core = bench_core(EngineConfig::default(), now);
+    let mut driver = Recorder::default();
+    let a = subscriber(&mut core, 1, now);
+    let b = subscriber(&mut core, 2, now);
+    core.flush(&mut driver);
+    assert_eq!(core.handler.topic_names(), 1);
+    core.on_eof(a);
+    core.flush(&mut driver);
+    assert_eq!(core.handler.topic_names(), 1, "b still holds it");
+    core.on_eof(b);
+    core.flush(&mut driver);
+    assert!(core.is_empty());
+    assert_eq!(core.handler.topic_names(), 0);
+}
+
+#[test]
+fn a_run_reaches_every_subscriber_in_one_write_and_the_publisher_last() {
+    let now = Instant::now();
+    let mut core = bench_core(EngineConfig::default(), now);
+    let mut driver = Recorder::default();
+    let ids: Vec<ConnId> = (0..5u32).map(|fd| subscriber(&mut core, fd, now)).collect();
+    core.flush(&mut driver);
+    driver.writes.clear();
+    // The first subscriber publishes three messages in one read.
+    let publisher = ids[0];
+    let mut data: Vec<u8> = [b"one".as_slice(), b"two", b"three"]
+        .iter()
+        .flat_map(|p| masked(p))
+        .collect();
+    core.on_data(publisher, &mut data, now);
+    core.flush(&mut driver);
+    let expected: Vec<u8> = [b"one".as_slice(), b"two", b"three"]
+        .iter()
+        .flat_map(|p| encode_frame(OpCode::Binary, p).to_vec())
+        .collect();
+    let order: Vec<ConnId> = driver.writes.iter().map(|(id, _)| *id).collect();
+    assert_eq!(order.len(), 5, "one write per subscriber: {order:?}");
+    assert_eq!(order.last(), Some(&publisher), "{order:?}");
+    for (id, bytes) in &driver.writes {
+        assert_eq!(bytes, &expected, "what {id:?} got");
+    }
+}
+
+#[test]
+fn a_fanout_wider_than_a_batch_is_written_over_several_turns_in_order() {
+    const BATCH: usize = 16;
+    let config = EngineConfig {
+        write_batch: BATCH,
+        ..EngineConfig::default()
+    };
+    let now = Instant::now();
+    let mut core = bench_core(config, now);
+    let mut driver = Recorder::default();
+    let mut ids = Vec::new();
+    let n = BATCH + BATCH / 2;
+    for fd in 0..n as u32 {
+        ids.push(subscriber(&mut core, fd, now));
+        if core.inner.dirty.len() >= BATCH {
+            core.flush(&mut driver);
+        }
+    }
+    while core.has_dirty() {
+        core.flush(&mut driver);
+    }
+    driver.writes.clear();
+    // The last to subscribe publishes: its place in the queue is the end.
+    let publisher = *ids.last().expect("connections");
+    core.on_data(publisher, &mut masked(b"one"), now);
+    core.flush(&mut driver);
+    let first: Vec<ConnId> = driver.writes.iter().map(|(id, _)| *id).collect();
+    // The publisher's own entry (its read made it due) may take a place in the batch.
+    let written = first.len() - 1;
+    assert!(
+        (BATCH - 1..=BATCH).contains(&written),
+        "one batch: {written}"
+    );
+    assert_eq!(first[..written], ids[..written], "queue order");
+    assert_eq!(
+        first.last(),
+        Some(&publisher),
+        "the publisher's copy ends its turn"
+    );
+    assert!(core.has_dirty(), "the rest waits for the next turn");
+    // A second publish before the rest is written: those still waiting get both
+    // messages in one write, ahead of those written already.
+    core.on_data(publisher, &mut masked(b"two"), now);
+    driver.writes.clear();
+    let mut turns = 0;
+    while core.has_dirty() {
+        let before = driver.writes.len();
+        core.flush(&mut driver);
+        assert!(driver.writes.len() - before <= BATCH + 1);
+        turns += 1;
+        assert!(turns < 10, "the queue drains");
+    }
+    let one = encode_frame(OpCode::Binary, b"one").to_vec();
+    let two = encode_frame(OpCode::Binary, b"two").to_vec();
+    assert_eq!(driver.writes[0].0, ids[written], "the waiting come first");
+    assert_eq!(driver.writes[0].1, [one.clone(), two.clone()].concat());
+    let mut got: HashMap<ConnId, Vec<u8>> = HashMap::new();
+    for (id, bytes) in first
+        .iter()
+        .map(|id| (*id, one.clone()))
+        .chain(driver.writes)
+    {
+        got.entry(id).or_default().extend_from_slice(&bytes);
+    }
+    assert_eq!(got.len(), n);
+    for id in &ids {
+        assert_eq!(
+            got[id],
+            [one.clone(), two.clone()].concat(),
+            "what {id:?} got"
+        );
+    }
+}

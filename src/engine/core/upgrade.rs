@@ -1,0 +1,194 @@
+//! The upgrade path: a socket accepted, its request read and answered (101, a refusal,
+//! or a plain HTTP answer that then lingers for the peer's close).
+
+use super::*;
+
+impl<H: Handler> Core<H> {
+    /// A new socket was accepted (`fd`: descriptor or direct-table index).
+    pub fn on_accept(&mut self, fd: u32, now: Instant) -> ConnId {
+        let inner = &mut self.inner;
+        inner.now = now;
+        inner.stats().accepted.bump(1);
+        let generation = inner.next_generation;
+        inner.next_generation = inner.next_generation.wrapping_add(1) & GENERATION_MASK;
+        let deadline = now + inner.shared.config.handshake_timeout;
+        let slot = inner.slots.insert(Slot {
+            conn: Connection::new(inner.shared.proto.clone(), now),
+            extra: Some(Box::new(Extra {
+                handshake: Some(Handshake {
+                    buf: Vec::new(),
+                    deadline,
+                }),
+                ..Extra::default()
+            })),
+            tick: u64::MAX,
+            generation,
+            fd,
+            close_code: 1006,
+            flags: Flags::default(),
+            phase: Phase::Handshake,
+            data: None,
+        }) as u32;
+        let id = ConnId { slot, generation };
+        inner.schedule(id, deadline);
+        let sockets = inner.shared.sockets.fetch_add(1, Ordering::AcqRel) + 1;
+        if inner.draining.is_some() {
+            // Accepted just before the listener closed: refuse politely.
+            self.respond_error(id, HandshakeError::Full);
+        } else if sockets > inner.shared.socket_limit {
+            // Handshakes count too: sockets that never upgrade must not fill the
+            // descriptor table. Answered at once, without reading the request.
+            inner.stats().refused_sockets.bump(1);
+            self.respond_error(id, HandshakeError::Full);
+        }
+        id
+    }
+
+    pub(super) fn on_request(
+        &mut self,
+        id: ConnId,
+        request: Request,
+        mut rest: Vec<u8>,
+        now: Instant,
+    ) {
+        if !request.wants_upgrade() {
+            return self.respond_http(id, &request);
+        }
+        let upgrade = match request.validate_upgrade() {
+            Ok(u) => u,
+            Err(e) => return self.respond_error(id, e),
+        };
+        let origins = &self.inner.shared.config.allowed_origins;
+        if !origins.is_empty()
+            && !request
+                .origin()
+                .is_some_and(|o| origins.iter().any(|a| a == o))
+        {
+            return self.respond_error(id, HandshakeError::Forbidden);
+        }
+        if self.inner.draining.is_some() {
+            return self.respond_error(id, HandshakeError::Full);
+        }
+        let accept = match self.handler.on_upgrade(&request, &upgrade) {
+            Decision::Accept(a) => a,
+            Decision::Reject(r) => {
+                let mut out = Vec::new();
+                let headers = header_refs(&r.headers);
+                handshake::encode_response(
+                    &mut out,
+                    r.status,
+                    "text/plain",
+                    r.body.as_bytes(),
+                    &headers,
+                );
+                self.inner.stats().rejected.bump(1);
+                return self.finish_with(id, out);
+            }
+        };
+        let protocol = match &accept.protocol {
+            Some(p) => match upgrade.check_protocol(p) {
+                Ok(p) => Some(p),
+                Err(e) => return self.respond_error(id, e),
+            },
+            None => None,
+        };
+        // The cap counts upgraded connections over all workers.
+        let shared = &self.inner.shared;
+        let open = shared.open.fetch_add(1, Ordering::AcqRel);
+        if open >= shared.config.max_connections {
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+            shared.stats[self.inner.index].rejected_full.bump(1);
+            return self.respond_error(id, HandshakeError::Full);
+        }
+        let mut out = Vec::with_capacity(160);
+        let headers = header_refs(&accept.headers);
+        handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
+        let proto = shared.proto.clone();
+        shared.stats[self.inner.index].upgraded.bump(1);
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        slot.flags.set(Flags::COUNTED, true);
+        slot.flags.set(Flags::JUST_UPGRADED, true);
+        slot.phase = Phase::Open;
+        slot.extra().handshake = None;
+        slot.tidy();
+        slot.data = Some(accept.data);
+        // A fresh connection: its timers start now.
+        slot.conn = Connection::new(proto, now);
+        let _ = slot.conn.send_raw(Bytes::from(out));
+        let deadline = slot.conn.poll_timeout();
+        for topic in &accept.topics {
+            self.inner.subscribe(id, topic);
+        }
+        self.handler.on_open(&mut Conn {
+            inner: &mut self.inner,
+            id,
+        });
+        if !rest.is_empty()
+            && let Some(slot) = slot_of(&mut self.inner.slots, id)
+        {
+            slot.conn.handle_read(&mut rest, now);
+            self.drain_events(id);
+        }
+        if let Some(at) = deadline {
+            self.inner.schedule(id, at);
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    pub(super) fn respond_http(&mut self, id: ConnId, request: &Request) {
+        let mut out = Vec::new();
+        if request.method != "GET" && request.method != "HEAD" {
+            handshake::encode_error(&mut out, HandshakeError::MethodNotAllowed, &[]);
+        } else {
+            match self.handler.on_http(request) {
+                Some(r) => {
+                    let headers = header_refs(&r.headers);
+                    handshake::encode_response(
+                        &mut out,
+                        r.status,
+                        &r.content_type,
+                        &r.body,
+                        &headers,
+                    )
+                }
+                None => handshake::encode_error(&mut out, HandshakeError::NotFound, &[]),
+            }
+        }
+        if request.method == "HEAD"
+            && let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            // A HEAD answer is the GET answer's head alone (RFC 9110 §9.3.2); its
+            // Content-Length still says how long the body would be.
+            out.truncate(end + 4);
+        }
+        self.inner.stats().http_requests.bump(1);
+        self.finish_with(id, out);
+    }
+
+    pub(super) fn respond_error(&mut self, id: ConnId, e: HandshakeError) {
+        let mut out = Vec::new();
+        handshake::encode_error(&mut out, e, &[]);
+        self.inner.stats().rejected.bump(1);
+        tracing::debug!(
+            slot = id.slot,
+            status = e.status(),
+            "handshake refused: {e}"
+        );
+        self.finish_with(id, out);
+    }
+
+    pub(super) fn finish_with(&mut self, id: ConnId, response: Vec<u8>) {
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            slot.phase = Phase::Finish;
+            slot.extra().handshake = None;
+            slot.tidy();
+            let _ = slot.conn.send_raw(Bytes::from(response));
+        }
+        // The answer must be taken, and the peer's EOF come, within the close timeout.
+        let at = self.inner.now + self.inner.shared.config.close_timeout;
+        self.inner.schedule(id, at);
+        self.inner.mark_dirty(id);
+    }
+}
