@@ -152,62 +152,7 @@ impl HttpResponse {
     }
 }
 
-/// The result of queuing a frame on one connection (uWebSockets' SUCCESS / BACKPRESSURE /
-/// DROPPED).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendStatus {
-    /// Queued; the queue is below its soft limit.
-    Queued,
-    /// Queued, but the queue is now over its soft limit: slow down.
-    Backpressure,
-    /// Not queued: over the hard limit and the policy drops, or the policy closed the
-    /// connection (1013).
-    Dropped,
-    /// Kept as the newest frame of its topic, to be sent when the queue drains
-    /// (conflation policy).
-    Conflated,
-    /// The connection is closing or gone.
-    Closed,
-}
-
-/// What happens when a connection's send queue passes its hard limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Policy {
-    /// Close the connection with 1013 (try again later). The default.
-    #[default]
-    Close,
-    /// Drop the new frame.
-    DropNew,
-    /// Keep only the newest frame per topic until the queue drains (tickers, order books).
-    /// Frames sent directly (not published) are dropped.
-    Conflate,
-}
-
-/// What one publish did on one worker (summed over workers by
-/// [`crate::engine::Handle::publish`] only for the local part).
-///
-/// Decided when `publish` is called, against each subscriber's queue at that moment. The
-/// bytes themselves reach the subscribers' queues at the end of the worker's loop turn
-/// (frames published to one topic in a turn travel together; see ARCHITECTURE.md), or
-/// earlier when something else is queued; a subscriber that closes in between does not
-/// get them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PublishReport {
-    /// Subscribers the frame was queued on (below or over the soft limit).
-    pub queued: usize,
-    /// Of those, how many are over their soft limit.
-    pub backpressured: usize,
-    /// Subscribers that dropped the frame or were closed by the policy.
-    pub dropped: usize,
-    /// Subscribers that conflated it.
-    pub conflated: usize,
-    /// Other workers the frame was handed to.
-    pub forwarded_workers: usize,
-    /// Other workers with subscribers the frame could not be handed to: their inbox
-    /// already held `HANDLE_QUEUE_LIMIT` bytes (a handler publishing faster than they fan
-    /// out). Counted in `wsring_forward_dropped_total`.
-    pub forward_dropped: usize,
-}
+pub use crate::pubsub::{Policy, PublishReport, SendStatus};
 
 /// The application: one instance per worker, called on that worker's thread.
 ///

@@ -4,6 +4,14 @@
 //! Layers (dependencies point down only; see `ARCHITECTURE.md`):
 //! - [`proto`]: the sans-IO protocol core (handshake, frames, SIMD unmask, streaming UTF-8,
 //!   close codes, the connection state machine).
+//! - [`pubsub`]: the per-worker topic registry and its fan-out, reaching connections only
+//!   through a trait; the cross-worker directory; the send and publish result types.
+//! - [`engine`]: thread per core, the io_uring and epoll backends, the connection slab,
+//!   timers, the upgrade path, write scheduling; it drives [`proto`] and [`pubsub`].
+//! - [`api`]: what a handler implements and sees ([`Handler`], [`Conn`], [`Accept`]).
+//! - [`signals`]: graceful exit on SIGINT/SIGTERM for a program that embeds the engine.
+//! - [`serve`]: the bench-protocol handler behind `wsring serve` (and, with the `cli`
+//!   feature, `check`: the host check behind `wsring check`).
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
@@ -13,6 +21,7 @@ pub mod api;
 pub mod check;
 pub mod engine;
 pub mod proto;
+pub mod pubsub;
 pub mod serve;
 pub mod signals;
 

@@ -25,22 +25,21 @@
 //! `proto::Connection` (message, send, close) is scheduled on the wheel when a read or a
 //! write starts it. [`fuzzing`] drives a core through a fake backend to check all of it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
-use indexmap::IndexSet;
+use bytes::Bytes;
 use slab::Slab;
 
 use super::wheel::{Entry, TimerWheel};
 use super::{Bump, Command, Shared, WorkerStats};
-use crate::api::{Decision, Handler, Message, Policy, PublishReport, SendStatus};
+use crate::api::{Decision, Handler, Message};
 use crate::proto::close::CloseCode;
-use crate::proto::frame::encode_frame_into;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
 use crate::proto::{Connection, Event, HandshakeError, OpCode, State, encode_frame};
+use crate::pubsub::{Frame, Policy, PublishReport, Registry, Room, SendStatus};
 
 /// Identifies a connection on its worker across slot reuse: a completion or command for an
 /// old generation is ignored.
@@ -214,16 +213,6 @@ struct Slot<D> {
     data: Option<D>,
 }
 
-/// Whether a connection's send queue takes one more frame (see [`Slot::room`]).
-enum Room {
-    /// Not open for sending (closing, closed, failed).
-    Closed,
-    /// Past the hard limit: the policy decides.
-    Full,
-    /// Taken; `over_soft`: past the soft limit (backpressure).
-    Fits { over_soft: bool },
-}
-
 impl<D> Slot<D> {
     /// The queue limits, in one place for a direct send and a fan-out: room for a frame of
     /// `len` bytes with `ahead` more bytes already promised to this connection.
@@ -288,13 +277,16 @@ pub struct Inner<D> {
     publishers: Vec<u32>,
     /// Connections not read for the reassembly budget, oldest first.
     budget_paused: Vec<ConnId>,
-    topics: HashMap<Arc<str>, IndexSet<ConnId>>,
     limits: HandshakeLimits,
     draining: Option<Instant>,
     now: Instant,
-    /// Frames published to one topic in this loop turn and not yet handed to its
-    /// subscribers (see [`Inner::fanout_local`]).
-    pending: Pending,
+    /// This worker's topics, their subscribers and the turn's pending run of frames (the
+    /// pub/sub layer; it reaches the slab through `Subscribers`, see `core/pubsub.rs`).
+    registry: Registry<ConnId>,
+    /// The send queue's soft and hard limits (from the config, read once per room check
+    /// of every subscriber of every publish).
+    soft: usize,
+    hard: usize,
 }
 
 /// Slots reserved up front per worker (64 B each: 4 MiB of address space at most).
@@ -402,6 +394,7 @@ impl<D> Inner<D> {
 impl<H: Handler> Core<H> {
     /// A core for worker `index`.
     pub fn new(index: usize, shared: Arc<Shared>, handler: H, now: Instant) -> Core<H> {
+        let (soft, hard) = (shared.config.send_queue_soft, shared.config.send_queue_hard);
         let limits = HandshakeLimits {
             max_header_bytes: shared.config.max_header_bytes,
             ..HandshakeLimits::default()
@@ -423,11 +416,12 @@ impl<H: Handler> Core<H> {
                 batch: Vec::new(),
                 publishers: Vec::new(),
                 budget_paused: Vec::new(),
-                topics: HashMap::new(),
                 limits,
                 draining: None,
                 now,
-                pending: Pending::default(),
+                registry: Registry::default(),
+                soft,
+                hard,
             },
         }
     }
@@ -628,7 +622,7 @@ impl<H: Handler> Core<H> {
         for cmd in batch {
             match cmd {
                 Command::Publish(topic, frame) => {
-                    self.inner.fanout_local(&topic, Out::Shared(&frame));
+                    self.inner.fanout_local(&topic, Frame::Encoded(&frame));
                 }
                 Command::Close(id, code, reason) => {
                     self.inner.close_conn(id, CloseCode::from(code), &reason);
@@ -830,8 +824,6 @@ impl<H: Handler> Core<H> {
         }
     }
 }
-
-use pubsub::Pending;
 
 mod budget;
 mod conn;

@@ -27,9 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -487,70 +484,7 @@ pub struct Shared {
     /// A [`ShutdownState`] as its number (it only grows).
     shutdown: AtomicU8,
     /// Which workers have subscribers of which topic.
-    pub(crate) directory: Directory,
-}
-
-/// Topic -> subscribers per worker, over all workers. Written when a worker's local
-/// subscriber count of a topic changes; read by every publish that may cross workers.
-#[derive(Default)]
-pub(crate) struct Directory {
-    map: RwLock<HashMap<Arc<str>, Box<[AtomicUsize]>>>,
-    workers: usize,
-}
-
-impl Directory {
-    /// Records that `worker` has `n` subscribers of `topic`; forgets topics nobody has.
-    pub(crate) fn set(&self, topic: &Arc<str>, worker: usize, n: usize) {
-        if let Ok(map) = self.map.read()
-            && let Some(counts) = map.get(topic)
-        {
-            counts[worker].store(n, Ordering::Release);
-            if n > 0 {
-                return;
-            }
-        }
-        let Ok(mut map) = self.map.write() else {
-            return;
-        };
-        if n > 0 {
-            let counts = map
-                .entry(topic.clone())
-                .or_insert_with(|| (0..self.workers).map(|_| AtomicUsize::new(0)).collect());
-            counts[worker].store(n, Ordering::Release);
-        } else if map
-            .get(topic)
-            .is_some_and(|c| c.iter().all(|x| x.load(Ordering::Acquire) == 0))
-        {
-            map.remove(topic);
-        }
-    }
-
-    /// Bitmask of the workers with subscribers of `topic`, except `except`.
-    pub(crate) fn workers_with(&self, topic: &str, except: Option<usize>) -> u64 {
-        let Ok(map) = self.map.read() else { return 0 };
-        let Some(counts) = map.get(topic) else {
-            return 0;
-        };
-        let mut mask = 0u64;
-        for (i, c) in counts.iter().enumerate() {
-            if Some(i) != except && c.load(Ordering::Acquire) > 0 {
-                mask |= 1 << i;
-            }
-        }
-        mask
-    }
-
-    /// Subscribers of `topic` over all workers.
-    pub(crate) fn count(&self, topic: &str) -> usize {
-        let Ok(map) = self.map.read() else { return 0 };
-        map.get(topic)
-            .map_or(0, |c| c.iter().map(|x| x.load(Ordering::Acquire)).sum())
-    }
-
-    /// Topics with at least one subscriber.
-    pub(crate) fn topics(&self) -> usize {
-        self.map.read().map_or(0, |m| m.len())
-    }
+    pub(crate) directory: crate::pubsub::Directory,
 }
 
 impl Shared {
@@ -593,10 +527,7 @@ impl Shared {
             backend,
             inboxes: inboxes.into_boxed_slice(),
             shutdown: AtomicU8::new(0),
-            directory: Directory {
-                map: RwLock::new(HashMap::new()),
-                workers: threads,
-            },
+            directory: crate::pubsub::Directory::new(threads),
         }))
     }
 

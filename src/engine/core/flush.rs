@@ -205,6 +205,6 @@ impl<H: Handler> Core<H> {
     /// Whether anything waits for the next [`Core::flush`] (a connection to write, or a
     /// run of published frames to hand out): the backend should then not sleep.
     pub fn has_dirty(&self) -> bool {
-        !self.inner.dirty.is_empty() || self.inner.pending.topic.is_some()
+        !self.inner.dirty.is_empty() || self.inner.registry.has_pending()
     }
 }

@@ -1,10 +1,11 @@
-//! Send queues, their policies and the per-worker topic registry: a frame queued on one
-//! connection (limits, close / drop / conflate), the fan-out of a publish to the local
-//! subscribers (the turn's pending run of frames), the hand-off to other workers, and
-//! (un)subscribing. The first step of the pub/sub layer the design asks for; it still
-//! reaches connections through the slab directly.
+//! Where the engine meets the pub/sub layer ([`crate::pubsub`]): a frame queued on one
+//! connection through its limits and policy (close / drop / conflate), the slab lent to the
+//! topic registry as its [`Subscribers`], publishing (local fan-out, then the hand-off to
+//! other workers), and (un)subscribing a connection (its own topic list, the registry, the
+//! cross-worker directory).
 
 use super::*;
+use crate::pubsub::Subscribers;
 
 impl<D> Inner<D> {
     /// Queues a frame on one connection, applying the queue limits and the policy.
@@ -106,69 +107,13 @@ impl<D> Inner<D> {
         }
     }
 
-    /// Queues a frame on every local subscriber of `topic`.
-    ///
-    /// When every subscriber can take it under the queue limits (the usual case) it joins
-    /// the pending run of frames of this topic, handed out by [`Inner::flush_pending`];
-    /// the report is exact either way. When one cannot (a slow subscriber), the run is
-    /// handed out first and this frame goes to each subscriber through its policy.
-    pub(super) fn fanout_local(&mut self, topic: &Arc<str>, frame: Out<'_>) -> PublishReport {
-        if self.pending.topic.as_ref().is_some_and(|t| t != topic) {
-            self.flush_pending();
-        }
-        let len = frame.len();
-        if len > PENDING_FRAME_MAX {
-            // Nothing to gain from merging a large frame: each subscriber gets a
-            // reference to its one encoded copy.
-            self.flush_pending();
-            return self.fanout_now(topic, &frame.into_bytes());
-        }
-        if self.pending.batch.len() + len > PENDING_MAX {
-            self.flush_pending();
-        }
-        let ahead = self.pending.batch.len();
-        let hard = self.shared.config.send_queue_hard;
-        let soft = self.shared.config.send_queue_soft;
-        let mut report = PublishReport::default();
-        let Some(subs) = self.topics.get(topic) else {
-            return report;
-        };
-        let mut fits = true;
-        for sub in subs {
-            let room = self
-                .slots
-                .get(sub.slot as usize)
-                .filter(|s| s.generation == sub.generation)
-                .map_or(Room::Closed, |s| s.room(len, ahead, soft, hard));
-            match room {
-                Room::Closed => report.dropped += 1,
-                Room::Full => {
-                    fits = false;
-                    break;
-                }
-                Room::Fits { over_soft } => {
-                    report.queued += 1;
-                    report.backpressured += usize::from(over_soft);
-                }
-            }
-        }
-        if !fits {
-            self.flush_pending();
-            return self.fanout_now(topic, &frame.into_bytes());
-        }
-        match frame {
-            Out::Message(opcode, payload) => {
-                encode_frame_into(&mut self.pending.batch, opcode, payload)
-            }
-            Out::Payload(opcode, payload) => {
-                encode_frame_into(&mut self.pending.batch, opcode, &payload)
-            }
-            Out::Shared(f) => self.pending.batch.extend_from_slice(f),
-            Out::Owned(f) => self.pending.batch.extend_from_slice(&f),
-        }
-        if self.pending.topic.is_none() {
-            self.pending.topic = Some(topic.clone());
-        }
+    /// Queues a frame on every local subscriber of `topic` (the registry decides how:
+    /// onto the turn's pending run, or through each connection's policy).
+    pub(super) fn fanout_local(&mut self, topic: &Arc<str>, frame: Frame<'_>) -> PublishReport {
+        // Taken out for the call: the registry reaches the connections through `self`.
+        let mut registry = std::mem::take(&mut self.registry);
+        let report = registry.publish(topic, frame, self);
+        self.registry = registry;
         self.shared.stats[self.index]
             .messages_out
             .bump(report.queued as u64);
@@ -177,53 +122,12 @@ impl<D> Inner<D> {
 
     /// Hands the pending run of frames to every subscriber of its topic.
     pub(super) fn flush_pending(&mut self) {
-        let Some(topic) = self.pending.topic.take() else {
-            return;
-        };
-        if self.pending.batch.is_empty() {
+        if !self.registry.has_pending() {
             return;
         }
-        let run = self.pending.batch.split().freeze();
-        // Taken out of the map for the loop (mark_dirty needs `&mut self`) and put back.
-        let Some(subs) = self.topics.remove(&topic) else {
-            return;
-        };
-        for &sub in &subs {
-            if let Some(slot) = slot_of(&mut self.slots, sub)
-                && !slot.flags.has(Flags::DEAD)
-                && !slot.flags.has(Flags::CLOSING)
-                && slot.conn.send_shared(&run).is_ok()
-            {
-                self.mark_dirty(sub);
-            }
-        }
-        self.topics.insert(topic, subs);
-    }
-
-    /// Queues `frame` on every local subscriber of `topic` now, each through the queue
-    /// limits and the policy.
-    pub(super) fn fanout_now(&mut self, topic: &Arc<str>, frame: &Bytes) -> PublishReport {
-        let mut report = PublishReport::default();
-        // Taken out of the map for the loop (queue_frame needs `&mut self`) and put back.
-        let Some(subs) = self.topics.remove(topic) else {
-            return report;
-        };
-        for &sub in &subs {
-            match self.queue_frame(sub, Out::Shared(frame), Some(topic)) {
-                SendStatus::Queued => report.queued += 1,
-                SendStatus::Backpressure => {
-                    report.queued += 1;
-                    report.backpressured += 1;
-                }
-                SendStatus::Dropped | SendStatus::Closed => report.dropped += 1,
-                SendStatus::Conflated => report.conflated += 1,
-            }
-        }
-        self.topics.insert(topic.clone(), subs);
-        self.shared.stats[self.index]
-            .messages_out
-            .bump(report.queued as u64);
-        report
+        let mut registry = std::mem::take(&mut self.registry);
+        registry.flush_pending(self);
+        self.registry = registry;
     }
 
     /// Publishes on this worker: local fan-out now, then once to each other worker that
@@ -231,12 +135,12 @@ impl<D> Inner<D> {
     pub(crate) fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
         self.stats().publishes.bump(1);
         let others = self.shared.directory.workers_with(topic, Some(self.index));
-        let local = self.topics.get_key_value(topic).map(|(k, _)| k.clone());
+        let local = self.registry.key(topic);
         if local.is_none() && others == 0 {
             return PublishReport::default();
         }
         let topic: Arc<str> = local.unwrap_or_else(|| Arc::from(topic));
-        let mut report = self.fanout_local(&topic, Out::Message(opcode, payload));
+        let mut report = self.fanout_local(&topic, Frame::Message(opcode, payload));
         if others > 0 {
             let frame = encode_frame(opcode, payload);
             let forwarded = self
@@ -257,14 +161,9 @@ impl<D> Inner<D> {
         if slot.topics().iter().any(|t| &**t == topic) {
             return false;
         }
-        let key = match self.topics.get_key_value(topic) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(topic),
-        };
+        let key = self.registry.intern(topic);
         slot.extra().topics.push(key.clone());
-        let set = self.topics.entry(key.clone()).or_default();
-        set.insert(id);
-        let n = set.len();
+        let n = self.registry.add(key.clone(), id);
         self.shared.directory.set(&key, self.index, n);
         true
     }
@@ -288,16 +187,7 @@ impl<D> Inner<D> {
     }
 
     pub(super) fn remove_subscriber(&mut self, key: &Arc<str>, id: ConnId) {
-        let n = match self.topics.get_mut(key) {
-            Some(set) => {
-                set.swap_remove(&id);
-                set.len()
-            }
-            None => return,
-        };
-        if n == 0 {
-            self.topics.remove(key);
-        }
+        let n = self.registry.remove(key, id);
         self.shared.directory.set(key, self.index, n);
     }
 
@@ -322,21 +212,31 @@ impl<D> Inner<D> {
     }
 }
 
-/// A run of frames published to one topic, encoded back to back, handed to every
-/// subscriber at once when the turn ends (or before anything else could be queued out of
-/// order): each subscriber then gets one queue entry for the whole run, shared (a
-/// reference count) when it is large, and the walk over the subscribers happens once per
-/// run instead of once per message, which keeps each subscriber's state in cache.
-#[derive(Default)]
-pub(super) struct Pending {
-    pub(super) topic: Option<Arc<str>>,
-    /// The encoded frames; reused from turn to turn (reclaimed in place once the
-    /// subscribers' copies have been written).
-    pub(super) batch: BytesMut,
-}
+/// The slab as the pub/sub registry sees it.
+impl<D> Subscribers for Inner<D> {
+    type Id = ConnId;
 
-/// Largest run of pending frames; a publish that would make it longer hands the run out
-/// first.
-const PENDING_MAX: usize = 256 * 1024;
-/// Frames larger than this are never merged into a pending run.
-const PENDING_FRAME_MAX: usize = 16 * 1024;
+    #[inline]
+    fn room(&self, id: ConnId, len: usize, ahead: usize) -> Room {
+        self.slots
+            .get(id.slot as usize)
+            .filter(|s| s.generation == id.generation)
+            .map_or(Room::Closed, |s| s.room(len, ahead, self.soft, self.hard))
+    }
+
+    fn queue_run(&mut self, id: ConnId, run: &Bytes) -> bool {
+        let queued = slot_of(&mut self.slots, id).is_some_and(|slot| {
+            !slot.flags.has(Flags::DEAD)
+                && !slot.flags.has(Flags::CLOSING)
+                && slot.conn.send_shared(run).is_ok()
+        });
+        if queued {
+            self.mark_dirty(id);
+        }
+        queued
+    }
+
+    fn queue_with_policy(&mut self, id: ConnId, frame: &Bytes, topic: &Arc<str>) -> SendStatus {
+        self.queue_frame(id, Out::Shared(frame), Some(topic))
+    }
+}

@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use super::*;
 use crate::engine::{EngineConfig, Handle};
 use crate::proto::frame::encode_client_frame;

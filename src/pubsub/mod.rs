@@ -1,0 +1,345 @@
+//! Pub/sub: the per-worker topic registry and its fan-out, the cross-worker directory, and
+//! the result types of sending and publishing.
+//!
+//! A worker's [`Registry`] maps each topic to its local subscribers. A publish is checked
+//! against every subscriber's queue limits and, when all of them can take it (the usual
+//! case), encoded once onto the turn's *pending run* of frames for its topic; the run is
+//! handed to every subscriber as one queue entry when the turn ends, or before anything
+//! that could reorder it ([`Registry::flush_pending`]). A subscriber therefore costs one
+//! queue operation and one write per turn, not per message. When a subscriber cannot take
+//! it, the run is handed out first and this frame goes to each subscriber through its
+//! connection's policy. The [`PublishReport`] is exact either way.
+//!
+//! The registry knows nothing of sockets, slabs or the event loop: it reaches connections
+//! only through the [`Subscribers`] trait, which the engine implements over its slab
+//! (room left, queue a shared run, queue one frame through the policy). The unit tests
+//! below drive it with an in-memory implementation. The [`Directory`] says which workers
+//! have subscribers of a topic, for the hand-off of a publish to other workers.
+
+mod directory;
+
+pub use directory::Directory;
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use indexmap::IndexSet;
+
+use crate::proto::OpCode;
+use crate::proto::frame::{encode_frame, encode_frame_into, server_frame_len};
+
+/// The result of queuing a frame on one connection (uWebSockets' SUCCESS / BACKPRESSURE /
+/// DROPPED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; the queue is below its soft limit.
+    Queued,
+    /// Queued, but the queue is now over its soft limit: slow down.
+    Backpressure,
+    /// Not queued: over the hard limit and the policy drops, or the policy closed the
+    /// connection (1013).
+    Dropped,
+    /// Kept as the newest frame of its topic, to be sent when the queue drains
+    /// (conflation policy).
+    Conflated,
+    /// The connection is closing or gone.
+    Closed,
+}
+
+/// What happens when a connection's send queue passes its hard limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Close the connection with 1013 (try again later). The default.
+    #[default]
+    Close,
+    /// Drop the new frame.
+    DropNew,
+    /// Keep only the newest frame per topic until the queue drains (tickers, order books).
+    /// Frames sent directly (not published) are dropped.
+    Conflate,
+}
+
+/// What one publish did on one worker (summed over workers by
+/// [`crate::engine::Handle::publish`] only for the local part).
+///
+/// Decided when `publish` is called, against each subscriber's queue at that moment. The
+/// bytes themselves reach the subscribers' queues at the end of the worker's loop turn
+/// (frames published to one topic in a turn travel together; see ARCHITECTURE.md), or
+/// earlier when something else is queued; a subscriber that closes in between does not
+/// get them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishReport {
+    /// Subscribers the frame was queued on (below or over the soft limit).
+    pub queued: usize,
+    /// Of those, how many are over their soft limit.
+    pub backpressured: usize,
+    /// Subscribers that dropped the frame or were closed by the policy.
+    pub dropped: usize,
+    /// Subscribers that conflated it.
+    pub conflated: usize,
+    /// Other workers the frame was handed to.
+    pub forwarded_workers: usize,
+    /// Other workers with subscribers the frame could not be handed to: their inbox
+    /// already held `HANDLE_QUEUE_LIMIT` bytes (a handler publishing faster than they fan
+    /// out). Counted in `wsring_forward_dropped_total`.
+    pub forward_dropped: usize,
+}
+
+/// Whether a connection's send queue takes one more frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    /// Not open for sending (closing, closed, failed).
+    Closed,
+    /// Past the hard limit: the policy decides.
+    Full,
+    /// Taken; `over_soft`: past the soft limit (backpressure).
+    Fits {
+        /// Past the soft limit.
+        over_soft: bool,
+    },
+}
+
+/// What the registry needs of the connections a worker holds. The engine implements it
+/// over its slab; the tests over a map.
+pub trait Subscribers {
+    /// How a connection is named (the engine's slot and generation).
+    type Id: Copy + Eq + Hash;
+
+    /// Room for a frame of `len` bytes on `id`, with `ahead` more bytes already promised
+    /// to it (the pending run).
+    fn room(&self, id: Self::Id, len: usize, ahead: usize) -> Room;
+
+    /// Queues a run of frames that [`Subscribers::room`] accepted, shared (a reference
+    /// when large, a copy when small); `false` if the connection is closing or gone.
+    fn queue_run(&mut self, id: Self::Id, run: &Bytes) -> bool;
+
+    /// Queues one frame published to `topic` through the connection's limits and policy
+    /// (close with 1013, drop, or conflate per topic).
+    fn queue_with_policy(&mut self, id: Self::Id, frame: &Bytes, topic: &Arc<str>) -> SendStatus;
+}
+
+/// A frame to publish.
+#[derive(Clone, Copy, Debug)]
+pub enum Frame<'a> {
+    /// Not encoded yet (a local publish): encoded once, onto the pending run.
+    Message(OpCode, &'a [u8]),
+    /// Encoded once already (handed over by another worker).
+    Encoded(&'a Bytes),
+}
+
+impl Frame<'_> {
+    /// The encoded frame's length.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Message(_, p) => server_frame_len(p.len()),
+            Frame::Encoded(f) => f.len(),
+        }
+    }
+
+    /// Whether the encoded frame is empty (never: a frame has a header).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn to_bytes(self) -> Bytes {
+        match self {
+            Frame::Message(opcode, payload) => encode_frame(opcode, payload),
+            Frame::Encoded(f) => f.clone(),
+        }
+    }
+}
+
+/// Largest run of pending frames; a publish that would make it longer hands the run out
+/// first.
+const PENDING_MAX: usize = 256 * 1024;
+/// Frames larger than this are never merged into a pending run.
+const PENDING_FRAME_MAX: usize = 16 * 1024;
+
+/// A run of frames published to one topic, encoded back to back, handed to every
+/// subscriber at once when the turn ends (or before anything else could be queued out of
+/// order): each subscriber then gets one queue entry for the whole run, shared (a
+/// reference count) when it is large, and the walk over the subscribers happens once per
+/// run instead of once per message, which keeps each subscriber's state in cache.
+#[derive(Debug, Default)]
+struct Pending {
+    topic: Option<Arc<str>>,
+    /// The encoded frames; reused from turn to turn (reclaimed in place once the
+    /// subscribers' copies have been written).
+    batch: BytesMut,
+}
+
+/// One worker's topics and their local subscribers, and the turn's pending run.
+#[derive(Debug)]
+pub struct Registry<K> {
+    topics: HashMap<Arc<str>, IndexSet<K>>,
+    pending: Pending,
+}
+
+impl<K> Default for Registry<K> {
+    fn default() -> Self {
+        Registry {
+            topics: HashMap::new(),
+            pending: Pending::default(),
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash> Registry<K> {
+    /// Topics with at least one local subscriber.
+    pub fn len(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Whether no topic has a local subscriber.
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty()
+    }
+
+    /// The registry's own name of `topic` (one allocation per topic, shared by every
+    /// subscriber's list), if it has local subscribers.
+    pub fn key(&self, topic: &str) -> Option<Arc<str>> {
+        self.topics.get_key_value(topic).map(|(k, _)| k.clone())
+    }
+
+    /// The name to use for `topic`: the registry's own, else a new one.
+    pub fn intern(&self, topic: &str) -> Arc<str> {
+        self.key(topic).unwrap_or_else(|| Arc::from(topic))
+    }
+
+    /// Local subscribers of `topic`.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.topics.get(topic).map_or(0, IndexSet::len)
+    }
+
+    /// Adds `id` to `key`'s subscribers; returns how many it has now. Call
+    /// [`Registry::flush_pending`] first: membership changes take effect between
+    /// messages, in order.
+    pub fn add(&mut self, key: Arc<str>, id: K) -> usize {
+        let set = self.topics.entry(key).or_default();
+        set.insert(id);
+        set.len()
+    }
+
+    /// Removes `id` from `key`'s subscribers (forgetting a topic nobody is left on);
+    /// returns how many it has now.
+    pub fn remove(&mut self, key: &Arc<str>, id: K) -> usize {
+        let n = match self.topics.get_mut(key) {
+            Some(set) => {
+                set.swap_remove(&id);
+                set.len()
+            }
+            None => return 0,
+        };
+        if n == 0 {
+            self.topics.remove(key);
+        }
+        n
+    }
+
+    /// Whether a run of frames waits to be handed out.
+    pub fn has_pending(&self) -> bool {
+        self.pending.topic.is_some()
+    }
+
+    /// Queues `frame` on every local subscriber of `topic` (see the module docs).
+    pub fn publish<S: Subscribers<Id = K>>(
+        &mut self,
+        topic: &Arc<str>,
+        frame: Frame<'_>,
+        subs: &mut S,
+    ) -> PublishReport {
+        if self.pending.topic.as_ref().is_some_and(|t| t != topic) {
+            self.flush_pending(subs);
+        }
+        let len = frame.len();
+        if len > PENDING_FRAME_MAX {
+            // Nothing to gain from merging a large frame: each subscriber gets a
+            // reference to its one encoded copy.
+            self.flush_pending(subs);
+            return self.publish_now(topic, &frame.to_bytes(), subs);
+        }
+        if self.pending.batch.len() + len > PENDING_MAX {
+            self.flush_pending(subs);
+        }
+        let ahead = self.pending.batch.len();
+        let mut report = PublishReport::default();
+        let Some(members) = self.topics.get(topic) else {
+            return report;
+        };
+        let mut fits = true;
+        for &id in members {
+            match subs.room(id, len, ahead) {
+                Room::Closed => report.dropped += 1,
+                Room::Full => {
+                    fits = false;
+                    break;
+                }
+                Room::Fits { over_soft } => {
+                    report.queued += 1;
+                    report.backpressured += usize::from(over_soft);
+                }
+            }
+        }
+        if !fits {
+            self.flush_pending(subs);
+            return self.publish_now(topic, &frame.to_bytes(), subs);
+        }
+        match frame {
+            Frame::Message(opcode, payload) => {
+                encode_frame_into(&mut self.pending.batch, opcode, payload)
+            }
+            Frame::Encoded(f) => self.pending.batch.extend_from_slice(f),
+        }
+        if self.pending.topic.is_none() {
+            self.pending.topic = Some(topic.clone());
+        }
+        report
+    }
+
+    /// Hands the pending run of frames to every subscriber of its topic.
+    pub fn flush_pending<S: Subscribers<Id = K>>(&mut self, subs: &mut S) {
+        let Some(topic) = self.pending.topic.take() else {
+            return;
+        };
+        if self.pending.batch.is_empty() {
+            return;
+        }
+        let run = self.pending.batch.split().freeze();
+        if let Some(members) = self.topics.get(&topic) {
+            for &id in members {
+                subs.queue_run(id, &run);
+            }
+        }
+    }
+
+    /// Queues `frame` on every local subscriber of `topic` now, each through its limits
+    /// and policy.
+    fn publish_now<S: Subscribers<Id = K>>(
+        &mut self,
+        topic: &Arc<str>,
+        frame: &Bytes,
+        subs: &mut S,
+    ) -> PublishReport {
+        let mut report = PublishReport::default();
+        let Some(members) = self.topics.get(topic) else {
+            return report;
+        };
+        for &id in members {
+            match subs.queue_with_policy(id, frame, topic) {
+                SendStatus::Queued => report.queued += 1,
+                SendStatus::Backpressure => {
+                    report.queued += 1;
+                    report.backpressured += 1;
+                }
+                SendStatus::Dropped | SendStatus::Closed => report.dropped += 1,
+                SendStatus::Conflated => report.conflated += 1,
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests;
