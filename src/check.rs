@@ -860,21 +860,7 @@ struct RingEntries {
 impl RingEntries {
     fn map(entries: u16) -> std::io::Result<RingEntries> {
         let len = usize::from(entries) * size_of::<io_uring::types::BufRingEntry>();
-        // SAFETY: a fresh anonymous private mapping at an address the kernel picks; it
-        // aliases nothing of ours, and the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let ptr = crate::engine::uring::map(len)?.cast::<libc::c_void>();
         Ok(RingEntries { ptr, len })
     }
 

@@ -191,7 +191,9 @@ struct BufRing {
     offsets: Vec<u32>,
 }
 
-fn map(len: usize) -> io::Result<*mut u8> {
+/// An anonymous private mapping of `len` bytes (also what `wsring check` registers its
+/// measured buffer rings from).
+pub(crate) fn map(len: usize) -> io::Result<*mut u8> {
     // SAFETY: an anonymous private mapping; the result is checked.
     let p = unsafe {
         libc::mmap(
