@@ -163,7 +163,12 @@ impl Handler for Chat {
         }
     }
 
-    fn on_close(&mut self, conn: &mut Conn<'_, User>, _code: u16, _reason: &str) {
+    fn on_close(
+        &mut self,
+        conn: &mut Conn<'_, User>,
+        _code: wsring::proto::CloseCode,
+        _reason: &str,
+    ) {
         if let Some(u) = conn.data() {
             let (name, room) = (u.name.clone(), u.room.clone());
             conn.publish(

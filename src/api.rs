@@ -7,8 +7,8 @@
 
 use bytes::Bytes;
 
-use crate::proto::OpCode;
 use crate::proto::handshake::{Request, Upgrade};
+use crate::proto::{CloseCode, OpCode};
 
 pub use crate::engine::core::{Conn, ConnId};
 
@@ -184,7 +184,7 @@ pub trait Handler: Send + 'static {
 
     /// The connection is closed: `code` is the peer's close code, ours when we failed it,
     /// 1005 when its close carried none, 1006 when it vanished or timed out.
-    fn on_close(&mut self, conn: &mut Conn<'_, Self::Data>, code: u16, reason: &str) {
+    fn on_close(&mut self, conn: &mut Conn<'_, Self::Data>, code: CloseCode, reason: &str) {
         let _ = (conn, code, reason);
     }
 }

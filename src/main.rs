@@ -276,7 +276,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         message_timeout: (!args.message_timeout.is_zero()).then_some(args.message_timeout),
         send_timeout: (!args.send_timeout.is_zero()).then_some(args.send_timeout),
         drain_timeout: args.drain_timeout,
-        drain_close_code: if args.restart { 1012 } else { 1001 },
+        drain_close_code: if args.restart {
+            wsring::proto::CloseCode::Restart
+        } else {
+            wsring::proto::CloseCode::Away
+        },
         max_connections: args.max_connections,
         pin_threads: !args.no_pin,
         send_queue_soft: usize::try_from(args.send_queue_soft).unwrap_or(usize::MAX),

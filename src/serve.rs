@@ -154,7 +154,12 @@ impl Handler for BenchProtocol {
         }
     }
 
-    fn on_close(&mut self, conn: &mut Conn<'_, Route>, _code: u16, _reason: &str) {
+    fn on_close(
+        &mut self,
+        conn: &mut Conn<'_, Route>,
+        _code: crate::proto::CloseCode,
+        _reason: &str,
+    ) {
         if let Some(Route::PubSub(topic)) = conn.data()
             && Arc::strong_count(topic) <= 2
         {

@@ -145,8 +145,14 @@ impl Handler for App {
         }
     }
 
-    fn on_close(&mut self, _conn: &mut Conn<'_, String>, code: u16, _reason: &str) {
-        self.last_close.store(u64::from(code), Ordering::SeqCst);
+    fn on_close(
+        &mut self,
+        _conn: &mut Conn<'_, String>,
+        code: wsring::proto::CloseCode,
+        _reason: &str,
+    ) {
+        self.last_close
+            .store(u64::from(u16::from(code)), Ordering::SeqCst);
         self.closed.fetch_add(1, Ordering::SeqCst);
     }
 }

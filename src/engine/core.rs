@@ -206,7 +206,7 @@ struct Slot<D> {
     generation: u32,
     fd: u32,
     /// The code to report on close.
-    close_code: u16,
+    close_code: CloseCode,
     flags: Flags,
     phase: Phase,
     /// The handler's per-connection data.
@@ -564,8 +564,8 @@ impl<H: Handler> Core<H> {
                 }),
                 Event::Ping(_) | Event::Pong(_) => None,
                 Event::Close(frame) => {
-                    let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-                    slot.close_code = code;
+                    slot.close_code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
+                    let code = u16::from(slot.close_code);
                     if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
                         slot.extra().close_reason = Some(f.reason.into_boxed_str());
                     }
@@ -578,8 +578,8 @@ impl<H: Handler> Core<H> {
                 }
                 Event::ProtocolError(e) => {
                     tracing::debug!(slot = id.slot, "protocol error: {e}");
-                    let code = u16::from(e.close_code());
-                    slot.close_code = code;
+                    slot.close_code = e.close_code();
+                    let code = u16::from(slot.close_code);
                     let stats = self.inner.stats();
                     stats.close_sent(code);
                     if e == crate::proto::ProtocolError::MessageTimeout {
@@ -625,7 +625,7 @@ impl<H: Handler> Core<H> {
                     self.inner.fanout_local(&topic, Frame::Encoded(&frame));
                 }
                 Command::Close(id, code, reason) => {
-                    self.inner.close_conn(id, CloseCode::from(code), &reason);
+                    self.inner.close_conn(id, code, &reason);
                 }
             }
         }
@@ -807,7 +807,7 @@ impl<H: Handler> Core<H> {
         self.inner.flush_pending();
         self.inner.now = now;
         self.inner.draining = Some(deadline);
-        let code = CloseCode::from(self.inner.shared.config.drain_close_code);
+        let code = self.inner.shared.config.drain_close_code;
         let ids = self.all_ids();
         for id in ids {
             let Some(slot) = slot_of(&mut self.inner.slots, id) else {

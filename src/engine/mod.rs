@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::{Handler, Policy};
-use crate::proto::{self, OpCode};
+use crate::api::Handler;
+use crate::proto::{self, CloseCode, OpCode};
+use crate::pubsub::Policy;
 pub use core::ConnId;
 
 /// Which I/O backend to use.
@@ -94,7 +95,7 @@ pub struct EngineConfig {
     /// Graceful shutdown: how long to wait for close handshakes.
     pub drain_timeout: Duration,
     /// Graceful shutdown: the close code sent (1001 going away; 1012 for a restart).
-    pub drain_close_code: u16,
+    pub drain_close_code: CloseCode,
     /// Upgraded connections allowed over all workers (0: from RLIMIT_NOFILE); 503 beyond.
     pub max_connections: usize,
     /// Pin worker `i` to CPU `i`.
@@ -179,7 +180,7 @@ setters!(
     /// Graceful shutdown deadline.
     drain_timeout: Duration,
     /// Close code of the graceful shutdown (1001, or 1012 for a restart).
-    drain_close_code: u16,
+    drain_close_code: CloseCode,
     /// Upgraded connections allowed (0: from RLIMIT_NOFILE).
     max_connections: usize,
     /// Pin workers to CPUs.
@@ -283,9 +284,8 @@ impl EngineConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
-        let code = crate::proto::CloseCode::from(self.drain_close_code);
-        if !code.is_allowed() {
-            return Err(ConfigError::BadCloseCode(self.drain_close_code));
+        if !self.drain_close_code.is_allowed() {
+            return Err(ConfigError::BadCloseCode(u16::from(self.drain_close_code)));
         }
         if self.send_queue_hard == 0 {
             return Err(ConfigError::Zero("send_queue_hard"));
@@ -321,7 +321,7 @@ impl Default for EngineConfig {
             message_timeout: Some(proto::connection::DEFAULT_MESSAGE_TIMEOUT),
             send_timeout: Some(proto::connection::DEFAULT_SEND_TIMEOUT),
             drain_timeout: Duration::from_secs(10),
-            drain_close_code: 1001,
+            drain_close_code: CloseCode::Away,
             max_connections: 0,
             pin_threads: true,
             send_queue_soft: 256 * 1024,
@@ -448,7 +448,7 @@ pub enum Command {
     /// Fan this frame out to the worker's subscribers of the topic.
     Publish(Arc<str>, Bytes),
     /// Close a connection of this worker with a code and reason.
-    Close(ConnId, u16, String),
+    Close(ConnId, CloseCode, String),
 }
 
 /// A cross-worker inbox: commands for this worker, with one coalesced wake-up.
@@ -720,7 +720,7 @@ impl Handle {
     }
 
     /// Asks the connection's worker to close it with `code` and `reason`.
-    pub fn close(&self, conn: GlobalConnId, code: u16, reason: &str) {
+    pub fn close(&self, conn: GlobalConnId, code: CloseCode, reason: &str) {
         if let Some(inbox) = self.shared.inboxes.get(conn.worker) {
             self.shared
                 .send_command(inbox, Command::Close(conn.id, code, reason.to_string()));
@@ -1149,14 +1149,14 @@ mod tests {
             Err(ConfigError::Zero("write_batch"))
         );
         assert_eq!(
-            b.clone().drain_close_code(1006).validate(),
+            b.clone().drain_close_code(CloseCode::Abnormal).validate(),
             Err(ConfigError::BadCloseCode(1006))
         );
         assert_eq!(
             b.clone().max_header_bytes(10).validate(),
             Err(ConfigError::HeaderLimitTooSmall(10))
         );
-        assert_eq!(b.drain_close_code(1012).validate(), Ok(()));
+        assert_eq!(b.drain_close_code(CloseCode::Restart).validate(), Ok(()));
     }
 
     #[test]

@@ -24,7 +24,7 @@ impl<H: Handler> Core<H> {
             tick: u64::MAX,
             generation,
             fd,
-            close_code: 1006,
+            close_code: CloseCode::Abnormal,
             flags: Flags::default(),
             phase: Phase::Handshake,
             data: None,
