@@ -258,12 +258,9 @@ fn tune_allocator() {
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    tune_allocator();
-    init_logging(&args.log_level);
-    // Before any thread starts: the workers inherit the blocked signals.
-    let signals = wsring::signals::ShutdownSignals::block();
-    let config = EngineConfig {
+/// The engine configuration `serve`'s flags describe.
+fn engine_config(args: &ServeArgs) -> EngineConfig {
+    EngineConfig {
         listen: args.listen,
         threads: args.threads,
         backend: args.backend.into(),
@@ -292,8 +289,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         reassembly_budget: usize::try_from(args.reassembly_budget).unwrap_or(usize::MAX),
         write_batch: usize::try_from(args.write_batch).unwrap_or(usize::MAX),
-        allowed_origins: args.allowed_origins,
-    };
+        allowed_origins: args.allowed_origins.clone(),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    tune_allocator();
+    init_logging(&args.log_level);
+    // Before any thread starts: the workers inherit the blocked signals.
+    let signals = wsring::signals::ShutdownSignals::block();
+    let config = engine_config(&args);
     let configured = (args.max_connections > 0).then_some(args.max_connections as u64);
     let (_, limits_line) = wsring::check::startup_limits_summary(configured);
     tracing::info!("{limits_line}");
@@ -360,6 +365,19 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn the_flags_defaults_are_the_engines_defaults() {
+        // The CLI spells its defaults as strings for --help; they must say what
+        // EngineConfig::default() says, so that `wsring serve` and an embedder agree.
+        let Command::Serve(args) = Cli::try_parse_from(["wsring", "serve"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(engine_config(&args), EngineConfig::default());
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl std::fmt::Display for Backend {
 }
 
 /// Everything the engine can be told. Defaults are DESIGN.md's table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -308,23 +308,26 @@ impl EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        // The connection's own settings have one home, `proto::Config::default()`; the CLI's
+        // flag defaults are checked against this (a test of the binary).
+        let proto = proto::Config::default();
         EngineConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
             threads: 0,
             backend: BackendChoice::Auto,
-            max_message_size: proto::connection::DEFAULT_MAX_MESSAGE_SIZE,
+            max_message_size: proto.max_message_size,
             max_header_bytes: proto::handshake::DEFAULT_MAX_HEADER_BYTES,
             handshake_timeout: Duration::from_secs(10),
-            ping_interval: Some(Duration::from_secs(25)),
-            pong_timeout: Duration::from_secs(20),
-            close_timeout: Duration::from_secs(5),
-            message_timeout: Some(proto::connection::DEFAULT_MESSAGE_TIMEOUT),
-            send_timeout: Some(proto::connection::DEFAULT_SEND_TIMEOUT),
+            ping_interval: proto.ping_interval,
+            pong_timeout: proto.pong_timeout,
+            close_timeout: proto.close_timeout,
+            message_timeout: proto.message_timeout,
+            send_timeout: proto.send_timeout,
             drain_timeout: Duration::from_secs(10),
             drain_close_code: CloseCode::Away,
             max_connections: 0,
             pin_threads: true,
-            send_queue_soft: 256 * 1024,
+            send_queue_soft: proto.reply_queue_limit,
             send_queue_hard: 1024 * 1024,
             policy: Policy::Close,
             reassembly_budget: 256 * 1024 * 1024,
