@@ -1,0 +1,352 @@
+//! Starting and running a server: [`Server`] (binding, the backend choice, the workers),
+//! [`Handle`] (publish, close, counts and shutdown from any thread), and the descriptor
+//! limits.
+
+use super::*;
+
+/// A connection anywhere in the server: its worker and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GlobalConnId {
+    /// The worker.
+    pub worker: usize,
+    /// The connection on that worker.
+    pub id: ConnId,
+}
+
+/// `Send + Clone`: publishes, closes connections, reads counters and shuts the server
+/// down from any thread.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// A handle on shared state built without a server (see [`Shared::detached`]).
+    #[doc(hidden)]
+    pub fn from_shared(shared: Arc<Shared>) -> Handle {
+        Handle { shared }
+    }
+
+    /// Publishes a message to every subscriber of `topic` on every worker: encoded once,
+    /// handed once to each worker that has subscribers. Returns the number of workers it
+    /// was handed to (0: nobody is subscribed; nothing was encoded).
+    ///
+    /// Blocks while a target worker already has [`HANDLE_QUEUE_LIMIT`] bytes of frames
+    /// waiting (a publisher faster than the fan-out is slowed down, memory stays bounded).
+    /// Call it from your own threads, not from a handler (use [`crate::api::Conn::publish`]).
+    pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
+        let workers = self.shared.directory.workers_with(topic, None);
+        if workers == 0 {
+            return 0;
+        }
+        self.shared.wait_for_room(workers);
+        let frame = proto::encode_frame(opcode, payload);
+        self.shared
+            .forward(workers, &Arc::from(topic), &frame, None)
+    }
+
+    /// Publishes a text message (see [`Handle::publish`]).
+    pub fn publish_text(&self, topic: &str, text: &str) -> usize {
+        self.publish(topic, OpCode::Text, text.as_bytes())
+    }
+
+    /// Asks the connection's worker to close it with `code` and `reason`.
+    pub fn close(&self, conn: GlobalConnId, code: CloseCode, reason: &str) {
+        if let Some(inbox) = self.shared.inboxes.get(conn.worker) {
+            self.shared
+                .send_command(inbox, Command::Close(conn.id, code, reason.to_string()));
+        }
+    }
+
+    /// Subscribers of `topic` over all workers.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.shared.directory.count(topic)
+    }
+
+    /// Topics with at least one subscriber.
+    pub fn topic_count(&self) -> usize {
+        self.shared.directory.topics()
+    }
+
+    /// Upgraded connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        status::metrics(&self.shared)
+    }
+    /// Stop accepting, send close 1001 to every connection, wait for the close handshakes
+    /// until the drain deadline, then drop the rest.
+    pub fn shutdown(&self) {
+        self.shared.set_shutdown(ShutdownState::Draining);
+    }
+
+    /// Drop every connection and stop now.
+    pub fn abort(&self) {
+        self.shared.set_shutdown(ShutdownState::Aborting);
+    }
+
+    /// The shared state (counters).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+/// A running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Descriptors kept for listeners, rings, eventfds and stdio.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Sockets a server holds at once in any phase: `max_connections` upgraded ones plus an
+/// eighth more (at least 16) for handshakes in progress, but never so many that accept
+/// fails for lack of descriptors (half of [`RESERVED_FDS`] stays free for the answer-503
+/// path and the server's own descriptors).
+pub fn socket_limit(max_connections: usize, nofile: u64) -> usize {
+    let wanted = max_connections
+        .saturating_add(max_connections / 8)
+        .saturating_add(16);
+    let fds = usize::try_from(nofile.saturating_sub(RESERVED_FDS / 2)).unwrap_or(usize::MAX);
+    wanted.min(fds).max(1)
+}
+
+/// `TCP_DEFER_ACCEPT`: the kernel completes an accept only once the client's first bytes
+/// (the upgrade request: a WebSocket client always speaks first) have arrived, so the
+/// accept and the request come together and a connection that never sends anything
+/// costs no worker a wake-up for its first seconds. Best effort: ignored where refused.
+fn defer_accept(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let secs: libc::c_int = 3;
+    // SAFETY: setsockopt on a socket we own, with a valid int option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// A listener on `addr`; an error names the address ("127.0.0.1:9001: Address already in
+/// use"), which the bare system error does not.
+fn bind(addr: SocketAddr, nonblocking: bool) -> std::io::Result<Socket> {
+    let with_addr = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{addr}: {e}"));
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(with_addr)?;
+    socket.set_reuse_address(true).map_err(with_addr)?;
+    socket.set_reuse_port(true).map_err(with_addr)?;
+    socket.set_tcp_nodelay(true).map_err(with_addr)?;
+    socket.set_nonblocking(nonblocking).map_err(with_addr)?;
+    defer_accept(&socket);
+    socket.bind(&addr.into()).map_err(with_addr)?;
+    socket.listen(4096).map_err(with_addr)?;
+    Ok(socket)
+}
+
+impl Server {
+    /// A builder over [`EngineConfig`]'s defaults.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// Binds, picks the backend and starts the workers. Returns once every worker is
+    /// ready to accept.
+    ///
+    /// # Errors
+    /// Binding failures, `--backend io-uring` on a host without usable io_uring, or a
+    /// worker that could not set up its reactor.
+    pub fn start(config: EngineConfig) -> std::io::Result<Server> {
+        Server::start_with(config, crate::serve::BenchProtocol::new)
+    }
+
+    /// Starts the server with a handler per worker made by `factory` (called once per
+    /// worker, on that worker's thread, with a [`Handle`] to the server).
+    ///
+    /// # Errors
+    /// An invalid configuration ([`EngineConfig::validate`]), binding failures,
+    /// `--backend io-uring` on a host without usable io_uring, or a worker that could not
+    /// set up its reactor.
+    pub fn start_with<H, F>(mut config: EngineConfig, factory: F) -> std::io::Result<Server>
+    where
+        H: Handler,
+        F: Fn(Handle) -> H + Send + Sync + 'static,
+    {
+        config
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let nofile = raise_nofile();
+        if config.max_connections == 0 {
+            config.max_connections =
+                usize::try_from(nofile.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX);
+        }
+        let threads = if config.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.threads
+        };
+        config.threads = threads.min(MAX_WORKERS);
+        let threads = config.threads;
+        let backend = match config.backend {
+            BackendChoice::Epoll => Backend::Epoll,
+            BackendChoice::IoUring => match uring::probe(&config) {
+                Ok(()) => Backend::IoUring,
+                Err(why) => {
+                    return Err(std::io::Error::other(format!(
+                        "io_uring unavailable: {why}"
+                    )));
+                }
+            },
+            BackendChoice::Auto => match uring::probe(&config) {
+                Ok(()) => Backend::IoUring,
+                Err(why) => {
+                    tracing::warn!("io_uring unavailable ({why}); using the epoll backend");
+                    Backend::Epoll
+                }
+            },
+        };
+        // Bind every listener before starting: the first resolves port 0.
+        let first = bind(config.listen, backend == Backend::Epoll)?;
+        let local_addr = first
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("listener has no IP address"))?;
+        let mut listeners = vec![first];
+        for _ in 1..threads {
+            listeners.push(bind(local_addr, backend == Backend::Epoll)?);
+        }
+        let shared = Shared::new(config, threads, backend)?;
+        let factory = Arc::new(factory);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let mut workers = Vec::new();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let ready = ready_tx.clone();
+            let factory = factory.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("wsring-{index}"))
+                .spawn(move || {
+                    if shared.config.pin_threads {
+                        pin_to_cpu(index);
+                    }
+                    let handler = factory(Handle {
+                        shared: shared.clone(),
+                    });
+                    let result = match backend {
+                        Backend::IoUring => {
+                            uring::run(index, shared.clone(), handler, listener, &ready)
+                        }
+                        Backend::Epoll => {
+                            epoll::run(index, shared.clone(), handler, listener, &ready)
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::error!(worker = index, "worker stopped: {e}");
+                        let _ = ready.send(Err(e.to_string()));
+                        // One worker down means the server is not what was asked for.
+                        shared.set_shutdown(ShutdownState::Aborting);
+                    }
+                })?;
+            workers.push(handle);
+        }
+        drop(ready_tx);
+        for _ in 0..threads {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    shared.set_shutdown(ShutdownState::Aborting);
+                    return Err(std::io::Error::other(e));
+                }
+                Err(_) => {
+                    shared.set_shutdown(ShutdownState::Aborting);
+                    return Err(std::io::Error::other("a worker exited during start-up"));
+                }
+            }
+        }
+        Ok(Server {
+            shared,
+            workers,
+            local_addr,
+        })
+    }
+
+    /// The address the listeners are bound to (port 0 resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The backend running.
+    pub fn backend(&self) -> Backend {
+        self.shared.backend
+    }
+
+    /// A handle that publishes, closes and shuts down from any thread.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The shared state (configuration, counters).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Waits for every worker to exit (after a shutdown).
+    pub fn join(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+fn pin_to_cpu(index: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
+    // sched_getaffinity/sched_setaffinity read and write that local set only.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .collect();
+        if cpus.is_empty() {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[index % cpus.len()], &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}

@@ -1,0 +1,248 @@
+//! What the workers share: the configuration, the counters, the cross-worker inboxes
+//! (commands with one coalesced eventfd wake-up each), the shutdown state and the topic
+//! directory.
+
+use super::*;
+
+/// Where a server is in its shutdown; it only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum ShutdownState {
+    /// Serving.
+    Running = 0,
+    /// Closing every connection with the drain code and waiting for the close
+    /// handshakes (up to the drain timeout).
+    Draining = 1,
+    /// Dropping every connection now.
+    Aborting = 2,
+}
+
+/// Work handed to a worker by other threads.
+#[derive(Debug)]
+pub enum Command {
+    /// Fan this frame out to the worker's subscribers of the topic.
+    Publish(Arc<str>, Bytes),
+    /// Close a connection of this worker with a code and reason.
+    Close(ConnId, CloseCode, String),
+}
+
+/// A cross-worker inbox: commands for this worker, with one coalesced wake-up.
+pub(super) struct Inbox {
+    queue: Mutex<Vec<Command>>,
+    /// Bytes of published frames queued here and not yet taken by the worker.
+    pub(super) pending_bytes: AtomicUsize,
+    wake_pending: AtomicBool,
+    eventfd: OwnedFd,
+}
+
+/// State shared by the workers (read-mostly).
+pub struct Shared {
+    /// The configuration.
+    pub config: EngineConfig,
+    /// Protocol settings handed to every connection.
+    pub proto: Arc<proto::Config>,
+    /// Per-worker counters.
+    pub stats: Box<[WorkerStats]>,
+    /// Upgraded connections open now.
+    pub open: AtomicUsize,
+    /// Sockets held now, in any phase (handshake, open, closing).
+    pub sockets: AtomicUsize,
+    /// Sockets allowed at once, in any phase: the connection cap plus room for
+    /// handshakes, within the descriptor limit. Beyond, a new socket is answered 503 at
+    /// once and closed (see `Core::on_accept`).
+    pub socket_limit: usize,
+    /// When the server started.
+    pub started: Instant,
+    /// The backend running.
+    pub backend: Backend,
+    pub(super) inboxes: Box<[Inbox]>,
+    /// A [`ShutdownState`] as its number (it only grows).
+    shutdown: AtomicU8,
+    /// Which workers have subscribers of which topic.
+    pub(crate) directory: crate::pubsub::Directory,
+}
+
+impl Shared {
+    pub(super) fn new(
+        config: EngineConfig,
+        threads: usize,
+        backend: Backend,
+    ) -> std::io::Result<Arc<Shared>> {
+        let mut inboxes = Vec::new();
+        for _ in 0..threads {
+            // SAFETY: eventfd has no memory preconditions; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            inboxes.push(Inbox {
+                queue: Mutex::new(Vec::new()),
+                pending_bytes: AtomicUsize::new(0),
+                wake_pending: AtomicBool::new(false),
+                // SAFETY: fd is a fresh descriptor we own.
+                eventfd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            });
+        }
+        let proto = Arc::new(proto::Config {
+            max_message_size: config.max_message_size,
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            close_timeout: config.close_timeout,
+            allowed_rsv: 0,
+            message_timeout: config.message_timeout,
+            send_timeout: config.send_timeout,
+            // Pongs past the soft limit collapse into one owed pong.
+            reply_queue_limit: config.send_queue_soft,
+        });
+        let socket_limit = socket_limit(config.max_connections, raise_nofile());
+        Ok(Arc::new(Shared {
+            socket_limit,
+            config,
+            proto,
+            stats: (0..threads).map(|_| WorkerStats::default()).collect(),
+            open: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
+            started: Instant::now(),
+            backend,
+            inboxes: inboxes.into_boxed_slice(),
+            shutdown: AtomicU8::new(0),
+            directory: crate::pubsub::Directory::new(threads),
+        }))
+    }
+
+    /// Shared state for one worker that no thread runs: for driving a [`core::Core`]
+    /// by hand without sockets (the `broadcast` bench).
+    ///
+    /// # Errors
+    /// If an eventfd cannot be created.
+    #[doc(hidden)]
+    pub fn detached(mut config: EngineConfig) -> std::io::Result<Arc<Shared>> {
+        config.threads = 1;
+        if config.max_connections == 0 {
+            config.max_connections = usize::MAX;
+        }
+        Shared::new(config, 1, Backend::Epoll)
+    }
+
+    /// Hands a frame to every worker in the bitmask `workers`; returns how many took it.
+    ///
+    /// `from`: the worker publishing (a handler), which must not block, so a worker whose
+    /// inbox already holds [`HANDLE_QUEUE_LIMIT`] bytes does not get the frame: it is
+    /// counted in `forward_dropped` (and missing from the returned count) instead of
+    /// growing that inbox without bound. `None` ([`Handle::publish`]) has waited for room.
+    pub(crate) fn forward(
+        &self,
+        workers: u64,
+        topic: &Arc<str>,
+        frame: &Bytes,
+        from: Option<usize>,
+    ) -> usize {
+        let mut n = 0;
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            if workers & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(from) = from
+                && inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
+            {
+                self.stats[from].forward_dropped.bump(1);
+                continue;
+            }
+            inbox.pending_bytes.fetch_add(frame.len(), Ordering::AcqRel);
+            self.send_command(inbox, Command::Publish(topic.clone(), frame.clone()));
+            n += 1;
+        }
+        n
+    }
+
+    pub(super) fn send_command(&self, inbox: &Inbox, cmd: Command) {
+        if let Ok(mut q) = inbox.queue.lock() {
+            q.push(cmd);
+        }
+        // One wake-up per batch, not per message: the flag is cleared by the worker
+        // before it takes the batch.
+        if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
+            wake(&inbox.eventfd);
+        }
+    }
+
+    /// Takes worker `index`'s commands.
+    pub(crate) fn take_commands(&self, index: usize) -> Vec<Command> {
+        let Some(inbox) = self.inboxes.get(index) else {
+            return Vec::new();
+        };
+        inbox.wake_pending.store(false, Ordering::Release);
+        let batch = inbox
+            .queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        let bytes: usize = batch
+            .iter()
+            .map(|c| match c {
+                Command::Publish(_, f) => f.len(),
+                Command::Close(..) => 0,
+            })
+            .sum();
+        inbox.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        batch
+    }
+
+    /// Blocks (briefly, repeatedly) while any worker in `workers` has more than
+    /// [`HANDLE_QUEUE_LIMIT`] bytes of published frames waiting: a thread publishing
+    /// faster than the workers fan out is slowed down instead of growing memory.
+    pub(super) fn wait_for_room(&self, workers: u64) {
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            if workers & (1 << i) == 0 {
+                continue;
+            }
+            while inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
+                && self.shutdown_state() == ShutdownState::Running
+            {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+
+    /// The eventfd that wakes worker `index`.
+    pub fn eventfd(&self, index: usize) -> i32 {
+        self.inboxes
+            .get(index)
+            .map_or(-1, |i| i.eventfd.as_raw_fd())
+    }
+
+    /// Where the server is in its shutdown.
+    pub fn shutdown_state(&self) -> ShutdownState {
+        match self.shutdown.load(Ordering::Acquire) {
+            0 => ShutdownState::Running,
+            1 => ShutdownState::Draining,
+            _ => ShutdownState::Aborting,
+        }
+    }
+
+    /// Moves the shutdown on to `state` (never back: aborting wins over draining).
+    pub(super) fn set_shutdown(&self, state: ShutdownState) {
+        self.shutdown.fetch_max(state as u8, Ordering::AcqRel);
+        for inbox in self.inboxes.iter() {
+            wake(&inbox.eventfd);
+        }
+    }
+
+    /// Sum of one counter over the workers.
+    pub fn total(&self, f: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+}
+
+/// Bytes of published frames that may wait in one worker's inbox before
+/// [`Handle::publish`] blocks its caller.
+pub const HANDLE_QUEUE_LIMIT: usize = 16 * 1024 * 1024;

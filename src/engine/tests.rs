@@ -1,0 +1,136 @@
+use super::*;
+
+#[test]
+fn validate_refuses_configurations_that_cannot_work() {
+    assert_eq!(EngineConfig::default().validate(), Ok(()));
+    let b = Server::builder();
+    assert_eq!(
+        b.clone().threads(65).validate(),
+        Err(ConfigError::TooManyThreads(65))
+    );
+    assert_eq!(
+        b.clone().max_message_size(0).validate(),
+        Err(ConfigError::Zero("max_message_size"))
+    );
+    assert_eq!(
+        b.clone().send_queue_soft(2).send_queue_hard(1).validate(),
+        Err(ConfigError::SoftAboveHard { soft: 2, hard: 1 })
+    );
+    assert_eq!(
+        b.clone().pong_timeout(Duration::ZERO).validate(),
+        Err(ConfigError::Zero("pong_timeout"))
+    );
+    assert_eq!(
+        b.clone().reassembly_budget(0).validate(),
+        Err(ConfigError::Zero("reassembly_budget"))
+    );
+    assert_eq!(
+        b.clone().write_batch(0).validate(),
+        Err(ConfigError::Zero("write_batch"))
+    );
+    assert_eq!(
+        b.clone().drain_close_code(CloseCode::Abnormal).validate(),
+        Err(ConfigError::BadCloseCode(1006))
+    );
+    assert_eq!(
+        b.clone().max_header_bytes(10).validate(),
+        Err(ConfigError::HeaderLimitTooSmall(10))
+    );
+    assert_eq!(b.drain_close_code(CloseCode::Restart).validate(), Ok(()));
+}
+
+#[test]
+fn handler_publishes_to_a_full_inbox_are_counted_not_queued() {
+    let config = EngineConfig {
+        max_connections: 10,
+        ..EngineConfig::default()
+    };
+    let shared = Shared::new(config, 2, Backend::Epoll).unwrap();
+    let topic: Arc<str> = Arc::from("t");
+    let frame = Bytes::from(vec![0u8; 64 * 1024]);
+    let (mut taken, mut attempts) = (0, 0);
+    while attempts < 2 * HANDLE_QUEUE_LIMIT / frame.len() {
+        taken += shared.forward(1 << 1, &topic, &frame, Some(0));
+        attempts += 1;
+    }
+    let pending = shared.inboxes[1].pending_bytes.load(Ordering::Acquire);
+    assert!(
+        pending <= HANDLE_QUEUE_LIMIT + frame.len(),
+        "{pending} bytes queued"
+    );
+    let dropped = shared.stats[0].forward_dropped.load(Ordering::Relaxed);
+    assert_eq!(taken + dropped as usize, attempts);
+    assert!(dropped > 0);
+    // Once the worker takes its commands, there is room again.
+    assert_eq!(shared.take_commands(1).len(), taken);
+    assert_eq!(shared.forward(1 << 1, &topic, &frame, Some(0)), 1);
+    // `Handle::publish` (from = None) has waited for room itself: never refused.
+    for _ in 0..2 * HANDLE_QUEUE_LIMIT / frame.len() {
+        assert_eq!(shared.forward(1 << 1, &topic, &frame, None), 1);
+    }
+}
+
+#[test]
+fn the_socket_limit_leaves_room_for_handshakes_within_the_descriptors() {
+    assert_eq!(socket_limit(1000, 1 << 20), 1000 + 125 + 16);
+    assert_eq!(socket_limit(19_936, 20_000), 20_000 - 32);
+    assert_eq!(socket_limit(usize::MAX, u64::MAX), usize::MAX - 32);
+    assert_eq!(socket_limit(0, 10), 1);
+}
+
+#[test]
+fn accept_failures_for_resources_pause_with_a_growing_backoff() {
+    let stats = WorkerStats::default();
+    let mut b = AcceptBackoff::new();
+    let t0 = Instant::now();
+    assert!(b.ready(t0) && !b.paused());
+    // A client that reset before its accept: counted, no pause.
+    assert!(!b.failed(0, libc::ECONNABORTED, &stats, t0));
+    assert!(b.ready(t0));
+    assert!(b.failed(0, libc::EMFILE, &stats, t0));
+    assert!(b.paused());
+    assert!(!b.ready(t0 + Duration::from_millis(9)));
+    assert!(b.ready(t0 + Duration::from_millis(10)));
+    // Failing on: 20 ms, 40 ms, ... up to 1 s.
+    assert!(b.failed(0, libc::ENFILE, &stats, t0));
+    assert!(!b.ready(t0 + Duration::from_millis(19)));
+    for _ in 0..20 {
+        b.failed(0, libc::EMFILE, &stats, t0);
+    }
+    assert!(!b.ready(t0 + Duration::from_millis(999)));
+    assert!(b.ready(t0 + Duration::from_secs(1)));
+    // Success starts again from the shortest pause.
+    b.succeeded();
+    assert!(b.failed(0, libc::EMFILE, &stats, t0));
+    assert!(b.ready(t0 + Duration::from_millis(10)));
+    assert_eq!(stats.accept_errors.load(Ordering::Relaxed), 24);
+    // One WARN per 10 s: the failures in between are only counted.
+    assert_eq!(b.suppressed, 23);
+}
+
+#[test]
+fn a_port_in_use_is_reported_with_its_address() {
+    // A listener without SO_REUSEPORT holds the port, so wsring's bind fails.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    let err = Server::builder()
+        .listen(addr)
+        .threads(1)
+        .start(crate::serve::BenchProtocol::new)
+        .err()
+        .expect("the port is taken");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(err.to_string().starts_with(&addr.to_string()), "{err}");
+}
+
+#[test]
+fn an_invalid_configuration_does_not_start() {
+    let err = Server::builder()
+        .send_queue_soft(10)
+        .send_queue_hard(5)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .start(crate::serve::BenchProtocol::new)
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
