@@ -28,7 +28,7 @@ pub mod signals;
 pub use api::{
     Accept, Conn, Decision, Handler, Message, Policy, PublishReport, Reject, SendStatus,
 };
-pub use engine::{EngineConfig, Handle, Server};
+pub use engine::{EngineConfig, Handle, Server, StartError};
 
 /// README.md's Rust snippets, compiled as doc tests so that they stay true.
 #[cfg(doctest)]

@@ -156,7 +156,7 @@ impl ServerBuilder {
     ///
     /// # Errors
     /// As [`Server::start_with`].
-    pub fn start<H, F>(self, factory: F) -> std::io::Result<Server>
+    pub fn start<H, F>(self, factory: F) -> Result<Server, StartError>
     where
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,

@@ -33,7 +33,9 @@ pub mod wheel;
 
 pub(crate) use accept::AcceptBackoff;
 pub use config::{ConfigError, DEFAULT_WRITE_BATCH, EngineConfig, MAX_WORKERS, ServerBuilder};
-pub use server::{GlobalConnId, Handle, RESERVED_FDS, Server, raise_nofile, socket_limit};
+pub use server::{
+    GlobalConnId, Handle, RESERVED_FDS, Server, StartError, raise_nofile, socket_limit,
+};
 pub use shared::{Command, HANDLE_QUEUE_LIMIT, Shared, ShutdownState};
 pub(crate) use stats::Bump;
 pub use stats::WorkerStats;

@@ -4,6 +4,52 @@
 
 use super::*;
 
+/// Why a server did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration cannot work ([`EngineConfig::validate`]).
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not be set up on `addr` (in use, not an address of this host, no
+    /// permission for a low port...).
+    #[error("{addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// `backend: IoUring` was asked for and the probe says why it cannot run here.
+    #[error("io_uring unavailable: {0}")]
+    IoUringUnavailable(String),
+    /// A worker could not set up its reactor.
+    #[error("worker failed to start: {0}")]
+    Worker(String),
+    /// Another system error (an eventfd, a thread).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl StartError {
+    /// The closest `io::ErrorKind` (what `From<StartError> for io::Error` keeps).
+    pub fn kind(&self) -> std::io::ErrorKind {
+        match self {
+            StartError::Config(_) => std::io::ErrorKind::InvalidInput,
+            StartError::Bind { source, .. } | StartError::Io(source) => source.kind(),
+            StartError::IoUringUnavailable(_) => std::io::ErrorKind::Unsupported,
+            StartError::Worker(_) => std::io::ErrorKind::Other,
+        }
+    }
+}
+
+/// So that a program whose `main` returns `io::Result` can start a server with `?`.
+impl From<StartError> for std::io::Error {
+    fn from(e: StartError) -> std::io::Error {
+        std::io::Error::new(e.kind(), e)
+    }
+}
+
 /// A connection anywhere in the server: its worker and its id there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GlobalConnId {
@@ -161,8 +207,8 @@ fn defer_accept(socket: &Socket) {
 
 /// A listener on `addr`; an error names the address ("127.0.0.1:9001: Address already in
 /// use"), which the bare system error does not.
-fn bind(addr: SocketAddr, nonblocking: bool) -> std::io::Result<Socket> {
-    let with_addr = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{addr}: {e}"));
+fn bind(addr: SocketAddr, nonblocking: bool) -> Result<Socket, StartError> {
+    let with_addr = |source: std::io::Error| StartError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(with_addr)?;
     socket.set_reuse_address(true).map_err(with_addr)?;
@@ -187,7 +233,7 @@ impl Server {
     /// # Errors
     /// Binding failures, `--backend io-uring` on a host without usable io_uring, or a
     /// worker that could not set up its reactor.
-    pub fn start(config: EngineConfig) -> std::io::Result<Server> {
+    pub fn start(config: EngineConfig) -> Result<Server, StartError> {
         Server::start_with(config, crate::serve::BenchProtocol::new)
     }
 
@@ -198,14 +244,12 @@ impl Server {
     /// An invalid configuration ([`EngineConfig::validate`]), binding failures,
     /// `--backend io-uring` on a host without usable io_uring, or a worker that could not
     /// set up its reactor.
-    pub fn start_with<H, F>(mut config: EngineConfig, factory: F) -> std::io::Result<Server>
+    pub fn start_with<H, F>(mut config: EngineConfig, factory: F) -> Result<Server, StartError>
     where
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,
     {
-        config
-            .validate()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        config.validate()?;
         let nofile = raise_nofile();
         if config.max_connections == 0 {
             config.max_connections =
@@ -222,11 +266,7 @@ impl Server {
             BackendChoice::Epoll => Backend::Epoll,
             BackendChoice::IoUring => match uring::probe(&config) {
                 Ok(()) => Backend::IoUring,
-                Err(why) => {
-                    return Err(std::io::Error::other(format!(
-                        "io_uring unavailable: {why}"
-                    )));
-                }
+                Err(why) => return Err(StartError::IoUringUnavailable(why)),
             },
             BackendChoice::Auto => match uring::probe(&config) {
                 Ok(()) => Backend::IoUring,
@@ -238,15 +278,20 @@ impl Server {
         };
         // Bind every listener before starting: the first resolves port 0.
         let first = bind(config.listen, backend == Backend::Epoll)?;
-        let local_addr = first
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| std::io::Error::other("listener has no IP address"))?;
+        let local_addr =
+            first
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or(StartError::Bind {
+                    addr: config.listen,
+                    source: std::io::Error::other("the listener has no IP address"),
+                })?;
         let mut listeners = vec![first];
         for _ in 1..threads {
             listeners.push(bind(local_addr, backend == Backend::Epoll)?);
         }
-        let shared = Shared::new(config, threads, backend)?;
+        let shared = Shared::new(config, threads, backend).map_err(StartError::Io)?;
         let factory = Arc::new(factory);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut workers = Vec::new();
@@ -277,7 +322,8 @@ impl Server {
                         // One worker down means the server is not what was asked for.
                         shared.set_shutdown(ShutdownState::Aborting);
                     }
-                })?;
+                })
+                .map_err(StartError::Io)?;
             workers.push(handle);
         }
         drop(ready_tx);
@@ -286,11 +332,11 @@ impl Server {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     shared.set_shutdown(ShutdownState::Aborting);
-                    return Err(std::io::Error::other(e));
+                    return Err(StartError::Worker(e));
                 }
                 Err(_) => {
                     shared.set_shutdown(ShutdownState::Aborting);
-                    return Err(std::io::Error::other("a worker exited during start-up"));
+                    return Err(StartError::Worker("a worker exited during start-up".into()));
                 }
             }
         }

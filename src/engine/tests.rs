@@ -119,8 +119,17 @@ fn a_port_in_use_is_reported_with_its_address() {
         .start(crate::serve::BenchProtocol::new)
         .err()
         .expect("the port is taken");
+    assert!(
+        matches!(&err, StartError::Bind { addr: a, .. } if *a == addr),
+        "{err:?}"
+    );
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     assert!(err.to_string().starts_with(&addr.to_string()), "{err}");
+    // A program whose main returns io::Result keeps the kind through `?`.
+    assert_eq!(
+        std::io::Error::from(err).kind(),
+        std::io::ErrorKind::AddrInUse
+    );
 }
 
 #[test]
@@ -132,5 +141,12 @@ fn an_invalid_configuration_does_not_start() {
         .start(crate::serve::BenchProtocol::new)
         .err()
         .unwrap();
+    assert!(
+        matches!(
+            err,
+            StartError::Config(ConfigError::SoftAboveHard { soft: 10, hard: 5 })
+        ),
+        "{err:?}"
+    );
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 }
