@@ -177,6 +177,33 @@ fn announced_16mib(payload_bytes: usize) -> Vec<u8> {
     out
 }
 
+/// `n` connections that each announce a 16 MiB frame and send `payload_bytes` of it.
+async fn holders(addr: SocketAddr, n: usize, payload_bytes: usize) -> Vec<RawClient> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut a = RawClient::upgrade(addr, "/echo").await;
+        a.send(&announced_16mib(payload_bytes)).await;
+        held.push(a);
+    }
+    held
+}
+
+/// Sends `payload` as one binary frame in two writes 5 ms apart (so that the message is
+/// reassembled across reads) and reads its echo within `secs` seconds.
+async fn echo_in_two_writes(
+    good: &mut RawClient,
+    payload: &[u8],
+    secs: u64,
+    what: &str,
+) -> ServerFrame {
+    let whole = frame(true, BINARY, payload);
+    let (head, tail) = whole.split_at(whole.len() / 2);
+    good.send(head).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    good.send(tail).await;
+    within(Duration::from_secs(secs), what, good.read_frame()).await
+}
+
 /// 350 connections each announcing a 16 MiB frame and sending one byte of it (~5 KB in
 /// all) do not starve a well-behaved 200 KiB echo: the budget counts what peers really
 /// made the server hold (before the fix, each reserved 1 MiB ahead, 350 MiB against a
@@ -185,27 +212,11 @@ fn announced_huge_frames_do_not_starve_a_well_behaved_echo(backend: BackendChoic
     let _serial = serial();
     let server = one_worker(backend, |_| {});
     block_on(async {
-        let mut attackers = Vec::new();
-        for _ in 0..350 {
-            let mut a = RawClient::upgrade(server.addr, "/echo").await;
-            a.send(&announced_16mib(1)).await;
-            attackers.push(a);
-        }
+        let attackers = holders(server.addr, 350, 1).await;
         let mut good = RawClient::upgrade(server.addr, "/echo").await;
         for n in 0..8u8 {
             let payload = vec![n; 200 * 1024];
-            // Two writes: the message is reassembled across reads.
-            let whole = frame(true, BINARY, &payload);
-            let (head, tail) = whole.split_at(whole.len() / 2);
-            good.send(head).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            good.send(tail).await;
-            let echo = within(
-                Duration::from_secs(2),
-                "the 200 KiB echo",
-                good.read_frame(),
-            )
-            .await;
+            let echo = echo_in_two_writes(&mut good, &payload, 2, "the 200 KiB echo").await;
             assert_eq!(echo.payload.len(), payload.len());
             assert!(echo.payload == payload, "echo {n} differs");
         }
@@ -221,12 +232,7 @@ fn over_budget_the_largest_holders_wait_and_a_small_message_completes(backend: B
     let server = one_worker(backend, |c| c.reassembly_budget = 1 << 20);
     let shared = server.shared();
     block_on(async {
-        let mut attackers = Vec::new();
-        for _ in 0..24 {
-            let mut a = RawClient::upgrade(server.addr, "/echo").await;
-            a.send(&announced_16mib(64 * 1024)).await;
-            attackers.push(a);
-        }
+        let attackers = holders(server.addr, 24, 64 * 1024).await;
         eventually(WAIT, "the budget to be spent", || {
             shared.total(|s| &s.reassembly_pauses) > 0
         })
@@ -234,12 +240,7 @@ fn over_budget_the_largest_holders_wait_and_a_small_message_completes(backend: B
         let mut good = RawClient::upgrade(server.addr, "/echo").await;
         for n in 0..4u8 {
             let payload = vec![n; 32 * 1024];
-            let whole = frame(true, BINARY, &payload);
-            let (head, tail) = whole.split_at(whole.len() / 2);
-            good.send(head).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            good.send(tail).await;
-            let echo = within(Duration::from_secs(1), "the 32 KiB echo", good.read_frame()).await;
+            let echo = echo_in_two_writes(&mut good, &payload, 1, "the 32 KiB echo").await;
             assert!(echo.payload == payload, "echo {n} differs");
         }
         drop(attackers);

@@ -356,6 +356,16 @@ impl Out<'_> {
     }
 }
 
+/// Puts `slot` (`id`) on the wheel at `at` unless it is already due earlier: each slot is
+/// on the wheel at most once, at its earliest deadline. For a caller that holds the slot.
+fn schedule_slot<D>(wheel: &mut TimerWheel, slot: &mut Slot<D>, id: ConnId, at: Instant) {
+    let tick = wheel.tick_of(at);
+    if tick < slot.tick {
+        slot.tick = tick;
+        wheel.schedule(id.slot, id.generation, tick);
+    }
+}
+
 fn slot_of<D>(slots: &mut Slab<Slot<D>>, id: ConnId) -> Option<&mut Slot<D>> {
     slots
         .get_mut(id.slot as usize)
@@ -368,12 +378,8 @@ impl<D> Inner<D> {
     }
 
     fn schedule(&mut self, id: ConnId, at: Instant) {
-        let tick = self.wheel.tick_of(at);
-        if let Some(s) = slot_of(&mut self.slots, id)
-            && tick < s.tick
-        {
-            s.tick = tick;
-            self.wheel.schedule(id.slot, id.generation, tick);
+        if let Some(s) = slot_of(&mut self.slots, id) {
+            schedule_slot(&mut self.wheel, s, id, at);
         }
     }
 
@@ -451,21 +457,23 @@ impl<H: Handler> Core<H> {
 
     /// The socket of a live connection (`None` once it is closing or gone).
     pub fn fd_of(&self, id: ConnId) -> Option<u32> {
-        self.inner
-            .slots
-            .get(id.slot as usize)
-            .filter(|s| s.generation == id.generation && !s.flags.has(Flags::CLOSING))
+        self.held(id)
+            .filter(|s| !s.flags.has(Flags::CLOSING))
             .map(|s| s.fd)
     }
 
     /// The socket of a connection this worker still holds, closing or not (for a backend
     /// that closes it late).
     pub fn socket_of(&self, id: ConnId) -> Option<u32> {
+        self.held(id).map(|s| s.fd)
+    }
+
+    /// The slot of `id` if this worker still holds it (same generation).
+    fn held(&self, id: ConnId) -> Option<&Slot<H::Data>> {
         self.inner
             .slots
             .get(id.slot as usize)
             .filter(|s| s.generation == id.generation)
-            .map(|s| s.fd)
     }
 
     /// Whether the connection wants its bytes read now (not paused, not closing).

@@ -131,16 +131,11 @@ pub enum Frame<'a> {
 
 impl Frame<'_> {
     /// The encoded frame's length.
-    pub fn len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         match self {
             Frame::Message(_, p) => server_frame_len(p.len()),
             Frame::Encoded(f) => f.len(),
         }
-    }
-
-    /// Whether the encoded frame is empty (never: a frame has a header).
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     fn to_bytes(self) -> Bytes {
@@ -253,7 +248,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
         if self.pending.topic.as_ref().is_some_and(|t| t != topic) {
             self.flush_pending(subs);
         }
-        let len = frame.len();
+        let len = frame.encoded_len();
         if len > PENDING_FRAME_MAX {
             // Nothing to gain from merging a large frame: each subscriber gets a
             // reference to its one encoded copy.

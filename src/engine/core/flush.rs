@@ -141,15 +141,11 @@ impl<H: Handler> Core<H> {
         let pending = slot.conn.transmit_frames() > 0;
         if pending && !slot.flags.has(Flags::DEAD) && matches!(slot.phase, Phase::Open) {
             // Bytes left over (a write in flight, or a full socket): they must make
-            // progress within the send timeout. (The wheel is scheduled here, on the slot
-            // already borrowed: `Inner::schedule` would look it up again, once per write.)
+            // progress within the send timeout. (Scheduled on the slot already borrowed:
+            // `Inner::schedule` would look it up again, once per write.)
             slot.conn.note_unsent(now);
             if let Some(at) = slot.conn.poll_timeout() {
-                let tick = self.inner.wheel.tick_of(at);
-                if tick < slot.tick {
-                    slot.tick = tick;
-                    self.inner.wheel.schedule(id.slot, id.generation, tick);
-                }
+                schedule_slot(&mut self.inner.wheel, slot, id, at);
             }
         }
         if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
