@@ -16,6 +16,7 @@
 //! below drive it with an in-memory implementation. The [`Directory`] says which workers
 //! have subscribers of a topic, for the hand-off of a publish to other workers.
 
+pub mod broker;
 mod directory;
 
 pub use directory::Directory;
