@@ -12,11 +12,12 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wsring::engine::core::{ConnId, Core, Driver, SendOutcome};
+use wsring::cli::serve::BenchProtocol;
+use wsring::engine::ConnId;
+use wsring::engine::internals::{Core, Driver, SendOutcome};
 use wsring::engine::{EngineConfig, Shared};
 use wsring::proto::OpCode;
 use wsring::proto::frame::encode_client_frame;
-use wsring::serve::BenchProtocol;
 
 /// Accepts every write in full, like a socket with room to spare.
 struct NullDriver {

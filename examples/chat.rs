@@ -207,7 +207,7 @@ fn main() -> std::io::Result<()> {
             .expect("CHAT_LISTEN: an address like 127.0.0.1:9003"),
         ..EngineConfig::default()
     };
-    let server = Server::start_with(config, Chat::new)?;
+    let server = Server::start(config, Chat::new)?;
     println!("chat on http://{}/ (Ctrl-C to stop)", server.local_addr());
     // The first SIGINT/SIGTERM closes every client with 1001; a second exits at once.
     signals.drain_on_signal(server);

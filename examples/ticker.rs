@@ -66,7 +66,7 @@ fn main() -> std::io::Result<()> {
         send_queue_hard: 64 * 1024,
         ..EngineConfig::default()
     };
-    let server = Server::start_with(config, |_| Ticker)?;
+    let server = Server::start(config, |_| Ticker)?;
     let addr = server.local_addr();
     let handle = server.handle();
     println!("ticker on ws://{addr}/ticker: {subscribers} subscribers for {seconds} s");

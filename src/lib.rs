@@ -10,19 +10,18 @@
 //!   timers, the upgrade path, write scheduling; it drives [`proto`] and [`pubsub`].
 //! - [`api`]: what a handler implements and sees ([`Handler`], [`Conn`], [`Accept`]).
 //! - [`signals`]: graceful exit on SIGINT/SIGTERM for a program that embeds the engine.
-//! - [`serve`]: the bench-protocol handler behind `wsring serve` (and, with the `cli`
-//!   feature, `check`: the host check behind `wsring check`).
+//! - `cli` (the `cli` feature, on by default, which the programs need): the bench-protocol
+//!   handler behind `wsring serve`, its status page, and the host check behind
+//!   `wsring check`. Nothing below imports from it.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod api;
-// `wsring check`: part of the `cli` feature.
 #[cfg(feature = "cli")]
-pub mod check;
+pub mod cli;
 pub mod engine;
 pub mod proto;
 pub mod pubsub;
-pub mod serve;
 pub mod signals;
 
 pub use api::{

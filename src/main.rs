@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use wsring::cli::serve::BenchProtocol;
 use wsring::engine::{BackendChoice, EngineConfig, Server};
-use wsring::serve::BenchProtocol;
 
 // The system allocator by default: it keeps less memory per idle connection than
 // mimalloc (see the `server-mimalloc` feature in Cargo.toml for the figures).
@@ -300,10 +300,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     let signals = wsring::signals::ShutdownSignals::block();
     let config = engine_config(&args);
     let configured = (args.max_connections > 0).then_some(args.max_connections as u64);
-    let (_, limits_line) = wsring::check::startup_limits_summary(configured);
+    let (_, limits_line) = wsring::cli::check::startup_limits_summary(configured);
     tracing::info!("{limits_line}");
     let protocols: std::sync::Arc<[String]> = args.protocols.into();
-    let server = match Server::start_with(config, move |handle| {
+    let server = match Server::start(config, move |handle| {
         BenchProtocol::new(handle).with_protocols(protocols.clone())
     }) {
         Ok(s) => s,
@@ -336,7 +336,7 @@ fn main() -> ExitCode {
             threads,
             proc_root,
         } => {
-            let report = wsring::check::run_check(&wsring::check::CheckOptions {
+            let report = wsring::cli::check::run_check(&wsring::cli::check::CheckOptions {
                 connections,
                 proc_root,
                 threads,

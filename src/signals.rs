@@ -4,11 +4,11 @@
 //!
 //! ```no_run
 //! use wsring::engine::Server;
-//! use wsring::serve::BenchProtocol;
+//! use wsring::cli::serve::BenchProtocol;
 //!
 //! // Before the server starts: its worker threads inherit the blocked signals.
 //! let signals = wsring::signals::ShutdownSignals::block();
-//! let server = Server::start_with(Default::default(), BenchProtocol::new)?;
+//! let server = Server::start(Default::default(), BenchProtocol::new)?;
 //! let signal = signals.drain_on_signal(server); // returns once the server has stopped
 //! eprintln!("stopped by signal {signal}");
 //! # Ok::<(), std::io::Error>(())

@@ -1,5 +1,5 @@
 //! Replays the committed fuzz seed corpus (`fuzz/corpus/<target>/`) through the fuzz target
-//! bodies in `wsring::proto::fuzzing` and `wsring::engine::core::fuzzing`, so every seed and every past crash is checked by
+//! bodies in `wsring::proto::fuzzing` and `wsring::engine::internals::fuzzing`, so every seed and every past crash is checked by
 //! `cargo test` on stable, without libFuzzer.
 
 use std::fs;
@@ -41,5 +41,5 @@ fn close_payload_corpus_replays_without_panics() {
 
 #[test]
 fn worker_corpus_replays_without_panics() {
-    replay("worker", wsring::engine::core::fuzzing::worker);
+    replay("worker", wsring::engine::internals::fuzzing::worker);
 }

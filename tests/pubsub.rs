@@ -190,7 +190,7 @@ fn start(backend: BackendChoice, configure: impl FnOnce(&mut EngineConfig)) -> R
     configure(&mut config);
     let app = App::default();
     let a = app.clone();
-    let server = Server::start_with(config, move |_| a.clone()).expect("server starts");
+    let server = Server::start(config, move |_| a.clone()).expect("server starts");
     Running {
         _serial: serial,
         handle: server.handle(),

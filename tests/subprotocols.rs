@@ -12,8 +12,8 @@ use common::*;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{Error, Message};
+use wsring::cli::serve::{BenchProtocol, MAX_TOPIC_BYTES};
 use wsring::engine::{BackendChoice, EngineConfig, Server};
-use wsring::serve::{BenchProtocol, MAX_TOPIC_BYTES};
 
 /// A browser's offer, in its order of preference.
 const OFFER: &str = "chat.v2, chat.v1";
@@ -35,7 +35,7 @@ impl ProtocolServer {
             ..Default::default()
         };
         let protocols: std::sync::Arc<[String]> = protocols.iter().map(|p| p.to_string()).collect();
-        let server = Server::start_with(config, move |handle| {
+        let server = Server::start(config, move |handle| {
             BenchProtocol::new(handle).with_protocols(protocols.clone())
         })
         .unwrap_or_else(|e| panic!("{backend:?} server must start: {e}"));

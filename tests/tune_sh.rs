@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use wsring::check::{CheckOptions, Status, run_check};
+use wsring::cli::check::{CheckOptions, Status, run_check};
 
 /// The knob lines of `--check` on a fake root, in order (no seccomp line: that one is only
 /// read when the root is `/`).
@@ -618,7 +618,7 @@ fn wsring_check_measures_memlock_under_the_limit_it_runs_with() {
     let rows = table(&text);
     let memlock = rows.iter().find(|r| r.0 == "memlock").expect("memlock row");
     let io_uring = status_of(&rows, "backend") == "OK";
-    let charged = wsring::check::kernel_charges_memlock(running_kernel());
+    let charged = wsring::cli::check::kernel_charges_memlock(running_kernel());
     assert_eq!(memlock.1, "64KiB", "{}", describe(&out));
     let expected = match (io_uring, charged) {
         (true, true) => ("2 rings (0 fit)", "LOW"),

@@ -14,6 +14,9 @@
 //! server (`--server-pid`: CPU seconds from /proc/PID/stat, RSS from /proc/PID/status, and
 //! the kernel's Slab from /proc/meminfo), releases the children, and prints one JSON line
 //! of results at the end (and a progress line on stderr every second).
+//!
+//! One file (about 1,200 lines): a standalone program whose modes share the client, the
+//! barrier and the measurement code; nothing else links it.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};

@@ -68,10 +68,19 @@ pub struct EngineConfig {
 ///
 /// ```no_run
 /// # use wsring::engine::Server;
+/// # use wsring::proto::handshake::{Request, Upgrade};
+/// # use wsring::{Accept, Decision, Handler};
+/// struct AcceptAll;
+/// impl Handler for AcceptAll {
+///     type Data = ();
+///     fn on_upgrade(&mut self, _: &Request, _: &Upgrade) -> Decision<()> {
+///         Decision::Accept(Accept::new(()))
+///     }
+/// }
 /// let server = Server::builder()
 ///     .listen("127.0.0.1:9001".parse().unwrap())
 ///     .threads(2)
-///     .start(wsring::serve::BenchProtocol::new)?;
+///     .start(|_handle| AcceptAll)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Debug, Default)]
@@ -155,13 +164,13 @@ impl ServerBuilder {
     /// Starts the server with a handler per worker.
     ///
     /// # Errors
-    /// As [`Server::start_with`].
+    /// As [`Server::start`].
     pub fn start<H, F>(self, factory: F) -> Result<Server, StartError>
     where
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,
     {
-        Server::start_with(self.config, factory)
+        Server::start(self.config, factory)
     }
 }
 

@@ -23,9 +23,9 @@ use std::time::Instant;
 use socket2::Socket;
 
 use super::core::{ConnId, Core, Driver, SendOutcome};
+use super::handler::Handler;
 use super::wheel::TICK;
 use super::{AcceptBackoff, Shared, ShutdownState};
-use crate::api::Handler;
 
 const LISTENER: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;

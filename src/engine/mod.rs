@@ -17,19 +17,33 @@
 //! Files: `config.rs` ([`EngineConfig`], [`ServerBuilder`], [`ConfigError`]), `server.rs`
 //! ([`Server`], [`Handle`], descriptor limits, binding), `shared.rs` ([`Shared`]: the
 //! inboxes, the shutdown state, the topic directory), `stats.rs` ([`WorkerStats`]),
-//! `accept.rs` (the accept backoff), `status.rs` (the status page and `/metrics`),
+//! `accept.rs` (the accept backoff), `handler.rs` (the [`handler::Handler`] contract),
+//! `metrics.rs` (the counters as Prometheus text),
 //! `wheel.rs` (the timer wheel), `core/` (the worker), `uring.rs` and `epoll.rs`.
 
 mod accept;
 mod config;
-pub mod core;
-pub mod epoll;
+pub(crate) mod core;
+pub(crate) mod epoll;
+pub mod handler;
+pub mod metrics;
 mod server;
 mod shared;
 mod stats;
-pub mod status;
-pub mod uring;
-pub mod wheel;
+mod testing;
+pub(crate) mod uring;
+pub(crate) mod wheel;
+
+/// The engine's internals that code outside the library drives directly: the `broadcast`
+/// bench and the `worker` fuzz target run a [`Core`](internals::Core) through their own
+/// [`Driver`](internals::Driver), with [`EchoPubSub`](internals::EchoPubSub) as the
+/// application. Not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use super::core::fuzzing;
+    pub use super::core::{Core, Driver, SendOutcome};
+    pub use super::testing::EchoPubSub;
+}
 
 pub(crate) use accept::AcceptBackoff;
 pub use config::{ConfigError, DEFAULT_WRITE_BATCH, EngineConfig, MAX_WORKERS, ServerBuilder};
@@ -50,10 +64,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::Handler;
 use crate::proto::{self, CloseCode, OpCode};
 use crate::pubsub::Policy;
 pub use core::ConnId;
+use handler::Handler;
 
 /// Which I/O backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -79,7 +79,7 @@ impl Handle {
     ///
     /// Blocks while a target worker already has [`HANDLE_QUEUE_LIMIT`] bytes of frames
     /// waiting (a publisher faster than the fan-out is slowed down, memory stays bounded).
-    /// Call it from your own threads, not from a handler (use [`crate::api::Conn::publish`]).
+    /// Call it from your own threads, not from a handler (use [`core::Conn::publish`]).
     pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
         let workers = self.shared.directory.workers_with(topic, None);
         if workers == 0 {
@@ -121,7 +121,7 @@ impl Handle {
 
     /// The counters in Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        status::metrics(&self.shared)
+        metrics::metrics(&self.shared)
     }
     /// Stop accepting, send close 1001 to every connection, wait for the close handshakes
     /// until the drain deadline, then drop the rest.
@@ -227,16 +227,6 @@ impl Server {
         ServerBuilder::default()
     }
 
-    /// Binds, picks the backend and starts the workers. Returns once every worker is
-    /// ready to accept.
-    ///
-    /// # Errors
-    /// Binding failures, `--backend io-uring` on a host without usable io_uring, or a
-    /// worker that could not set up its reactor.
-    pub fn start(config: EngineConfig) -> Result<Server, StartError> {
-        Server::start_with(config, crate::serve::BenchProtocol::new)
-    }
-
     /// Starts the server with a handler per worker made by `factory` (called once per
     /// worker, on that worker's thread, with a [`Handle`] to the server).
     ///
@@ -244,7 +234,7 @@ impl Server {
     /// An invalid configuration ([`EngineConfig::validate`]), binding failures,
     /// `--backend io-uring` on a host without usable io_uring, or a worker that could not
     /// set up its reactor.
-    pub fn start_with<H, F>(mut config: EngineConfig, factory: F) -> Result<Server, StartError>
+    pub fn start<H, F>(mut config: EngineConfig, factory: F) -> Result<Server, StartError>
     where
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,

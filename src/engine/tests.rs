@@ -116,7 +116,7 @@ fn a_port_in_use_is_reported_with_its_address() {
     let err = Server::builder()
         .listen(addr)
         .threads(1)
-        .start(crate::serve::BenchProtocol::new)
+        .start(super::testing::EchoPubSub::new)
         .err()
         .expect("the port is taken");
     assert!(
@@ -138,7 +138,7 @@ fn an_invalid_configuration_does_not_start() {
         .send_queue_soft(10)
         .send_queue_hard(5)
         .listen("127.0.0.1:0".parse().unwrap())
-        .start(crate::serve::BenchProtocol::new)
+        .start(super::testing::EchoPubSub::new)
         .err()
         .unwrap();
     assert!(

@@ -32,6 +32,10 @@
 //! frame split across reads, an event not yet polled, a frame not yet written); it goes
 //! back to a per-thread pool of spares as soon as all of that is empty, and
 //! [`trim_spares`] returns the spares a window did not need to the allocator.
+//!
+//! One file (about 1,200 lines, its tests apart in `connection/tests.rs`) on purpose: it is
+//! one state machine, and every transition (open, closing, closed, failed) reads a field
+//! another one writes, so the rules stay side by side.
 
 use std::cell::Cell;
 use std::collections::VecDeque;

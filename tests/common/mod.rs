@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use wsring::cli::serve::BenchProtocol;
 use wsring::engine::{BackendChoice, EngineConfig, Server, Shared};
 
 /// The bound on one await that should complete at once (a round trip on loopback). Generous:
@@ -61,8 +62,8 @@ impl TestServer {
             ..Default::default()
         };
         configure(&mut config);
-        let server =
-            Server::start(config).unwrap_or_else(|e| panic!("{backend:?} server must start: {e}"));
+        let server = Server::start(config, BenchProtocol::new)
+            .unwrap_or_else(|e| panic!("{backend:?} server must start: {e}"));
         let expected = match backend {
             BackendChoice::IoUring => Some(wsring::engine::Backend::IoUring),
             BackendChoice::Epoll => Some(wsring::engine::Backend::Epoll),

@@ -22,11 +22,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{ConnId, Core, Driver, SendOutcome};
+use crate::engine::testing::EchoPubSub;
 use crate::engine::{EngineConfig, Handle, Shared};
 use crate::proto::frame::encode_client_frame;
 use crate::proto::fuzzing::Rng;
 use crate::proto::{OpCode, connection::reassembly_total};
-use crate::serve::BenchProtocol;
 
 const HARD: usize = 16 * 1024;
 const SOFT: usize = 4 * 1024;
@@ -179,7 +179,7 @@ fn client_bytes(rng: &mut Rng) -> Vec<u8> {
 }
 
 struct Harness {
-    core: Core<BenchProtocol>,
+    core: Core<EchoPubSub>,
     driver: FakeDriver,
     handle: Handle,
     shared: Arc<Shared>,
@@ -291,9 +291,9 @@ pub fn worker(data: &[u8]) {
         message_timeout: Some(Duration::from_secs(60)),
         send_timeout: Some(Duration::from_secs(30)),
         policy: match first >> 6 {
-            0 => crate::api::Policy::DropNew,
-            1 => crate::api::Policy::Conflate,
-            _ => crate::api::Policy::Close,
+            0 => crate::pubsub::Policy::DropNew,
+            1 => crate::pubsub::Policy::Conflate,
+            _ => crate::pubsub::Policy::Close,
         },
         ..EngineConfig::default()
     };
@@ -304,7 +304,7 @@ pub fn worker(data: &[u8]) {
     let start = Instant::now();
     let mut rng = Rng(u64::from(first) | (1 << 40));
     let mut h = Harness {
-        core: Core::new(0, shared.clone(), BenchProtocol::new(handle.clone()), start),
+        core: Core::new(0, shared.clone(), EchoPubSub::new(handle.clone()), start),
         driver: FakeDriver {
             mode: if first & 1 == 0 {
                 Mode::Ready

@@ -1,9 +1,9 @@
 use std::collections::HashMap;
 
 use super::*;
+use crate::engine::testing::EchoPubSub;
 use crate::engine::{EngineConfig, Handle};
 use crate::proto::frame::encode_client_frame;
-use crate::serve::BenchProtocol;
 
 /// Records the order of writes and accepts each in full.
 #[derive(Default)]
@@ -36,40 +36,22 @@ fn masked(payload: &[u8]) -> Vec<u8> {
 }
 
 /// A worker core running the bench protocol, detached from any backend.
-fn bench_core(config: EngineConfig, now: Instant) -> Core<BenchProtocol> {
+fn bench_core(config: EngineConfig, now: Instant) -> Core<EchoPubSub> {
     let shared = Shared::detached(config).expect("shared state");
     Core::new(
         0,
         shared.clone(),
-        BenchProtocol::new(Handle::from_shared(shared)),
+        EchoPubSub::new(Handle::from_shared(shared)),
         now,
     )
 }
 
 /// Accepts socket `fd` and upgrades it on `/pubsub/t` (a subscriber of `t`).
-fn subscriber(core: &mut Core<BenchProtocol>, fd: u32, now: Instant) -> ConnId {
+fn subscriber(core: &mut Core<EchoPubSub>, fd: u32, now: Instant) -> ConnId {
     let id = core.on_accept(fd, now);
     let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
     core.on_data(id, &mut req, now);
     id
-}
-
-#[test]
-fn the_bench_protocol_forgets_a_topic_name_with_its_last_connection() {
-    let now = Instant::now();
-    let mut core = bench_core(EngineConfig::default(), now);
-    let mut driver = Recorder::default();
-    let a = subscriber(&mut core, 1, now);
-    let b = subscriber(&mut core, 2, now);
-    core.flush(&mut driver);
-    assert_eq!(core.handler.topic_names(), 1);
-    core.on_eof(a);
-    core.flush(&mut driver);
-    assert_eq!(core.handler.topic_names(), 1, "b still holds it");
-    core.on_eof(b);
-    core.flush(&mut driver);
-    assert!(core.is_empty());
-    assert_eq!(core.handler.topic_names(), 0);
 }
 
 #[test]

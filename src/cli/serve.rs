@@ -22,8 +22,9 @@ use std::sync::Arc;
 
 use crate::proto::HandshakeError;
 
+use super::status;
 use crate::api::{Accept, Conn, Decision, Handler, HttpResponse, Message, Reject};
-use crate::engine::{Handle, status};
+use crate::engine::{Handle, metrics};
 use crate::proto::handshake::{Request, Upgrade};
 
 /// What a connection of the bench protocol does with its messages.
@@ -131,7 +132,7 @@ impl Handler for BenchProtocol {
             "/metrics" => Some(HttpResponse::new(
                 200,
                 "text/plain; version=0.0.4",
-                status::metrics(shared),
+                metrics::metrics(shared),
             )),
             p if p == "/echo" || p.starts_with("/pubsub/") => {
                 Some(HttpResponse::error(HandshakeError::UpgradeRequired))
@@ -172,7 +173,63 @@ impl Handler for BenchProtocol {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::engine::internals::{Core, Driver, SendOutcome};
+    use crate::engine::{ConnId, EngineConfig, Shared};
+
+    /// Takes every write in full.
+    struct NullDriver;
+
+    impl Driver for NullDriver {
+        fn send(
+            &mut self,
+            _id: ConnId,
+            _fd: u32,
+            bufs: &mut dyn Iterator<Item = &[u8]>,
+            _last: bool,
+        ) -> SendOutcome {
+            let n = bufs.map(<[u8]>::len).sum();
+            SendOutcome::Wrote { n, all: true }
+        }
+        fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
+            true
+        }
+        fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
+        fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
+    }
+
+    fn subscriber(core: &mut Core<BenchProtocol>, fd: u32, now: Instant) -> ConnId {
+        let id = core.on_accept(fd, now);
+        let mut req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
+        core.on_data(id, &mut req, now);
+        id
+    }
+
+    #[test]
+    fn the_bench_protocol_forgets_a_topic_name_with_its_last_connection() {
+        let now = Instant::now();
+        let shared = Shared::detached(EngineConfig::default()).expect("shared state");
+        let mut core = Core::new(
+            0,
+            shared.clone(),
+            BenchProtocol::new(Handle::from_shared(shared)),
+            now,
+        );
+        let mut driver = NullDriver;
+        let a = subscriber(&mut core, 1, now);
+        let b = subscriber(&mut core, 2, now);
+        core.flush(&mut driver);
+        assert_eq!(core.handler().topic_names(), 1);
+        core.on_eof(a);
+        core.flush(&mut driver);
+        assert_eq!(core.handler().topic_names(), 1, "b still holds it");
+        core.on_eof(b);
+        core.flush(&mut driver);
+        assert!(core.is_empty());
+        assert_eq!(core.handler().topic_names(), 0);
+    }
 
     #[test]
     fn a_topic_name_is_kept_once_per_worker() {

@@ -1,0 +1,8 @@
+//! What only the `wsring` programs need, behind the `cli` feature: the bench-protocol
+//! handler behind `wsring serve` ([`serve`]), its status page ([`status`]), and the host
+//! check behind `wsring check` ([`check`]). Nothing in the engine or the layers below
+//! imports from here.
+
+pub mod check;
+pub mod serve;
+pub mod status;

@@ -1,0 +1,347 @@
+//! What a backend reports to a worker's core: bytes read (handshake or frames, then the
+//! handler's callbacks), commands from other threads, EOF, write completions and writable
+//! edges, a socket closed, the timer tick, and the start of a drain.
+
+use super::*;
+
+impl<H: Handler> Core<H> {
+    /// Bytes arrived on a connection. `data` is the backend's receive buffer: it is
+    /// processed (and unmasked) in place and not kept.
+    pub fn on_data(&mut self, id: ConnId, data: &mut [u8], now: Instant) {
+        self.inner.now = now;
+        self.inner.shared.stats[self.inner.index]
+            .bytes_in
+            .bump(data.len() as u64);
+        let limits = self.inner.limits;
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        if slot.flags.has(Flags::DEAD) || slot.flags.has(Flags::CLOSING) {
+            return;
+        }
+        match slot.phase {
+            Phase::Handshake => {
+                let Some(hs) = slot.extra.as_mut().and_then(|e| e.handshake.as_mut()) else {
+                    return;
+                };
+                let buf = &mut hs.buf;
+                let status = if buf.is_empty() {
+                    handshake::parse_request(data, &limits)
+                } else {
+                    buf.extend_from_slice(data);
+                    handshake::parse_request(buf, &limits)
+                };
+                match status {
+                    Ok(ParseStatus::Partial) => {
+                        if buf.is_empty() {
+                            buf.extend_from_slice(data);
+                        }
+                    }
+                    Ok(ParseStatus::Complete { request, consumed }) => {
+                        let rest = if buf.is_empty() {
+                            data.get(consumed..).map(<[u8]>::to_vec)
+                        } else {
+                            buf.get(consumed..).map(<[u8]>::to_vec)
+                        };
+                        self.on_request(id, request, rest.unwrap_or_default(), now);
+                    }
+                    Err(e) => self.respond_error(id, e),
+                }
+            }
+            Phase::Open => {
+                // A read may start an earlier deadline (a message's, or the close
+                // deadline of a peer's close); the wheel keeps only the earliest.
+                if slot.conn.handle_read(data, now)
+                    && let Some(at) = slot.conn.poll_timeout()
+                {
+                    self.inner.schedule(id, at);
+                }
+                self.drain_events(id);
+                self.check_budget(id);
+                self.check_queue(id);
+            }
+            // An answered request: what follows is discarded.
+            Phase::Finish => {}
+        }
+    }
+
+    /// Hands the connection's events to the handler.
+    pub(super) fn drain_events(&mut self, id: ConnId) {
+        loop {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+                return;
+            };
+            let Some(event) = slot.conn.poll_event() else {
+                break;
+            };
+            let message = match event {
+                Event::Text(payload) => Some(Message {
+                    opcode: OpCode::Text,
+                    payload,
+                }),
+                Event::Binary(payload) => Some(Message {
+                    opcode: OpCode::Binary,
+                    payload,
+                }),
+                Event::Ping(_) | Event::Pong(_) => None,
+                Event::Close(frame) => {
+                    slot.close_code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
+                    let code = u16::from(slot.close_code);
+                    if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
+                        slot.extra().close_reason = Some(f.reason.into_boxed_str());
+                    }
+                    let stats = self.inner.stats();
+                    stats.close_received(code);
+                    if code != 1005 {
+                        stats.close_sent(code); // the echo of the peer's code
+                    }
+                    None
+                }
+                Event::ProtocolError(e) => {
+                    tracing::debug!(slot = id.slot, "protocol error: {e}");
+                    slot.close_code = e.close_code();
+                    let code = u16::from(slot.close_code);
+                    let stats = self.inner.stats();
+                    stats.close_sent(code);
+                    if e == crate::proto::ProtocolError::MessageTimeout {
+                        stats.message_timeouts.bump(1);
+                    } else {
+                        stats.protocol_errors.bump(1);
+                    }
+                    None
+                }
+                Event::TimedOut => {
+                    // 1006 unless we had started a close with a code of our own.
+                    slot.flags.set(Flags::DEAD, true);
+                    None
+                }
+                Event::SendTimedOut => {
+                    tracing::debug!(slot = id.slot, "send made no progress: dropped");
+                    slot.flags.set(Flags::DEAD, true);
+                    self.inner.stats().send_timeouts.bump(1);
+                    None
+                }
+            };
+            if let Some(m) = message {
+                self.inner.stats().messages_in.bump(1);
+                self.handler.on_message(
+                    &mut Conn {
+                        inner: &mut self.inner,
+                        id,
+                    },
+                    m,
+                );
+            }
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// Runs the commands other threads sent to this worker (publishes, closes).
+    pub fn on_commands(&mut self, now: Instant) {
+        self.inner.now = now;
+        let batch = self.inner.shared.take_commands(self.inner.index);
+        for cmd in batch {
+            match cmd {
+                Command::Publish(topic, frame) => {
+                    self.inner.fanout_local(&topic, Frame::Encoded(&frame));
+                }
+                Command::Close(id, code, reason) => {
+                    self.inner.close_conn(id, code, &reason);
+                }
+            }
+        }
+    }
+
+    /// The peer closed its side, or the socket failed.
+    pub fn on_eof(&mut self, id: ConnId) {
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            slot.flags.set(Flags::DEAD, true);
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// A send completed with `result` (bytes written, or a negative errno).
+    pub fn on_sent(&mut self, id: ConnId, result: i32) {
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        slot.flags.set(Flags::SENDING, false);
+        match usize::try_from(result) {
+            Ok(n) => {
+                self.written(id, n);
+            }
+            Err(_) => slot.flags.set(Flags::DEAD, true),
+        }
+        // Most completions leave nothing to do: skip the flush pass for those (a fan-out
+        // to thousands of subscribers completes thousands of sends per turn).
+        let idle = slot_of(&mut self.inner.slots, id).is_some_and(|s| {
+            !s.flags.has(Flags::DEAD)
+                && s.conn.transmit_frames() == 0
+                && matches!(s.phase, Phase::Open)
+                && !s.conn.is_closed()
+                && s.flags.reading_paused() == s.flags.has(Flags::READING_OFF)
+        });
+        if !idle {
+            self.inner.mark_dirty(id);
+        }
+    }
+
+    /// Accounts `n` bytes written on `id`.
+    pub(super) fn written(&mut self, id: ConnId, n: usize) {
+        self.inner.shared.stats[self.inner.index]
+            .bytes_out
+            .bump(n as u64);
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        slot.conn.advance_transmit(n);
+        if slot.conn.transmit_frames() == 0 && slot.flags.has(Flags::JUST_UPGRADED) {
+            // The 101 is out: an idle connection keeps no queue allocation.
+            slot.flags.set(Flags::JUST_UPGRADED, false);
+            slot.conn.shrink();
+        }
+        let conflated = slot.has_conflated();
+        if slot.flags.has(Flags::QUEUE_PAUSED)
+            && slot.conn.queued_bytes() <= self.inner.shared.config.send_queue_soft
+        {
+            slot.flags.set(Flags::QUEUE_PAUSED, false);
+            self.inner.mark_dirty(id);
+        }
+        if conflated {
+            self.inner.release_conflated(id);
+        }
+    }
+
+    /// The socket can take more bytes (epoll).
+    pub fn on_writable(&mut self, id: ConnId) {
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            slot.flags.set(Flags::BLOCKED, false);
+        }
+        self.inner.mark_dirty(id);
+    }
+
+    /// The socket is closed and no operation on it is pending: tell the handler, leave
+    /// every topic, free the slot.
+    pub fn on_closed(&mut self, id: ConnId) {
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        let counted = slot.flags.has(Flags::COUNTED);
+        let code = slot.close_code;
+        let reason = slot.extra.as_mut().and_then(|e| e.close_reason.take());
+        if counted {
+            self.handler.on_close(
+                &mut Conn {
+                    inner: &mut self.inner,
+                    id,
+                },
+                code,
+                reason.as_deref().unwrap_or(""),
+            );
+        }
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        let topics = slot.extra.take().map(|e| e.topics).unwrap_or_default();
+        self.inner.slots.remove(id.slot as usize);
+        for topic in &topics {
+            self.inner.remove_subscriber(topic, id);
+        }
+        if counted {
+            self.inner.shared.open.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.inner.shared.sockets.fetch_sub(1, Ordering::AcqRel);
+        self.inner.stats().closed.bump(1);
+        self.rebalance_budget();
+    }
+
+    /// Runs the timers due by `now`.
+    pub fn on_tick(&mut self, now: Instant) {
+        self.inner.now = now;
+        self.rebalance_budget();
+        // Frames published before a deadline passed go out before its ping or close.
+        self.inner.flush_pending();
+        let mut expired = std::mem::take(&mut self.inner.expired);
+        let tick = self.inner.wheel.current();
+        self.inner.wheel.expire(now, &mut expired);
+        if self.inner.wheel.current() != tick {
+            // Once per wheel tick (this runs every loop turn): spare connection buffers a
+            // burst left behind go back to the allocator gradually.
+            crate::proto::connection::trim_spares();
+        }
+        for e in expired.drain(..) {
+            let id = ConnId {
+                slot: e.slot,
+                generation: e.generation,
+            };
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+                continue;
+            };
+            if slot.tick != e.tick {
+                continue; // stale: rescheduled since
+            }
+            slot.tick = u64::MAX;
+            let next = match slot.phase {
+                Phase::Handshake => {
+                    let deadline = slot
+                        .extra
+                        .as_ref()
+                        .and_then(|e| e.handshake.as_ref())
+                        .map_or(now, |hs| hs.deadline);
+                    if deadline <= now {
+                        // A slow-drip client: drop it without an answer.
+                        slot.flags.set(Flags::DEAD, true);
+                        None
+                    } else {
+                        Some(deadline)
+                    }
+                }
+                Phase::Open => {
+                    slot.conn.handle_timeout(now);
+                    if slot.conn.transmit_frames() == 0 {
+                        // The timer fires after a silence: give back what a burst left.
+                        slot.conn.shrink();
+                    }
+                    let next = slot.conn.poll_timeout();
+                    self.drain_events(id);
+                    next
+                }
+                Phase::Finish => {
+                    // The answer was not taken, or the peer did not close, in time.
+                    slot.flags.set(Flags::DEAD, true);
+                    None
+                }
+            };
+            if let Some(at) = next {
+                self.inner.schedule(id, at);
+            }
+            self.inner.mark_dirty(id);
+        }
+        self.inner.expired = expired;
+    }
+
+    /// Starts the graceful drain: close 1001 to every open connection, drop the rest.
+    pub fn begin_drain(&mut self, now: Instant, deadline: Instant) {
+        if self.inner.draining.is_some() {
+            return;
+        }
+        self.inner.flush_pending();
+        self.inner.now = now;
+        self.inner.draining = Some(deadline);
+        let code = self.inner.shared.config.drain_close_code;
+        let ids = self.all_ids();
+        for id in ids {
+            let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+                continue;
+            };
+            match slot.phase {
+                Phase::Open => {
+                    self.inner.close_conn(id, code, "server shutting down");
+                }
+                Phase::Handshake => slot.flags.set(Flags::DEAD, true),
+                Phase::Finish => {}
+            }
+            self.inner.mark_dirty(id);
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! A connection's slot: the 64 bytes a worker keeps per connection (the protocol state,
+//! the generation, the descriptor, flags and phase, the handler's data), with what only
+//! some connections need (handshake buffer, topics, conflated frames, deadlines) boxed in
+//! an [`Extra`] that exists only while it holds something.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Reading the upgrade request (its buffer and deadline are in the slot's [`Extra`]).
+    Handshake,
+    /// Upgraded.
+    Open,
+    /// Answered (an HTTP response): close the socket once written.
+    Finish,
+}
+
+#[derive(Debug)]
+pub(super) struct Handshake {
+    pub(super) buf: Vec<u8>,
+    pub(super) deadline: Instant,
+}
+
+/// Flags of a slot, packed in two bytes (the slot is in every connection's footprint).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Flags(pub(super) u16);
+
+impl Flags {
+    /// A send is in flight (io_uring).
+    pub(super) const SENDING: u16 = 1;
+    /// In the dirty list already.
+    pub(super) const DIRTY: u16 = 1 << 1;
+    /// Waiting for the socket to become writable (epoll).
+    pub(super) const BLOCKED: u16 = 1 << 2;
+    /// The peer is gone (EOF, error, timeout): write nothing more, close.
+    pub(super) const DEAD: u16 = 1 << 3;
+    /// The socket close has been requested.
+    pub(super) const CLOSING: u16 = 1 << 4;
+    /// Counted as an open WebSocket (and `on_open` was called).
+    pub(super) const COUNTED: u16 = 1 << 5;
+    /// Upgraded, and the 101 may still be queued.
+    pub(super) const JUST_UPGRADED: u16 = 1 << 6;
+    /// The handler paused reading.
+    pub(super) const PAUSED: u16 = 1 << 7;
+    /// What the backend was last told about reading.
+    pub(super) const READING_OFF: u16 = 1 << 8;
+    /// It published in this loop turn: its writes go after everyone else's.
+    pub(super) const PUBLISHED: u16 = 1 << 9;
+    /// Not read because the worker's reassembly budget is spent (see `Core::check_budget`).
+    pub(super) const BUDGET_PAUSED: u16 = 1 << 10;
+    /// Not read because the send queue passed the hard limit (replies to what it reads
+    /// would have nowhere to go); resumed below the soft limit.
+    pub(super) const QUEUE_PAUSED: u16 = 1 << 11;
+    /// An HTTP answer is out and the FIN sent: waiting for the peer's EOF (or the linger
+    /// deadline) before closing.
+    pub(super) const LINGERING: u16 = 1 << 12;
+
+    /// Whether reading should be off (the handler's pause, the budget's or the queue's).
+    pub(super) fn reading_paused(self) -> bool {
+        self.0 & (Self::PAUSED | Self::BUDGET_PAUSED | Self::QUEUE_PAUSED) != 0
+    }
+
+    pub(super) fn has(self, flag: u16) -> bool {
+        self.0 & flag != 0
+    }
+
+    pub(super) fn set(&mut self, flag: u16, on: bool) {
+        if on {
+            self.0 |= flag;
+        } else {
+            self.0 &= !flag;
+        }
+    }
+}
+
+/// The newest frame per topic held back by the conflation policy.
+type Conflated = Vec<(Arc<str>, Bytes)>;
+
+/// What only some connections need: boxed, and dropped when empty, so that an idle
+/// upgraded connection without topics is its [`Slot`] alone.
+#[derive(Debug, Default)]
+pub(super) struct Extra {
+    /// While reading the upgrade request.
+    pub(super) handshake: Option<Handshake>,
+    /// Topics this connection is subscribed to.
+    pub(super) topics: Vec<Arc<str>>,
+    /// Conflation: the newest frame per topic, held while the queue is over its hard limit.
+    pub(super) conflated: Conflated,
+    /// The peer's close reason (only when it sent one).
+    pub(super) close_reason: Option<Box<str>>,
+}
+
+impl Extra {
+    pub(super) fn is_empty(&self) -> bool {
+        self.handshake.is_none()
+            && self.topics.is_empty()
+            && self.conflated.is_empty()
+            && self.close_reason.is_none()
+    }
+}
+
+/// One connection. Kept at 64 bytes (asserted below): with the timer-wheel entry and the
+/// backend's per-slot bytes it is the whole user-space cost of an idle connection.
+pub(super) struct Slot<D> {
+    pub(super) conn: Connection,
+    pub(super) extra: Option<Box<Extra>>,
+    /// The wheel tick this slot is scheduled at (`u64::MAX`: none).
+    pub(super) tick: u64,
+    pub(super) generation: u32,
+    pub(super) fd: u32,
+    /// The code to report on close.
+    pub(super) close_code: CloseCode,
+    pub(super) flags: Flags,
+    pub(super) phase: Phase,
+    /// The handler's per-connection data.
+    pub(super) data: Option<D>,
+}
+
+impl<D> Slot<D> {
+    /// The queue limits, in one place for a direct send and a fan-out: room for a frame of
+    /// `len` bytes with `ahead` more bytes already promised to this connection.
+    pub(super) fn room(&self, len: usize, ahead: usize, soft: usize, hard: usize) -> Room {
+        if self.conn.state() != State::Open
+            || self.flags.has(Flags::DEAD)
+            || self.flags.has(Flags::CLOSING)
+        {
+            return Room::Closed;
+        }
+        let queued = self.conn.queued_bytes() + ahead;
+        // An empty queue always takes one frame, so a message larger than the hard limit
+        // can still be sent to a reader that keeps up.
+        if queued > 0 && queued + len > hard {
+            Room::Full
+        } else {
+            Room::Fits {
+                over_soft: queued + len > soft,
+            }
+        }
+    }
+
+    pub(super) fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the extra part once it holds nothing.
+    pub(super) fn tidy(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
+    }
+
+    pub(super) fn topics(&self) -> &[Arc<str>] {
+        self.extra.as_ref().map_or(&[], |e| &e.topics)
+    }
+
+    pub(super) fn has_conflated(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| !e.conflated.is_empty())
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 64);
