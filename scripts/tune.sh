@@ -47,7 +47,7 @@ set -euo pipefail
 readonly HEADROOM_FDS=1024
 # RLIMIT_MEMLOCK budget per worker where the kernel charges io_uring rings to it: 792 KiB
 # measured on Linux 6.18 (SQ/CQ rings and SQEs at 4096/32768 entries, buffer ring), rounded
-# up to 1 MiB for larger pages. The same as RING_MEMLOCK_BYTES in src/check.rs.
+# up to 1 MiB for larger pages. The same as RING_MEMLOCK_BYTES in src/cli/check/mod.rs.
 readonly RING_MEMLOCK_BYTES=$((1024 * 1024))
 # io_uring charges ring memory to the memory cgroup, not RLIMIT_MEMLOCK, from 5.12 up to
 # (not including) 6.14, where its region API charges RLIMIT_MEMLOCK again (as major*1000+minor).
@@ -279,7 +279,7 @@ find_wsring() {
 
 # memlock_raise_to SOFT: what --apply raises memlock to when the rings do not fit: the
 # budget, or that much above SOFT when SOFT is already above it (other processes of the user
-# hold the rest). The same rule as src/check.rs.
+# hold the rest). The same rule as kernel_charges_memlock in src/cli/check/mod.rs.
 memlock_raise_to() {
 	if [[ $1 != unlimited ]] && (($1 >= NEED_MEMLOCK)); then
 		echo $(($1 + NEED_MEMLOCK))

@@ -1,7 +1,7 @@
 //! Tests of `scripts/tune.sh` on fake filesystem roots (`--root`), so the real host's
 //! sysctls and limits are never read for a verdict nor written: `--check` exit codes and
 //! output, `--apply` twice then `--revert` restoring the tree byte for byte, "never lower",
-//! the knob names shared with `wsring check` (src/check.rs), memlock by kernel version, and
+//! the knob names shared with `wsring check` (src/cli/check/), memlock by kernel version, and
 //! shellcheck on every script. On the real root only `--check` runs, and only its memlock
 //! row is looked at: the one `wsring check` measures by setting up the server's rings (with
 //! a stand-in binary whose answer is known, and with the real one, whose answer must be
