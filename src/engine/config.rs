@@ -2,6 +2,7 @@
 //! builder that fills it, and the one check of what cannot work.
 
 use super::*;
+use crate::pubsub::broker::{Broker, NodeId};
 
 /// Everything the engine can be told. Defaults are DESIGN.md's table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,9 +84,24 @@ pub struct EngineConfig {
 ///     .start(|_handle| AcceptAll)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Clone, Debug, Default)]
+///
+/// Several nodes joined through a broker (Redis or NATS, see [`crate::pubsub::broker`]):
+/// `.broker(Arc::new(broker))`, and optionally `.node_id(id)` (default: random at start).
+#[derive(Clone, Default)]
 pub struct ServerBuilder {
     config: EngineConfig,
+    broker: Option<Arc<dyn Broker>>,
+    node_id: Option<NodeId>,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("config", &self.config)
+            .field("broker", &self.broker.as_ref().map(|b| b.describe()))
+            .field("node_id", &self.node_id)
+            .finish()
+    }
 }
 
 macro_rules! setters {
@@ -147,6 +163,16 @@ setters!(
     allowed_origins: Vec<String>,
 );
 
+impl From<EngineConfig> for ServerBuilder {
+    /// A builder starting from `config` (no broker).
+    fn from(config: EngineConfig) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            ..ServerBuilder::default()
+        }
+    }
+}
+
 impl ServerBuilder {
     /// The configuration built so far.
     pub fn config(&self) -> &EngineConfig {
@@ -161,6 +187,22 @@ impl ServerBuilder {
         self.config.validate()
     }
 
+    /// Joins this node to others through `broker`: a message published here is delivered
+    /// here at once and published to the broker once; one published on another node
+    /// arrives through the broker, encoded once and fanned out like a local publish. The
+    /// node is subscribed to a topic on the broker only while it has local subscribers.
+    pub fn broker(mut self, broker: Arc<dyn Broker>) -> Self {
+        self.broker = Some(broker);
+        self
+    }
+
+    /// This node's id in what it publishes to the broker (default: random at start). Two
+    /// nodes with the same id would skip each other's messages as their own.
+    pub fn node_id(mut self, id: NodeId) -> Self {
+        self.node_id = Some(id);
+        self
+    }
+
     /// Starts the server with a handler per worker.
     ///
     /// # Errors
@@ -170,7 +212,14 @@ impl ServerBuilder {
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,
     {
-        Server::start(self.config, factory)
+        let backplane = self.broker.map(|b| {
+            crate::pubsub::Backplane::new(
+                b,
+                self.node_id
+                    .unwrap_or_else(crate::pubsub::broker::random_node_id),
+            )
+        });
+        Server::launch(self.config, backplane, factory)
     }
 }
 

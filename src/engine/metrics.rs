@@ -1,4 +1,4 @@
-//! The counters in Prometheus text format ([`metrics`], also [`super::Handle::metrics`]):
+//! The counters in Prometheus text format ([`metrics`], also [`super::Handle::metrics_text`]):
 //! what `GET /metrics` of `wsring serve` answers, and what an embedding service can serve
 //! on its own route.
 
@@ -158,6 +158,9 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_topics gauge");
     let _ = writeln!(out, "wsring_topics {}", shared.directory.topics());
+    if let Some(bp) = &shared.backplane {
+        broker_metrics(&mut out, bp);
+    }
     let _ = writeln!(out, "# HELP wsring_uptime_seconds Seconds since start.");
     let _ = writeln!(out, "# TYPE wsring_uptime_seconds gauge");
     let _ = writeln!(
@@ -166,4 +169,80 @@ pub fn metrics(shared: &Shared) -> String {
         shared.started.elapsed().as_secs()
     );
     out
+}
+
+/// The backplane's part: the broker client's state and counters.
+fn broker_metrics(out: &mut String, bp: &crate::pubsub::Backplane) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = bp.stats();
+    let gauge = |out: &mut String, name: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    };
+    gauge(
+        out,
+        "wsring_broker_state",
+        "The broker client's state: 0 connecting, 1 up, 2 degraded (some shards), 3 stopped.",
+        (st.state() as u8).to_string(),
+    );
+    gauge(
+        out,
+        "wsring_broker_topics",
+        "Topics this node is subscribed to on the broker.",
+        st.topics.load(Relaxed).to_string(),
+    );
+    gauge(
+        out,
+        "wsring_broker_resubscribe_seconds",
+        "How long the last resubscription after a (re)connect took.",
+        format!("{:.6}", st.resubscribe_micros.load(Relaxed) as f64 / 1e6),
+    );
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 8] = [
+        (
+            "wsring_broker_reconnects_total",
+            "Connections to the broker re-established after the first.",
+            &st.reconnects,
+        ),
+        (
+            "wsring_broker_messages_in_total",
+            "Messages from other nodes received through the broker.",
+            &st.messages_in,
+        ),
+        (
+            "wsring_broker_messages_out_total",
+            "Messages published to the broker.",
+            &st.messages_out,
+        ),
+        (
+            "wsring_broker_out_failed_total",
+            "Messages that could not be published to the broker (queue full or connection lost).",
+            &st.out_failed,
+        ),
+        (
+            "wsring_broker_in_dropped_total",
+            "Messages from the broker not handed to a worker whose inbox was full.",
+            &st.in_dropped,
+        ),
+        (
+            "wsring_broker_own_skipped_total",
+            "This node's own messages echoed back by the broker and skipped.",
+            &st.own_skipped,
+        ),
+        (
+            "wsring_broker_decode_errors_total",
+            "Broker payloads without a valid wsring header.",
+            &st.decode_errors,
+        ),
+        (
+            "wsring_broker_probes_failed_total",
+            "Idle probes that did not come back in time (the subscription was rebuilt).",
+            &st.probes_failed,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
 }

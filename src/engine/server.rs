@@ -75,12 +75,15 @@ impl Handle {
 
     /// Publishes a message to every subscriber of `topic` on every worker: encoded once,
     /// handed once to each worker that has subscribers. Returns the number of workers it
-    /// was handed to (0: nobody is subscribed; nothing was encoded).
+    /// was handed to (0: nobody is subscribed here; nothing was encoded). With a broker
+    /// configured it is also published to the other nodes, once.
     ///
     /// Blocks while a target worker already has [`HANDLE_QUEUE_LIMIT`] bytes of frames
     /// waiting (a publisher faster than the fan-out is slowed down, memory stays bounded).
     /// Call it from your own threads, not from a handler (use [`core::Conn::publish`]).
     pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
+        // To the other nodes, if a broker is configured (never blocks).
+        self.shared.publish_to_broker(topic, opcode, payload);
         let workers = self.shared.directory.workers_with(topic, None);
         if workers == 0 {
             return 0;
@@ -234,7 +237,22 @@ impl Server {
     /// An invalid configuration ([`EngineConfig::validate`]), binding failures,
     /// `--backend io-uring` on a host without usable io_uring, or a worker that could not
     /// set up its reactor.
-    pub fn start<H, F>(mut config: EngineConfig, factory: F) -> Result<Server, StartError>
+    pub fn start<H, F>(config: EngineConfig, factory: F) -> Result<Server, StartError>
+    where
+        H: Handler,
+        F: Fn(Handle) -> H + Send + Sync + 'static,
+    {
+        Server::launch(config, None, factory)
+    }
+
+    /// [`Server::start`], joined to other nodes through `backplane` (see
+    /// [`ServerBuilder::broker`]): its client starts once the shared state exists and
+    /// stops when the server is joined or dropped.
+    pub(super) fn launch<H, F>(
+        mut config: EngineConfig,
+        backplane: Option<crate::pubsub::Backplane>,
+        factory: F,
+    ) -> Result<Server, StartError>
     where
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,
@@ -281,7 +299,16 @@ impl Server {
         for _ in 1..threads {
             listeners.push(bind(local_addr, backend == Backend::Epoll)?);
         }
-        let shared = Shared::new(config, threads, backend).map_err(StartError::Io)?;
+        let shared = Shared::new(config, threads, backend, backplane).map_err(StartError::Io)?;
+        if let Some(bp) = &shared.backplane {
+            bp.start(Arc::new(shared::BrokerSink(Arc::downgrade(&shared))))
+                .map_err(StartError::Io)?;
+            tracing::info!(
+                node = format_args!("{:016x}", bp.node()),
+                "backplane: {}",
+                bp.describe()
+            );
+        }
         let factory = Arc::new(factory);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let mut workers = Vec::new();
@@ -359,10 +386,23 @@ impl Server {
         &self.shared
     }
 
-    /// Waits for every worker to exit (after a shutdown).
-    pub fn join(self) {
-        for w in self.workers {
+    /// Waits for every worker to exit (after a shutdown), then stops the broker client.
+    pub fn join(mut self) {
+        for w in std::mem::take(&mut self.workers) {
             let _ = w.join();
+        }
+        if let Some(bp) = &self.shared.backplane {
+            bp.stop();
+        }
+    }
+}
+
+impl Drop for Server {
+    /// A server dropped without [`Server::join`] stops its broker client (the workers stop
+    /// on their own once shut down).
+    fn drop(&mut self) {
+        if let Some(bp) = &self.shared.backplane {
+            bp.stop();
         }
     }
 }

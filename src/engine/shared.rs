@@ -60,6 +60,8 @@ pub struct Shared {
     shutdown: AtomicU8,
     /// Which workers have subscribers of which topic.
     pub(crate) directory: crate::pubsub::Directory,
+    /// The broker joining this node to others, if one is configured.
+    pub(crate) backplane: Option<crate::pubsub::Backplane>,
 }
 
 impl Shared {
@@ -67,6 +69,7 @@ impl Shared {
         config: EngineConfig,
         threads: usize,
         backend: Backend,
+        backplane: Option<crate::pubsub::Backplane>,
     ) -> std::io::Result<Arc<Shared>> {
         let mut inboxes = Vec::new();
         for _ in 0..threads {
@@ -107,6 +110,7 @@ impl Shared {
             inboxes: inboxes.into_boxed_slice(),
             shutdown: AtomicU8::new(0),
             directory: crate::pubsub::Directory::new(threads),
+            backplane,
         }))
     }
 
@@ -121,7 +125,7 @@ impl Shared {
         if config.max_connections == 0 {
             config.max_connections = usize::MAX;
         }
-        Shared::new(config, 1, Backend::Epoll)
+        Shared::new(config, 1, Backend::Epoll, None)
     }
 
     /// Hands a frame to every worker in the bitmask `workers`; returns how many took it.
@@ -153,6 +157,74 @@ impl Shared {
             n += 1;
         }
         n
+    }
+
+    /// The broker joining this node to others, if one is configured.
+    pub fn backplane(&self) -> Option<&crate::pubsub::Backplane> {
+        self.backplane.as_ref()
+    }
+
+    /// A worker's local subscriber count of `topic` went to or from zero (after the
+    /// directory was updated): the backplane, if any, subscribes or unsubscribes the node.
+    pub(crate) fn interest_changed(&self, topic: &Arc<str>) {
+        if let Some(bp) = &self.backplane {
+            bp.interest_changed(topic, &self.directory);
+        }
+    }
+
+    /// Publishes to the other nodes through the backplane, if any (never blocks).
+    pub(crate) fn publish_to_broker(&self, topic: &str, opcode: OpCode, payload: &[u8]) {
+        if let Some(bp) = &self.backplane {
+            bp.publish(topic, opcode, payload);
+        }
+    }
+
+    /// What other nodes published, from the broker client's thread: each message encoded
+    /// once and handed to every worker with subscribers of its topic, one inbox lock and
+    /// one wake-up per worker per batch. A worker whose inbox already holds
+    /// [`HANDLE_QUEUE_LIMIT`] bytes does not get it (the broker thread must not block, or
+    /// the broker would drop us as a slow consumer): counted in `in_dropped`.
+    fn deliver_from_broker(&self, batch: &[crate::pubsub::broker::Incoming]) {
+        let mut per_worker: Vec<Vec<Command>> =
+            (0..self.inboxes.len()).map(|_| Vec::new()).collect();
+        let mut bytes = vec![0usize; self.inboxes.len()];
+        let mut dropped = 0u64;
+        for m in batch {
+            let workers = self.directory.workers_with(&m.topic, None);
+            if workers == 0 {
+                continue;
+            }
+            let frame = proto::encode_frame(m.opcode, &m.payload);
+            for (i, inbox) in self.inboxes.iter().enumerate() {
+                if workers & (1 << i) == 0 {
+                    continue;
+                }
+                if inbox.pending_bytes.load(Ordering::Acquire) + bytes[i] > HANDLE_QUEUE_LIMIT {
+                    dropped += 1;
+                    continue;
+                }
+                bytes[i] += frame.len();
+                per_worker[i].push(Command::Publish(m.topic.clone(), frame.clone()));
+            }
+        }
+        for (i, cmds) in per_worker.into_iter().enumerate() {
+            if cmds.is_empty() {
+                continue;
+            }
+            let inbox = &self.inboxes[i];
+            inbox.pending_bytes.fetch_add(bytes[i], Ordering::AcqRel);
+            if let Ok(mut q) = inbox.queue.lock() {
+                q.extend(cmds);
+            }
+            if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
+                wake(&inbox.eventfd);
+            }
+        }
+        if dropped > 0
+            && let Some(bp) = &self.backplane
+        {
+            bp.stats().in_dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn send_command(&self, inbox: &Inbox, cmd: Command) {
@@ -234,6 +306,18 @@ impl Shared {
             .iter()
             .map(|s| f(s).load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+/// The engine as a broker client sees it: where messages from other nodes go. Holds the
+/// shared state weakly (the shared state holds the broker client, which holds this).
+pub(super) struct BrokerSink(pub(super) std::sync::Weak<Shared>);
+
+impl crate::pubsub::broker::Sink for BrokerSink {
+    fn deliver(&self, batch: &[crate::pubsub::broker::Incoming]) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.deliver_from_broker(batch);
+        }
     }
 }
 

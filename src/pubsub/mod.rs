@@ -14,11 +14,15 @@
 //! only through the [`Subscribers`] trait, which the engine implements over its slab
 //! (room left, queue a shared run, queue one frame through the policy). The unit tests
 //! below drive it with an in-memory implementation. The [`Directory`] says which workers
-//! have subscribers of a topic, for the hand-off of a publish to other workers.
+//! have subscribers of a topic, for the hand-off of a publish to other workers. The
+//! [`Backplane`] joins the node to other nodes through a [`broker::Broker`]: subscribed to a
+//! topic on the broker while any worker has a local subscriber, one publish per message.
 
+mod backplane;
 pub mod broker;
 mod directory;
 
+pub use backplane::Backplane;
 pub use directory::Directory;
 
 use std::collections::HashMap;

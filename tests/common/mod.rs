@@ -79,6 +79,31 @@ impl TestServer {
         }
     }
 
+    /// Starts one node of several joined through `broker` (2 workers, `node` as its id).
+    pub fn start_node(
+        backend: BackendChoice,
+        broker: Arc<dyn wsring::pubsub::broker::Broker>,
+        node: u64,
+    ) -> TestServer {
+        let config = EngineConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            threads: 2,
+            backend,
+            pin_threads: false,
+            ..Default::default()
+        };
+        let server = wsring::engine::ServerBuilder::from(config)
+            .broker(broker)
+            .node_id(node)
+            .start(BenchProtocol::new)
+            .unwrap_or_else(|e| panic!("{backend:?} node must start: {e}"));
+        let addr = server.local_addr();
+        TestServer {
+            server: Some(server),
+            addr,
+        }
+    }
+
     /// The running server.
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("server is running")

@@ -134,6 +134,9 @@ impl<D> Inner<D> {
     /// has subscribers. Encodes nothing when nobody is subscribed anywhere.
     pub(crate) fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
         self.stats().publishes.bump(1);
+        // Other nodes first in code, but nothing waits: the broker client sends it on its
+        // own thread while this worker fans out.
+        self.shared.publish_to_broker(topic, opcode, payload);
         let others = self.shared.directory.workers_with(topic, Some(self.index));
         let local = self.registry.key(topic);
         if local.is_none() && others == 0 {
@@ -165,6 +168,9 @@ impl<D> Inner<D> {
         slot.extra().topics.push(key.clone());
         let n = self.registry.add(key.clone(), id);
         self.shared.directory.set(&key, self.index, n);
+        if n == 1 {
+            self.shared.interest_changed(&key);
+        }
         true
     }
 
@@ -189,6 +195,9 @@ impl<D> Inner<D> {
     pub(super) fn remove_subscriber(&mut self, key: &Arc<str>, id: ConnId) {
         let n = self.registry.remove(key, id);
         self.shared.directory.set(key, self.index, n);
+        if n == 0 {
+            self.shared.interest_changed(key);
+        }
     }
 
     pub(super) fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) {

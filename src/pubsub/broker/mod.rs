@@ -12,8 +12,10 @@
 //! the broker echoes them back.
 //!
 //! Implementations: [`redis`] (Redis pub/sub, several instances by a stable hash of the
-//! topic) and [`nats`] (core NATS subjects), each behind the cargo feature of that name.
+//! topic) and [`nats`] (core NATS subjects), each behind the cargo feature of that name;
+//! [`memory`] joins nodes inside one process (tests, several servers in one program).
 
+pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
