@@ -1,1 +1,866 @@
+//! The Redis backplane client: Redis pub/sub, several independent Redis servers used as
+//! shards by a stable hash of the topic ([`shard_of`]).
+//!
+//! One std thread (`wsring-broker`) runs a tokio current-thread runtime with one task per
+//! shard. A shard has two connections: a RESP3 connection that only subscribes (messages
+//! arrive as RESP3 pushes) and a multiplexed connection that only publishes (in batches, as
+//! one pipeline, in the order [`Broker::publish`] was called). The engine's calls never
+//! block: subscriptions go through an unbounded channel per shard, publishes through a
+//! bounded one ([`RedisOptions::queue_capacity`]).
+//!
+//! Each shard keeps the set of topics the node wants. After any error both connections of
+//! the shard are dropped, and after a [`Backoff`] pause the shard connects again and
+//! subscribes to the whole set (pipelined batches of [`RedisOptions::subscribe_batch`]
+//! channels), timing it into [`BrokerStats::resubscribe_micros`]. While a shard is down,
+//! what is published to it is counted in [`BrokerStats::out_failed`] and dropped: across
+//! nodes, delivery is at most once.
+//!
+//! Every [`RedisOptions::probe_interval`] a shard publishes a probe on a channel private to
+//! the node (`<prefix>__probe:<node id in hex>`), which its subscriber connection is
+//! subscribed to. A probe that does not come back within [`RedisOptions::probe_timeout`]
+//! is counted in [`BrokerStats::probes_failed`] and the shard's connections are rebuilt:
+//! this catches a subscription that a failover left silently dead.
+//!
+//! Requirements: a server that speaks RESP3 (Redis 6 or later, or a compatible one); for
+//! [`RedisOptions::sharded`] (SSUBSCRIBE / SUNSUBSCRIBE / SPUBLISH), Redis 7 or later.
+//! Sharded pub/sub is sent to each configured server as it is: this client does no Redis
+//! Cluster slot routing (no `CLUSTER SLOTS`, no `MOVED` handling), so it works with
+//! standalone Redis 7 servers (and cluster nodes that each own every slot of the channels
+//! hashed to them), not with a real multi-node Redis Cluster.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
+    ProtocolVersion, PushInfo, PushKind, RedisResult, Value,
+};
+use tokio::sync::{mpsc, watch};
+
+use super::{Backoff, Broker, BrokerState, BrokerStats, Incoming, NodeId, Sink, shard_of, wire};
+use crate::proto::OpCode;
+
+/// The Redis client's settings. [`RedisOptions::default`] gives the production values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Put before every topic to make its channel name. Default `"wsring:"`.
+    pub prefix: String,
+    /// Use sharded pub/sub (SSUBSCRIBE / SUNSUBSCRIBE / SPUBLISH, Redis 7) instead of
+    /// SUBSCRIBE / PUBLISH. Default `false`. No Redis Cluster slot routing is done (see the
+    /// module documentation).
+    pub sharded: bool,
+    /// How often each shard sends an idle probe through itself. Default 5 s.
+    pub probe_interval: Duration,
+    /// How long a probe may take to come back before the shard is rebuilt. Default 3 s.
+    pub probe_timeout: Duration,
+    /// The bound on establishing one connection. Default 2 s.
+    pub connect_timeout: Duration,
+    /// The bound on one command's (or pipeline's) response. Default 2 s.
+    pub command_timeout: Duration,
+    /// The first reconnect pause (it doubles per failed attempt, with jitter). Default 100 ms.
+    pub backoff_base: Duration,
+    /// The longest reconnect pause. Default 5 s.
+    pub backoff_max: Duration,
+    /// Publishes queued per shard before [`Broker::publish`] returns `false`. Default 65,536.
+    pub queue_capacity: usize,
+    /// Channels per SUBSCRIBE command when subscribing the whole set. Default 500.
+    pub subscribe_batch: usize,
+    /// Most messages sent in one PUBLISH pipeline, and delivered to the sink in one
+    /// batch. Default 256.
+    pub batch: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> RedisOptions {
+        RedisOptions {
+            prefix: "wsring:".to_owned(),
+            sharded: false,
+            probe_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            queue_capacity: 65_536,
+            subscribe_batch: 500,
+            batch: 256,
+        }
+    }
+}
+
+/// Why a [`RedisBroker`] could not be configured.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RedisConfigError {
+    /// No URL at all.
+    #[error("no Redis URL given")]
+    NoUrl,
+    /// A URL that is not `redis://host[:port][/db]`.
+    #[error("Redis URL {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An option out of range.
+    #[error("Redis options: {0}")]
+    Options(&'static str),
+}
+
+/// A request from the engine to a shard's task.
+#[derive(Debug)]
+enum Cmd {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+}
+
+/// One message to publish: the channel name and the encoded payload.
+#[derive(Debug)]
+struct Outgoing {
+    channel: String,
+    payload: Bytes,
+}
+
+/// What the engine's side holds per shard.
+struct ShardHandle {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    publish: mpsc::Sender<Outgoing>,
+}
+
+/// The receiving ends, created with the client and moved into its thread by `start`.
+struct ShardQueues {
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    publish: mpsc::Receiver<Outgoing>,
+}
+
+enum Lifecycle {
+    /// Built, not started: the queues wait for the thread.
+    Idle(Vec<ShardQueues>),
+    /// Running.
+    Running {
+        thread: JoinHandle<()>,
+        stop: watch::Sender<bool>,
+    },
+    /// Stopped (or failed to start).
+    Done,
+}
+
+/// A [`Broker`] over Redis pub/sub. See the [module documentation](self).
+pub struct RedisBroker {
+    opts: Arc<RedisOptions>,
+    infos: Vec<ConnectionInfo>,
+    shards: Vec<ShardHandle>,
+    stats: Arc<BrokerStats>,
+    node: std::sync::atomic::AtomicU64,
+    life: Mutex<Lifecycle>,
+    description: String,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("servers", &self.description)
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_url(url: &str) -> Result<ConnectionInfo, RedisConfigError> {
+    let bad = |reason: String| RedisConfigError::Url {
+        url: url.to_owned(),
+        reason,
+    };
+    if !url.starts_with("redis://") {
+        return Err(bad(
+            "only redis://host[:port][/db] is supported (no TLS, no unix sockets)".to_owned(),
+        ));
+    }
+    let info = url.into_connection_info().map_err(|e| bad(e.to_string()))?;
+    match info.addr() {
+        ConnectionAddr::Tcp(host, _) if !host.is_empty() => Ok(info),
+        _ => Err(bad("no host".to_owned())),
+    }
+}
+
+impl RedisBroker {
+    /// A client for the Redis servers at `urls` (`redis://host[:port][/db]`, each one a
+    /// shard: a topic lives on shard [`shard_of`]`(topic, urls.len())`, so every node must
+    /// list the same servers in the same order). Nothing connects until [`Broker::start`].
+    ///
+    /// # Errors
+    /// No URL, a URL that does not parse or is not `redis://`, or an option of zero.
+    pub fn new(urls: &[String], opts: RedisOptions) -> Result<RedisBroker, RedisConfigError> {
+        if urls.is_empty() {
+            return Err(RedisConfigError::NoUrl);
+        }
+        let infos = urls
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if opts.queue_capacity == 0 || opts.subscribe_batch == 0 || opts.batch == 0 {
+            return Err(RedisConfigError::Options(
+                "queue_capacity, subscribe_batch and batch must be at least 1",
+            ));
+        }
+        if opts.probe_interval.is_zero()
+            || opts.probe_timeout.is_zero()
+            || opts.connect_timeout.is_zero()
+            || opts.command_timeout.is_zero()
+        {
+            return Err(RedisConfigError::Options(
+                "probe_interval, probe_timeout, connect_timeout and command_timeout must not be zero",
+            ));
+        }
+        if opts.backoff_base.is_zero() || opts.backoff_max < opts.backoff_base {
+            return Err(RedisConfigError::Options(
+                "backoff_base must not be zero and backoff_max not below it",
+            ));
+        }
+        let mut shards = Vec::with_capacity(infos.len());
+        let mut queues = Vec::with_capacity(infos.len());
+        for _ in &infos {
+            let (ctx, crx) = mpsc::unbounded_channel();
+            let (ptx, prx) = mpsc::channel(opts.queue_capacity);
+            shards.push(ShardHandle {
+                cmds: ctx,
+                publish: ptx,
+            });
+            queues.push(ShardQueues {
+                cmds: crx,
+                publish: prx,
+            });
+        }
+        let addrs: Vec<String> = infos.iter().map(|i| i.addr().to_string()).collect();
+        let description = format!(
+            "redis {} ({} shard{}{})",
+            addrs.join(", "),
+            infos.len(),
+            if infos.len() == 1 { "" } else { "s" },
+            if opts.sharded {
+                ", sharded pub/sub"
+            } else {
+                ""
+            }
+        );
+        Ok(RedisBroker {
+            opts: Arc::new(opts),
+            infos,
+            shards,
+            stats: Arc::new(BrokerStats::default()),
+            node: std::sync::atomic::AtomicU64::new(0),
+            life: Mutex::new(Lifecycle::Idle(queues)),
+            description,
+        })
+    }
+
+    /// The options it was built with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
+    }
+
+    fn life(&self) -> MutexGuard<'_, Lifecycle> {
+        self.life
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn shard(&self, topic: &str) -> &ShardHandle {
+        &self.shards[shard_of(topic, self.shards.len())]
+    }
+}
+
+impl Broker for RedisBroker {
+    fn start(&self, node: NodeId, sink: Arc<dyn Sink>) -> std::io::Result<()> {
+        let mut life = self.life();
+        let queues = match std::mem::replace(&mut *life, Lifecycle::Done) {
+            Lifecycle::Idle(q) => q,
+            other => {
+                *life = other;
+                return Err(std::io::Error::other(
+                    "the Redis client was already started",
+                ));
+            }
+        };
+        self.node.store(node, Ordering::Relaxed);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let prefix = self.opts.prefix.clone();
+        let shared = Arc::new(Shared {
+            node,
+            sink,
+            stats: Arc::clone(&self.stats),
+            opts: Arc::clone(&self.opts),
+            probe_channel: format!("{prefix}__probe:{node:016x}"),
+            connected: AtomicUsize::new(0),
+            shards: self.infos.len(),
+        });
+        let mut tasks = Vec::with_capacity(queues.len());
+        for (index, (q, info)) in queues.into_iter().zip(&self.infos).enumerate() {
+            let resp3 = info.clone().set_redis_settings(
+                info.redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3),
+            );
+            let (subscriber, publisher) = match (Client::open(resp3), Client::open(info.clone())) {
+                (Ok(s), Ok(p)) => (s, p),
+                (Err(e), _) | (_, Err(e)) => {
+                    *life = Lifecycle::Idle(Vec::new());
+                    return Err(std::io::Error::other(format!("redis client: {e}")));
+                }
+            };
+            tasks.push(ShardTask {
+                index,
+                addr: info.addr().to_string(),
+                subscriber,
+                publisher,
+                wanted: HashSet::new(),
+                ever_up: false,
+                probe_seq: 0,
+                cmds: q.cmds,
+                publish: q.publish,
+                stop: stop_rx.clone(),
+                backoff: Backoff::new(self.opts.backoff_base, self.opts.backoff_max),
+                shared: Arc::clone(&shared),
+            });
+        }
+        self.stats.set_state(BrokerState::Connecting);
+        let thread = std::thread::Builder::new()
+            .name("wsring-broker".to_owned())
+            .spawn(move || {
+                runtime.block_on(futures_util::future::join_all(
+                    tasks.into_iter().map(ShardTask::run),
+                ));
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })?;
+        *life = Lifecycle::Running {
+            thread,
+            stop: stop_tx,
+        };
+        Ok(())
+    }
+
+    fn subscribe(&self, topic: &str) {
+        // The receiver lives as long as the thread; after stop there is nothing to do.
+        let _ = self
+            .shard(topic)
+            .cmds
+            .send(Cmd::Subscribe(Arc::from(topic)));
+    }
+
+    fn unsubscribe(&self, topic: &str) {
+        let _ = self
+            .shard(topic)
+            .cmds
+            .send(Cmd::Unsubscribe(Arc::from(topic)));
+    }
+
+    fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> bool {
+        let node = self.node.load(Ordering::Relaxed);
+        let mut channel = String::with_capacity(self.opts.prefix.len() + topic.len());
+        channel.push_str(&self.opts.prefix);
+        channel.push_str(topic);
+        let msg = Outgoing {
+            channel,
+            payload: wire::encode(node, opcode, payload),
+        };
+        match self.shard(topic).publish.try_send(msg) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.out_failed.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn stats(&self) -> &BrokerStats {
+        &self.stats
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn stop(&self) {
+        let mut life = self.life();
+        if let Lifecycle::Running { thread, stop } = std::mem::replace(&mut *life, Lifecycle::Done)
+        {
+            let _ = stop.send(true);
+            join_bounded(thread, Duration::from_secs(1));
+        }
+        self.stats.set_state(BrokerState::Stopped);
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Joins `thread` if it ends within `bound`; otherwise leaves it detached (it ends at its
+/// next await point, having been told to stop).
+pub(super) fn join_bounded(thread: JoinHandle<()>, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::warn!("broker thread did not stop within {bound:?}; detached");
+    }
+}
+
+/// What the shard tasks share (all on the client's one thread).
+struct Shared {
+    node: NodeId,
+    sink: Arc<dyn Sink>,
+    stats: Arc<BrokerStats>,
+    opts: Arc<RedisOptions>,
+    probe_channel: String,
+    connected: AtomicUsize,
+    shards: usize,
+}
+
+impl Shared {
+    fn set_connected(&self, up: bool) {
+        let now = if up {
+            self.connected.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.connected.fetch_sub(1, Ordering::AcqRel) - 1
+        };
+        self.stats.set_state(if now == 0 {
+            BrokerState::Connecting
+        } else if now >= self.shards {
+            BrokerState::Up
+        } else {
+            BrokerState::Degraded
+        });
+    }
+}
+
+/// Why a connected session ended.
+enum End {
+    /// Told to stop (or the client was dropped).
+    Stop,
+    /// A connection failed, a command timed out or a probe was lost: rebuild.
+    Failed(String),
+}
+
+/// The two connections of a connected shard.
+struct Conns {
+    sub: MultiplexedConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    publ: MultiplexedConnection,
+}
+
+/// One turn of the connected loop.
+enum Event {
+    Stop,
+    Push(Option<PushInfo>),
+    Cmd(Option<Cmd>),
+    Publish(usize),
+    ProbeTick,
+    ProbeLate,
+}
+
+/// Opens a shard's two connections.
+async fn connect(
+    subscriber: &Client,
+    publisher: &Client,
+    opts: &RedisOptions,
+) -> RedisResult<Conns> {
+    let (tx, pushes) = mpsc::unbounded_channel();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(opts.command_timeout));
+    let sub = subscriber
+        .get_multiplexed_async_connection_with_config(&config.clone().set_push_sender(tx))
+        .await?;
+    let publ = publisher
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    Ok(Conns { sub, pushes, publ })
+}
+
+/// One shard: its connections, its wanted topics, its queues.
+struct ShardTask {
+    index: usize,
+    addr: String,
+    subscriber: Client,
+    publisher: Client,
+    wanted: HashSet<Arc<str>>,
+    ever_up: bool,
+    probe_seq: u64,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    publish: mpsc::Receiver<Outgoing>,
+    stop: watch::Receiver<bool>,
+    backoff: Backoff,
+    shared: Arc<Shared>,
+}
+
+impl ShardTask {
+    async fn run(mut self) {
+        loop {
+            let attempt = tokio::select! {
+                c = connect(&self.subscriber, &self.publisher, &self.shared.opts) => Some(c),
+                _ = self.stop.wait_for(|s| *s) => None,
+            };
+            let Some(attempt) = attempt else { return };
+            let mut conns = match attempt {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(shard = self.index, addr = %self.addr, "redis connect failed: {e}");
+                    if self.pause().await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.drain_cmds();
+            let started = Instant::now();
+            let all: Vec<Arc<str>> = self.wanted.iter().cloned().collect();
+            let mut channels: Vec<String> = all.iter().map(|t| self.channel(t)).collect();
+            channels.push(self.shared.probe_channel.clone());
+            if let Err(e) = self.change(&mut conns.sub, &channels, true).await {
+                tracing::warn!(shard = self.index, addr = %self.addr, "redis resubscribe failed: {e}");
+                if self.pause().await {
+                    return;
+                }
+                continue;
+            }
+            let stats = &self.shared.stats;
+            stats.resubscribe_micros.store(
+                started.elapsed().as_micros().max(1) as u64,
+                Ordering::Relaxed,
+            );
+            let mut on_broker = all.len() as u64;
+            stats.topics.fetch_add(on_broker, Ordering::Relaxed);
+            if self.ever_up {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            self.ever_up = true;
+            self.backoff.reset();
+            self.shared.set_connected(true);
+            tracing::info!(shard = self.index, addr = %self.addr, topics = on_broker, "redis shard up");
+
+            let end = self.session(&mut conns, &mut on_broker).await;
+            self.shared
+                .stats
+                .topics
+                .fetch_sub(on_broker, Ordering::Relaxed);
+            match end {
+                End::Stop => return,
+                End::Failed(why) => {
+                    self.shared.set_connected(false);
+                    tracing::warn!(shard = self.index, addr = %self.addr, "redis shard down: {why}");
+                    drop(conns);
+                    if self.pause().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn channel(&self, topic: &str) -> String {
+        format!("{}{topic}", self.shared.opts.prefix)
+    }
+
+    /// Takes the subscription requests that are waiting into the wanted set.
+    fn drain_cmds(&mut self) {
+        while let Ok(cmd) = self.cmds.try_recv() {
+            self.apply(cmd);
+        }
+    }
+
+    /// Applies one request to the wanted set; `Some((topic, now wanted))` if it changed it.
+    fn apply(&mut self, cmd: Cmd) -> Option<(Arc<str>, bool)> {
+        match cmd {
+            Cmd::Subscribe(t) => self.wanted.insert(Arc::clone(&t)).then_some((t, true)),
+            Cmd::Unsubscribe(t) => self.wanted.remove(&t).then_some((t, false)),
+        }
+    }
+
+    /// Subscribes (`on`) or unsubscribes `channels` on the subscriber connection: pipelined
+    /// commands of at most `subscribe_batch` channels (one channel per command when
+    /// sharded, as a cluster wants them), returning once the server confirmed all.
+    async fn change(
+        &self,
+        conn: &mut MultiplexedConnection,
+        channels: &[String],
+        on: bool,
+    ) -> RedisResult<()> {
+        let opts = &self.shared.opts;
+        let requests = channels.chunks(opts.subscribe_batch).map(|chunk| {
+            let mut c = conn.clone();
+            let sharded = opts.sharded;
+            async move {
+                if sharded {
+                    let mut pipe = redis::pipe();
+                    for ch in chunk {
+                        pipe.cmd(if on { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" })
+                            .arg(ch);
+                    }
+                    pipe.query_async::<()>(&mut c).await
+                } else if on {
+                    c.subscribe(chunk).await
+                } else {
+                    c.unsubscribe(chunk).await
+                }
+            }
+        });
+        futures_util::future::try_join_all(requests).await?;
+        Ok(())
+    }
+
+    /// Waits out the next backoff pause, still taking requests (into the wanted set) and
+    /// publishes (counted as failed: the shard is down). `true` if told to stop.
+    async fn pause(&mut self) -> bool {
+        let until = tokio::time::Instant::now() + self.backoff.next_delay();
+        let mut buf = Vec::new();
+        loop {
+            let event = tokio::select! {
+                _ = tokio::time::sleep_until(until) => return false,
+                _ = self.stop.wait_for(|s| *s) => Event::Stop,
+                c = self.cmds.recv() => Event::Cmd(c),
+                n = self.publish.recv_many(&mut buf, self.shared.opts.batch) => Event::Publish(n),
+            };
+            match event {
+                Event::Cmd(Some(cmd)) => {
+                    self.apply(cmd);
+                }
+                Event::Publish(n) if n > 0 => {
+                    let failed = &self.shared.stats.out_failed;
+                    failed.fetch_add(n as u64, Ordering::Relaxed);
+                    buf.clear();
+                }
+                _ => return true,
+            }
+        }
+    }
+
+    /// The connected loop: deliver, (un)subscribe, publish, probe, until an error or stop.
+    async fn session(&mut self, conns: &mut Conns, on_broker: &mut u64) -> End {
+        let opts = Arc::clone(&self.shared.opts);
+        let mut out = Vec::with_capacity(opts.batch);
+        let mut incoming = Vec::with_capacity(opts.batch);
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + opts.probe_interval,
+            opts.probe_interval,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The probe in flight: its number and when it is late.
+        let mut probe: Option<(u64, tokio::time::Instant)> = None;
+        loop {
+            let late = async {
+                match probe {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|s| *s) => Event::Stop,
+                p = conns.pushes.recv() => Event::Push(p),
+                c = self.cmds.recv() => Event::Cmd(c),
+                n = self.publish.recv_many(&mut out, opts.batch) => Event::Publish(n),
+                _ = tick.tick() => Event::ProbeTick,
+                _ = late => Event::ProbeLate,
+            };
+            match event {
+                Event::Stop | Event::Cmd(None) | Event::Publish(0) => return End::Stop,
+                Event::Push(None) => return End::Failed("subscriber connection closed".into()),
+                Event::Push(Some(first)) => {
+                    let mut lost = !self.on_push(first, &mut incoming, &mut probe);
+                    while !lost && incoming.len() < opts.batch {
+                        match conns.pushes.try_recv() {
+                            Ok(p) => lost = !self.on_push(p, &mut incoming, &mut probe),
+                            Err(_) => break,
+                        }
+                    }
+                    if !incoming.is_empty() {
+                        self.shared.sink.deliver(&incoming);
+                        self.shared
+                            .stats
+                            .messages_in
+                            .fetch_add(incoming.len() as u64, Ordering::Relaxed);
+                        incoming.clear();
+                    }
+                    if lost {
+                        return End::Failed("subscriber connection lost".into());
+                    }
+                }
+                Event::Cmd(Some(first)) => {
+                    if let Err(e) = self.on_cmds(first, conns, on_broker).await {
+                        return End::Failed(format!("(un)subscribe: {e}"));
+                    }
+                }
+                Event::Publish(n) => {
+                    let mut pipe = redis::pipe();
+                    let verb = if opts.sharded { "SPUBLISH" } else { "PUBLISH" };
+                    for m in &out {
+                        pipe.cmd(verb).arg(&m.channel).arg(&m.payload[..]).ignore();
+                    }
+                    out.clear();
+                    let stats = &self.shared.stats;
+                    match pipe.query_async::<()>(&mut conns.publ).await {
+                        Ok(()) => {
+                            stats.messages_out.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            stats.out_failed.fetch_add(n as u64, Ordering::Relaxed);
+                            return End::Failed(format!("publish: {e}"));
+                        }
+                    }
+                }
+                Event::ProbeTick => {
+                    if probe.is_none() {
+                        self.probe_seq += 1;
+                        let payload = wire::encode(
+                            self.shared.node,
+                            OpCode::Binary,
+                            &self.probe_seq.to_le_bytes(),
+                        );
+                        let verb = if opts.sharded { "SPUBLISH" } else { "PUBLISH" };
+                        let mut cmd = redis::cmd(verb);
+                        cmd.arg(&self.shared.probe_channel).arg(&payload[..]);
+                        let sent = cmd.query_async::<()>(&mut conns.publ);
+                        // A wedged server may not even answer the PUBLISH: that too is a
+                        // probe not back in time.
+                        match tokio::time::timeout(opts.probe_timeout, sent).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return End::Failed(format!("probe publish: {e}")),
+                            Err(_) => {
+                                let failed = &self.shared.stats.probes_failed;
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                return End::Failed("probe publish not answered".into());
+                            }
+                        }
+                        probe = Some((
+                            self.probe_seq,
+                            tokio::time::Instant::now() + opts.probe_timeout,
+                        ));
+                    }
+                }
+                Event::ProbeLate => {
+                    self.shared
+                        .stats
+                        .probes_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    return End::Failed(format!("probe not back within {:?}", opts.probe_timeout));
+                }
+            }
+        }
+    }
+
+    /// Takes `first` and the requests waiting behind it (up to a batch), and sends the net
+    /// change: one UNSUBSCRIBE and one SUBSCRIBE (batched) for the topics whose wanted
+    /// state changed.
+    async fn on_cmds(
+        &mut self,
+        first: Cmd,
+        conns: &mut Conns,
+        on_broker: &mut u64,
+    ) -> RedisResult<()> {
+        // Topic -> was it wanted before this batch of requests.
+        let mut touched: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(cmd) = next.take() {
+            let topic = match &cmd {
+                Cmd::Subscribe(t) | Cmd::Unsubscribe(t) => Arc::clone(t),
+            };
+            let before = self.wanted.contains(&topic);
+            touched.entry(topic).or_insert(before);
+            self.apply(cmd);
+            taken += 1;
+            if taken < self.shared.opts.subscribe_batch {
+                next = self.cmds.try_recv().ok();
+            }
+        }
+        let mut subs = Vec::new();
+        let mut unsubs = Vec::new();
+        for (topic, before) in touched {
+            match (before, self.wanted.contains(&topic)) {
+                (false, true) => subs.push(self.channel(&topic)),
+                (true, false) => unsubs.push(self.channel(&topic)),
+                _ => {}
+            }
+        }
+        let stats = &self.shared.stats;
+        if !unsubs.is_empty() {
+            self.change(&mut conns.sub, &unsubs, false).await?;
+            *on_broker -= unsubs.len() as u64;
+            stats
+                .topics
+                .fetch_sub(unsubs.len() as u64, Ordering::Relaxed);
+        }
+        if !subs.is_empty() {
+            self.change(&mut conns.sub, &subs, true).await?;
+            *on_broker += subs.len() as u64;
+            stats.topics.fetch_add(subs.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Handles one push from the subscriber connection: a message for the batch, a probe,
+    /// or something to ignore. `false` if the connection is gone.
+    fn on_push(
+        &self,
+        push: PushInfo,
+        batch: &mut Vec<Incoming>,
+        probe: &mut Option<(u64, tokio::time::Instant)>,
+    ) -> bool {
+        match push.kind {
+            PushKind::Message | PushKind::SMessage => {}
+            PushKind::Disconnection => return false,
+            // Subscription confirmations and anything else.
+            _ => return true,
+        }
+        let stats = &self.shared.stats;
+        let mut data = push.data.into_iter();
+        let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+            (data.next(), data.next())
+        else {
+            stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        if channel == self.shared.probe_channel.as_bytes() {
+            if let (Ok(d), Some((seq, _))) = (wire::decode(Bytes::from(payload)), *probe)
+                && d.origin == self.shared.node
+                && d.payload[..] == seq.to_le_bytes()
+            {
+                *probe = None;
+            }
+            return true;
+        }
+        let topic = channel
+            .strip_prefix(self.shared.opts.prefix.as_bytes())
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(|t| self.wanted.get(t));
+        // A message for a topic given up a moment ago (or not ours at all): no one wants it.
+        let Some(topic) = topic else { return true };
+        match wire::decode(Bytes::from(payload)) {
+            Err(_) => {
+                stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(d) if d.origin == self.shared.node => {
+                stats.own_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(d) => batch.push(Incoming {
+                topic: Arc::clone(topic),
+                opcode: d.opcode,
+                payload: d.payload,
+            }),
+        }
+        true
+    }
+}
