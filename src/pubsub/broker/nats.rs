@@ -509,7 +509,6 @@ impl Task {
                 }
             };
             let event = tokio::select! {
-                biased;
                 _ = self.stop.wait_for(|s| *s) => Event::Stop,
                 at = connected_rx.recv() => Event::Connected(at),
                 p = probe_next => Event::Probe(p),
@@ -616,15 +615,26 @@ impl Task {
                         out.clear();
                         continue;
                     }
+                    // After one publish the connection did not take in time, the rest of
+                    // the batch fails at once rather than each waiting in turn.
+                    let mut stuck = false;
                     for m in out.drain(..) {
-                        let sent = tokio::time::timeout(
-                            opts.command_timeout,
-                            client.publish(m.subject, m.payload),
-                        )
-                        .await;
-                        let counter = match sent {
-                            Ok(Ok(())) => &stats.messages_out,
-                            _ => &stats.out_failed,
+                        let sent = if stuck {
+                            false
+                        } else {
+                            let publish = client.publish(m.subject, m.payload);
+                            match tokio::time::timeout(opts.command_timeout, publish).await {
+                                Ok(r) => r.is_ok(),
+                                Err(_) => {
+                                    stuck = true;
+                                    false
+                                }
+                            }
+                        };
+                        let counter = if sent {
+                            &stats.messages_out
+                        } else {
+                            &stats.out_failed
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
                     }

@@ -406,7 +406,7 @@ impl Drop for RedisBroker {
 
 /// Joins `thread` if it ends within `bound`; otherwise leaves it detached (it ends at its
 /// next await point, having been told to stop).
-pub(super) fn join_bounded(thread: JoinHandle<()>, bound: Duration) {
+fn join_bounded(thread: JoinHandle<()>, bound: Duration) {
     let deadline = Instant::now() + bound;
     while !thread.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
@@ -667,7 +667,6 @@ impl ShardTask {
                 }
             };
             let event = tokio::select! {
-                biased;
                 _ = self.stop.wait_for(|s| *s) => Event::Stop,
                 p = conns.pushes.recv() => Event::Push(p),
                 c = self.cmds.recv() => Event::Cmd(c),
