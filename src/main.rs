@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wsring::cli::serve::BenchProtocol;
-use wsring::engine::{BackendChoice, EngineConfig, Server};
+use wsring::engine::{BackendChoice, EngineConfig};
 
 // The system allocator by default: it keeps less memory per idle connection than
 // mimalloc (see the `server-mimalloc` feature in Cargo.toml for the figures).
@@ -147,6 +147,21 @@ struct ServeArgs {
     /// Sec-WebSocket-Protocol. The messages are the same whatever is chosen.
     #[arg(long, value_delimiter = ',', value_parser = parse_protocol)]
     protocols: Vec<String>,
+    /// Join other nodes through a broker: `redis://host:port` (repeat the flag for several
+    /// Redis instances; topics are spread over them by a stable hash, so every node must
+    /// list the same URLs in the same order) or `nats://host:port` (repeat for the
+    /// servers of one NATS cluster). A message published on any node reaches the
+    /// subscribers on every node; while the broker is down each node keeps delivering
+    /// locally and reconnects by itself.
+    #[arg(long = "broker", value_name = "URL")]
+    brokers: Vec<String>,
+    /// With redis:// brokers: use Redis 7's sharded pub/sub (SSUBSCRIBE/SPUBLISH).
+    #[arg(long, requires = "brokers")]
+    broker_sharded: bool,
+    /// This node's id in what it publishes to the broker, 1 to 16 hex digits (default:
+    /// random at start). Nodes must not share one: each skips its own id's messages.
+    #[arg(long, value_parser = wsring::cli::broker::parse_node_id, requires = "brokers")]
+    node_id: Option<u64>,
 }
 
 /// `--backend`: the CLI's names for [`BackendChoice`] (clap stays out of the engine).
@@ -303,9 +318,22 @@ fn serve(args: ServeArgs) -> ExitCode {
     let (_, limits_line) = wsring::cli::check::startup_limits_summary(configured);
     tracing::info!("{limits_line}");
     let protocols: std::sync::Arc<[String]> = args.protocols.into();
-    let server = match Server::start(config, move |handle| {
-        BenchProtocol::new(handle).with_protocols(protocols.clone())
-    }) {
+    let mut builder = wsring::engine::ServerBuilder::from(config);
+    if !args.brokers.is_empty() {
+        match wsring::cli::broker::from_urls(&args.brokers, args.broker_sharded) {
+            Ok(broker) => builder = builder.broker(broker),
+            Err(e) => {
+                eprintln!("wsring: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        if let Some(id) = args.node_id {
+            builder = builder.node_id(id);
+        }
+    }
+    let server = match builder
+        .start(move |handle| BenchProtocol::new(handle).with_protocols(protocols.clone()))
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wsring: cannot start: {e}");
@@ -320,6 +348,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         shared.stats.len(),
         shared.config.max_connections
     );
+    if let Some(bp) = shared.backplane() {
+        println!("node {:016x} joined through {}", bp.node(), bp.describe());
+    }
     let _ = std::io::stdout().flush();
     // The first signal drains (close 1001, or 1012 with --restart); a second exits at once.
     let sig = signals.drain_on_signal(server);

@@ -1,16 +1,23 @@
 //! Several wsring nodes joined through a broker: the backplane's rules, checked end to end
 //! with real servers on 127.0.0.1 and tokio-tungstenite clients on `/pubsub/<topic>`.
 //!
-//! Each scenario runs over the in-process [`MemoryBus`] (always) and over real Redis and
-//! NATS servers (in `tests/brokers.rs`, which starts its own `redis-server` and
-//! `nats-server`). The rules:
+//! Each scenario runs over the in-process [`MemoryBus`] and over real Redis and NATS
+//! servers (the `real` module: each test starts its own `redis-server` or `nats-server` on
+//! a free loopback port through `support::brokers`, and kills it; a missing binary skips
+//! unless `WSRING_REQUIRE_BROKERS=1`). The rules:
 //! - every message published on any node reaches every subscriber on every node exactly
 //!   once, in publish order per publisher;
 //! - a node is subscribed to a topic on the broker only while it has local subscribers
 //!   (counted across its workers);
-//! - a node never delivers its own message twice (the broker's echo is skipped).
+//! - a node never delivers its own message twice (the broker's echo is skipped);
+//! - broker loss: local delivery never stops, what could not be published is counted, and
+//!   cross-node delivery comes back by itself when the broker does.
 
 mod common;
+#[cfg(all(feature = "redis", feature = "nats"))]
+mod support {
+    pub mod brokers;
+}
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,9 +39,10 @@ pub mod scenarios {
     pub async fn subscribed(nodes: &[&TestServer], topics: u64, what: &str) {
         eventually(Duration::from_secs(10), what, || {
             nodes.iter().all(|n| {
-                n.shared()
-                    .backplane()
-                    .is_some_and(|bp| bp.stats().topics.load(Ordering::Acquire) == topics)
+                n.shared().backplane().is_some_and(|bp| {
+                    bp.stats().state() == wsring::pubsub::broker::BrokerState::Up
+                        && bp.stats().topics.load(Ordering::Acquire) == topics
+                })
             })
         })
         .await;
@@ -230,4 +238,235 @@ fn metrics_show_the_broker() {
             .contains("wsring_broker"),
         "no broker lines without a broker"
     );
+}
+
+#[cfg(all(feature = "redis", feature = "nats"))]
+mod real {
+    //! The same scenarios over real Redis and NATS servers, and the broker killed and
+    //! restarted under two nodes.
+
+    use std::time::Instant;
+
+    use super::support::brokers::{BrokerServer, Kind};
+    use super::*;
+    use wsring::pubsub::broker::BrokerState;
+    use wsring::pubsub::broker::nats::{NatsBroker, NatsOptions};
+    use wsring::pubsub::broker::redis::{RedisBroker, RedisOptions};
+
+    /// A client of `server` with a fast probe (so that a test sees a dead broker soon).
+    fn client(kind: Kind, server: &BrokerServer) -> Arc<dyn Broker> {
+        let urls = [server.url()];
+        match kind {
+            Kind::Redis => Arc::new(
+                RedisBroker::new(
+                    &urls,
+                    RedisOptions {
+                        probe_interval: Duration::from_millis(300),
+                        probe_timeout: Duration::from_millis(700),
+                        ..RedisOptions::default()
+                    },
+                )
+                .expect("redis client"),
+            ),
+            Kind::Nats => Arc::new(
+                NatsBroker::new(
+                    &urls,
+                    NatsOptions {
+                        probe_interval: Duration::from_millis(300),
+                        probe_timeout: Duration::from_millis(700),
+                        ..NatsOptions::default()
+                    },
+                )
+                .expect("nats client"),
+            ),
+        }
+    }
+
+    fn once_in_order(kind: Kind, nodes: usize, backend: BackendChoice) {
+        let Some(server) = BrokerServer::start(kind) else {
+            return;
+        };
+        block_on(scenarios::every_message_once_in_order(
+            backend,
+            nodes,
+            300,
+            &|| client(kind, &server),
+        ));
+    }
+
+    #[test]
+    fn redis_two_nodes_every_message_once_in_order() {
+        once_in_order(Kind::Redis, 2, BackendChoice::IoUring);
+    }
+
+    #[test]
+    fn redis_three_nodes_every_message_once_in_order_on_epoll() {
+        once_in_order(Kind::Redis, 3, BackendChoice::Epoll);
+    }
+
+    #[test]
+    fn nats_two_nodes_every_message_once_in_order() {
+        once_in_order(Kind::Nats, 2, BackendChoice::IoUring);
+    }
+
+    #[test]
+    fn nats_three_nodes_every_message_once_in_order_on_epoll() {
+        once_in_order(Kind::Nats, 3, BackendChoice::Epoll);
+    }
+
+    #[test]
+    fn redis_node_subscribed_only_while_it_has_local_subscribers() {
+        let Some(server) = BrokerServer::start(Kind::Redis) else {
+            return;
+        };
+        block_on(scenarios::subscribed_only_while_local_subscribers(
+            BackendChoice::Auto,
+            &|| client(Kind::Redis, &server),
+        ));
+        assert_eq!(
+            server
+                .redis_command(&["PUBSUB", "NUMSUB", "wsring:room"])
+                .lines()
+                .last()
+                .map(|l| l.trim().trim_start_matches(':')),
+            Some("0"),
+            "nobody left subscribed to the channel on Redis"
+        );
+    }
+
+    #[test]
+    fn nats_node_subscribed_only_while_it_has_local_subscribers() {
+        let Some(server) = BrokerServer::start(Kind::Nats) else {
+            return;
+        };
+        block_on(scenarios::subscribed_only_while_local_subscribers(
+            BackendChoice::Auto,
+            &|| client(Kind::Nats, &server),
+        ));
+    }
+
+    /// How long cross-node delivery may take to come back once the broker is back: the
+    /// clients' backoff is capped at 5 s.
+    const RESUME_WITHIN: Duration = Duration::from_secs(10);
+
+    async fn reads(ws: &mut Ws, n: usize, what: &str) -> Vec<usize> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let m = next_data_for(ws, what).await;
+            out.push(m.into_text().expect("text").parse().expect("a number"));
+        }
+        out
+    }
+
+    async fn publish(ws: &mut Ws, range: std::ops::Range<usize>) {
+        for i in range {
+            send(ws, Message::text(i.to_string())).await;
+        }
+    }
+
+    /// Two nodes, a publisher and a subscriber on A, a subscriber on B. The broker is
+    /// killed mid-stream: A's subscribers keep getting everything (local delivery does not
+    /// stop) and A counts what it could not publish; it is restarted: both nodes reconnect
+    /// and resubscribe by themselves, and B gets what is published after that. B never
+    /// gets a message twice or out of order, and A's counters account for every message:
+    /// published to the broker or counted as failed.
+    fn broker_killed_and_restarted(kind: Kind) {
+        let Some(mut server) = BrokerServer::start(kind) else {
+            return;
+        };
+        let a = TestServer::start_node(BackendChoice::Auto, client(kind, &server), 0xa);
+        let b = TestServer::start_node(BackendChoice::Auto, client(kind, &server), 0xb);
+        let state = |n: &TestServer| n.shared().backplane().map(|bp| bp.stats().state());
+        let stat = |n: &TestServer, f: fn(&wsring::pubsub::broker::BrokerStats) -> u64| {
+            n.shared().backplane().map_or(0, |bp| f(bp.stats()))
+        };
+        block_on(async {
+            let mut pa = connect(a.addr, "/pubsub/live").await;
+            let mut sa = connect(a.addr, "/pubsub/live").await;
+            let mut sb = connect(b.addr, "/pubsub/live").await;
+            scenarios::subscribed(&[&a, &b], 1, "both nodes subscribed to live").await;
+
+            publish(&mut pa, 0..50).await;
+            let want: Vec<usize> = (0..50).collect();
+            assert_eq!(reads(&mut pa, 50, "phase 1 on a").await, want);
+            assert_eq!(reads(&mut sa, 50, "phase 1 on a").await, want);
+            assert_eq!(reads(&mut sb, 50, "phase 1 on b").await, want);
+
+            server.kill();
+            eventually(
+                Duration::from_secs(10),
+                "a notices the broker is gone",
+                || state(&a) != Some(BrokerState::Up),
+            )
+            .await;
+            publish(&mut pa, 50..100).await;
+            let want: Vec<usize> = (50..100).collect();
+            assert_eq!(
+                reads(&mut pa, 50, "local delivery, broker down").await,
+                want
+            );
+            assert_eq!(
+                reads(&mut sa, 50, "local delivery, broker down").await,
+                want
+            );
+            let failed = stat(&a, |s| s.out_failed.load(Ordering::Relaxed));
+            assert!(
+                failed >= 1,
+                "publishes while the broker is down are counted ({failed})"
+            );
+
+            server.restart();
+            let back = Instant::now();
+            eventually(
+                RESUME_WITHIN,
+                "both nodes reconnected and resubscribed",
+                || {
+                    [&a, &b].iter().all(|n| {
+                        state(n) == Some(BrokerState::Up)
+                            && n.shared()
+                                .backplane()
+                                .is_some_and(|bp| bp.stats().topics.load(Ordering::Acquire) == 1)
+                    })
+                },
+            )
+            .await;
+            eprintln!(
+                "{kind:?}: cross-node delivery back {:?} after the restart",
+                back.elapsed()
+            );
+            for n in [&a, &b] {
+                assert!(stat(n, |s| s.reconnects.load(Ordering::Relaxed)) >= 1);
+            }
+            publish(&mut pa, 100..150).await;
+            let want: Vec<usize> = (100..150).collect();
+            assert_eq!(reads(&mut pa, 50, "phase 3 on a").await, want);
+            assert_eq!(reads(&mut sa, 50, "phase 3 on a").await, want);
+            // B: everything after the restart, in order; of the messages published while
+            // the broker was down, none (they were counted as failed, not queued).
+            let got = reads(&mut sb, 50, "phase 3 on b").await;
+            assert_eq!(
+                got, want,
+                "b resumes with what was published after the restart"
+            );
+            let out = stat(&a, |s| s.messages_out.load(Ordering::Relaxed));
+            let failed = stat(&a, |s| s.out_failed.load(Ordering::Relaxed));
+            assert_eq!(
+                out + failed,
+                150,
+                "every publish is either sent or counted as failed"
+            );
+            let received = stat(&b, |s| s.messages_in.load(Ordering::Relaxed));
+            assert_eq!(received, 100, "b received phase 1 and phase 3 only");
+        });
+    }
+
+    #[test]
+    fn redis_killed_and_restarted_under_two_nodes() {
+        broker_killed_and_restarted(Kind::Redis);
+    }
+
+    #[test]
+    fn nats_killed_and_restarted_under_two_nodes() {
+        broker_killed_and_restarted(Kind::Nats);
+    }
 }
