@@ -10,6 +10,8 @@
 #   WSRING_REQUIRE_AUTOBAHN=1 fail instead of skipping when the suite cannot be installed (CI)
 #   WSRING_SKIP_SHELLCHECK=1  skip the shellcheck test (when shellcheck is not installed)
 #   WSRING_REQUIRE_BROWSER=1  fail instead of skipping when Chromium is not installed (CI)
+#   WSRING_REQUIRE_BROKERS=1  fail instead of skipping when redis-server or nats-server is not
+#                             installed (CI; the backplane tests start their own)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -113,12 +113,32 @@ pub(super) const MIN_KERNEL: (u32, u32) = (6, 1);
 /// Size of the kernel's `struct io_uring_params`.
 pub(super) const IO_URING_PARAMS_SIZE: usize = 120;
 
-/// Can this process create an io_uring, and why (not)? Really calls `io_uring_setup` with
-/// 8 entries and zeroed parameters, closes the ring at once, and maps a failure to its
-/// usual cause: ENOSYS (no io_uring in the kernel or the sandbox), EPERM
-/// (`kernel.io_uring_disabled` or a seccomp filter), ENOMEM (RLIMIT_MEMLOCK). A kernel
-/// older than 6.1 (the io_uring backend's minimum) also answers false.
+/// Would `wsring serve --backend auto` run io_uring here, and why (not)? The answer is the
+/// io_uring backend's own probe (`engine::uring::probe`, shared with `serve`); a refusal
+/// is explained further by a bare `io_uring_setup` of 8 entries whose errno is mapped to
+/// its usual cause: ENOSYS (no io_uring in the kernel or the sandbox), EPERM
+/// (`kernel.io_uring_disabled` or a seccomp filter), ENOMEM (RLIMIT_MEMLOCK).
 pub fn backend_probe() -> (bool, String) {
+    // The decision is the server's own: the io_uring backend's probe (kernel version,
+    // a ring of the workers' size, every operation, sparse file table, buffer rings), so
+    // `check` and `serve --backend auto` cannot disagree. What follows only explains a
+    // refusal in more detail (which sysctl, which seccomp mode).
+    let why = match crate::engine::uring::probe(&crate::engine::EngineConfig::default()) {
+        Ok(()) => {
+            let kernel = kernel_release().unwrap_or_else(|| "?".into());
+            return (
+                true,
+                format!("io_uring_setup works and the backend's probe passes (kernel {kernel})"),
+            );
+        }
+        Err(why) => why,
+    };
+    let (_, detail) = setup_diagnosis();
+    (false, format!("{why}; {detail}"))
+}
+
+/// A bare `io_uring_setup` and what its errno means on this host.
+fn setup_diagnosis() -> (bool, String) {
     let release = kernel_release();
     let version = release.as_deref().and_then(parse_kernel_version);
     if let Some(v) = version.filter(|&v| v < MIN_KERNEL) {
