@@ -244,6 +244,11 @@ impl<K: Copy + Eq + Hash> Registry<K> {
     }
 
     /// Queues `frame` on every local subscriber of `topic` (see the module docs).
+    ///
+    /// Never inlined: merged into its caller (`Conn::publish`), the walk over the
+    /// subscribers, which is the whole cost of a fan-out, compiled to 2 more instructions
+    /// per subscriber (callgrind, `fanout`: 48.6 against 46.7 per delivery).
+    #[inline(never)]
     pub fn publish<S: Subscribers<Id = K>>(
         &mut self,
         topic: &Arc<str>,
