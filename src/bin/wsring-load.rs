@@ -60,6 +60,12 @@ struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:9001")]
     target: SocketAddr,
+    /// Fan-out across nodes (several servers joined through a broker): another server's
+    /// address; repeat for several. Subscribers are spread round robin over `--target`
+    /// and these; the publisher stays on `--target`, so every message it publishes must
+    /// reach the other nodes through the broker.
+    #[arg(long = "also-target", value_name = "ADDR")]
+    also_targets: Vec<SocketAddr>,
     /// A scenario of BENCH_PROTOCOL.md (sets mode, connections, size, window, duration;
     /// flags given explicitly still win).
     #[arg(long, value_enum)]
@@ -275,7 +281,10 @@ struct Client {
     conns: Vec<Conn>,
     rng: Rng,
     shape: Shape,
-    target: SocketAddr,
+    /// Where connections go: the publisher to the first, subscribers round robin.
+    targets: Vec<SocketAddr>,
+    /// How many subscribers were opened (for the round robin).
+    opened: usize,
     path: String,
     text: bool,
     c: Counters,
@@ -342,7 +351,7 @@ fn nonblocking_socket(target: SocketAddr) -> std::io::Result<i32> {
 }
 
 impl Client {
-    fn new(shape: Shape, target: SocketAddr, path: String, text: bool) -> Client {
+    fn new(shape: Shape, targets: Vec<SocketAddr>, path: String, text: bool) -> Client {
         // SAFETY: epoll_create1 has no memory preconditions.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         Client {
@@ -350,7 +359,8 @@ impl Client {
             conns: Vec::new(),
             rng: Rng::new(),
             shape,
-            target,
+            targets,
+            opened: 0,
             path,
             text,
             c: Counters::default(),
@@ -366,7 +376,13 @@ impl Client {
     }
 
     fn open(&mut self, publisher: bool) -> std::io::Result<usize> {
-        let fd = nonblocking_socket(self.target)?;
+        let target = if publisher {
+            self.targets[0]
+        } else {
+            self.opened += 1;
+            self.targets[(self.opened - 1) % self.targets.len()]
+        };
+        let fd = nonblocking_socket(target)?;
         let mut raw = [0u8; 16];
         raw[..8].copy_from_slice(&self.rng.next().to_le_bytes());
         raw[8..].copy_from_slice(&self.rng.next().to_le_bytes());
@@ -381,7 +397,7 @@ impl Client {
         unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            self.path, self.target, key
+            self.path, target, key
         );
         self.conns.push(Conn {
             fd,
@@ -771,7 +787,10 @@ fn child(args: &Args, index: usize, procs: usize) -> ExitCode {
         Mode::Fanout => format!("/pubsub/{}", args.topic),
         _ => "/echo".to_string(),
     };
-    let mut client = Client::new(shape, args.target, path, args.text);
+    let targets: Vec<SocketAddr> = std::iter::once(args.target)
+        .chain(args.also_targets.iter().copied())
+        .collect();
+    let mut client = Client::new(shape, targets, path, args.text);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 4096];
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -1201,12 +1220,13 @@ fn parent(args: &Args) -> ExitCode {
         Mode::Echo => "messages",
     };
     println!(
-        r#"{{"mode":"{:?}","connections":{},"size":{},"window":{},"procs":{},"elapsed_s":{elapsed:.3},"{unit}":{counted},"rate_per_s":{rate:.1},"p50_us":{:.1},"p99_us":{:.1},"max_us":{:.1},"losses":{losses},"gaps":{gaps},"reordered":{reordered},"corrupt":{corrupt},"bad_accept":{bad_accept},"errors":{errors},"upgrades":{upgrades},"closed_by_server":{closed_by_server},"open_after":{open_after},"server_cpu_s_per_million":{cpu_per_m:.4},"server_rss_kb_before":{rss_before},"server_rss_kb_after":{rss_after}{idle}}}"#,
+        r#"{{"mode":"{:?}","connections":{},"size":{},"window":{},"procs":{},"targets":{},"elapsed_s":{elapsed:.3},"{unit}":{counted},"rate_per_s":{rate:.1},"p50_us":{:.1},"p99_us":{:.1},"max_us":{:.1},"losses":{losses},"gaps":{gaps},"reordered":{reordered},"corrupt":{corrupt},"bad_accept":{bad_accept},"errors":{errors},"upgrades":{upgrades},"closed_by_server":{closed_by_server},"open_after":{open_after},"server_cpu_s_per_million":{cpu_per_m:.4},"server_rss_kb_before":{rss_before},"server_rss_kb_after":{rss_after}{idle}}}"#,
         shape.mode,
         shape.connections,
         shape.size,
         shape.window,
         procs,
+        1 + args.also_targets.len(),
         hist.percentile(0.50) as f64 / 1e3,
         hist.percentile(0.99) as f64 / 1e3,
         hist.max() as f64 / 1e3,

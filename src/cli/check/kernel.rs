@@ -133,8 +133,16 @@ pub fn backend_probe() -> (bool, String) {
         }
         Err(why) => why,
     };
-    let (_, detail) = setup_diagnosis();
-    (false, format!("{why}; {detail}"))
+    match setup_diagnosis() {
+        (true, _) => (
+            false,
+            format!(
+                "{why} (a bare io_uring_setup works, so the kernel has io_uring: the \
+                 server's own rings are what it refuses)"
+            ),
+        ),
+        (false, detail) => (false, format!("{why}; {detail}")),
+    }
 }
 
 /// A bare `io_uring_setup` and what its errno means on this host.
