@@ -5,14 +5,16 @@
 //! - [`proto`]: the sans-IO protocol core (handshake, frames, SIMD unmask, streaming UTF-8,
 //!   close codes, the connection state machine).
 //! - [`pubsub`]: the per-worker topic registry and its fan-out, reaching connections only
-//!   through a trait; the cross-worker directory; the send and publish result types.
+//!   through a trait; the cross-worker directory; the send and publish result types; the
+//!   backplane that joins nodes through a broker ([`pubsub::broker`]: Redis and NATS
+//!   clients behind the `redis` and `nats` features, an in-process bus).
 //! - [`engine`]: thread per core, the io_uring and epoll backends, the connection slab,
 //!   timers, the upgrade path, write scheduling; it drives [`proto`] and [`pubsub`].
 //! - [`api`]: what a handler implements and sees ([`Handler`], [`Conn`], [`Accept`]).
 //! - [`signals`]: graceful exit on SIGINT/SIGTERM for a program that embeds the engine.
 //! - `cli` (the `cli` feature, on by default, which the programs need): the bench-protocol
-//!   handler behind `wsring serve`, its status page, and the host check behind
-//!   `wsring check`. Nothing below imports from it.
+//!   handler behind `wsring serve`, its status page, the host check behind
+//!   `wsring check`, and the broker `--broker` names. Nothing below imports from it.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
