@@ -471,6 +471,76 @@ mod real {
         });
     }
 
+    /// A node with subscribers on 1,000 topics: after the broker is restarted it
+    /// resubscribes all of them by itself (timed in `resubscribe_micros`), and a message
+    /// published on another node to each topic reaches its subscriber.
+    fn thousand_topics_resubscribed(kind: Kind) {
+        const TOPICS: usize = 1000;
+        let Some(mut server) = BrokerServer::start(kind) else {
+            return;
+        };
+        let a = TestServer::start_node(BackendChoice::Auto, client(kind, &server), 0xa);
+        let b = TestServer::start_node(BackendChoice::Auto, client(kind, &server), 0xb);
+        let topics_of = |n: &TestServer| {
+            n.shared()
+                .backplane()
+                .map_or(0, |bp| bp.stats().topics.load(Ordering::Acquire))
+        };
+        block_on(async {
+            let mut subs = Vec::with_capacity(TOPICS);
+            for i in 0..TOPICS {
+                subs.push(connect(b.addr, &format!("/pubsub/t{i}")).await);
+            }
+            scenarios::subscribed(&[&b], TOPICS as u64, "b subscribed to 1,000 topics").await;
+            server.kill();
+            eventually(
+                Duration::from_secs(10),
+                "b notices the broker is gone",
+                || {
+                    b.shared()
+                        .backplane()
+                        .is_some_and(|bp| bp.stats().state() != BrokerState::Up)
+                },
+            )
+            .await;
+            server.restart();
+            eventually(RESUME_WITHIN, "b resubscribed 1,000 topics", || {
+                b.shared().backplane().is_some_and(|bp| {
+                    let st = bp.stats();
+                    st.state() == BrokerState::Up
+                        && st.reconnects.load(Ordering::Relaxed) >= 1
+                        && st.topics.load(Ordering::Acquire) == TOPICS as u64
+                })
+            })
+            .await;
+            scenarios::subscribed(&[&a], 0, "a back up").await;
+            let micros = b.shared().backplane().map_or(0, |bp| {
+                bp.stats().resubscribe_micros.load(Ordering::Relaxed)
+            });
+            eprintln!("{kind:?}: 1,000 topics resubscribed in {micros} us");
+            assert!(micros > 0, "the resubscription is timed");
+            assert_eq!(topics_of(&b), TOPICS as u64);
+            let handle = a.server().handle();
+            for i in 0..TOPICS {
+                handle.publish_text(&format!("t{i}"), &format!("m{i}"));
+            }
+            for (i, ws) in subs.iter_mut().enumerate() {
+                let m = next_data_for(ws, &format!("the message on t{i}")).await;
+                assert_eq!(m, Message::text(format!("m{i}")));
+            }
+        });
+    }
+
+    #[test]
+    fn redis_resubscribes_a_thousand_topics_after_a_restart() {
+        thousand_topics_resubscribed(Kind::Redis);
+    }
+
+    #[test]
+    fn nats_resubscribes_a_thousand_topics_after_a_restart() {
+        thousand_topics_resubscribed(Kind::Nats);
+    }
+
     #[test]
     fn redis_killed_and_restarted_under_two_nodes() {
         broker_killed_and_restarted(Kind::Redis);
