@@ -160,6 +160,29 @@ impl BrokerStats {
     }
 }
 
+/// A request from the engine to a client's thread (shared by the Redis and NATS clients).
+#[cfg(any(feature = "redis", feature = "nats"))]
+#[derive(Debug)]
+enum Cmd {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+}
+
+/// Joins a client's `thread` if it ends within `bound`; otherwise leaves it detached (it
+/// ends at its next await point, having been told to stop).
+#[cfg(any(feature = "redis", feature = "nats"))]
+fn join_bounded(thread: std::thread::JoinHandle<()>, bound: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + bound;
+    while !thread.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::warn!("{what} broker thread did not stop within {bound:?}; detached");
+    }
+}
+
 /// Capped exponential backoff with full jitter, for reconnecting.
 #[derive(Clone, Debug)]
 pub struct Backoff {

@@ -34,7 +34,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Backoff, Broker, BrokerState, BrokerStats, Incoming, NodeId, Sink, wire};
+use super::{
+    Backoff, Broker, BrokerState, BrokerStats, Cmd, Incoming, NodeId, Sink, join_bounded, wire,
+};
 use crate::proto::OpCode;
 
 /// The NATS client's settings. [`NatsOptions::default`] gives the production values.
@@ -137,13 +139,6 @@ pub fn topic_of_token(token: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-/// A request from the engine to the client's task.
-#[derive(Debug)]
-enum Cmd {
-    Subscribe(Arc<str>),
-    Unsubscribe(Arc<str>),
 }
 
 /// One message to publish.
@@ -365,15 +360,7 @@ impl Broker for NatsBroker {
         if let Lifecycle::Running { thread, stop } = std::mem::replace(&mut *life, Lifecycle::Done)
         {
             let _ = stop.send(true);
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
-                tracing::warn!("NATS broker thread did not stop within 1 s; detached");
-            }
+            join_bounded(thread, Duration::from_secs(1), "NATS");
         }
         self.stats.set_state(BrokerState::Stopped);
     }

@@ -42,7 +42,10 @@ use redis::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::{Backoff, Broker, BrokerState, BrokerStats, Incoming, NodeId, Sink, shard_of, wire};
+use super::{
+    Backoff, Broker, BrokerState, BrokerStats, Cmd, Incoming, NodeId, Sink, join_bounded, shard_of,
+    wire,
+};
 use crate::proto::OpCode;
 
 /// The Redis client's settings. [`RedisOptions::default`] gives the production values.
@@ -110,13 +113,6 @@ pub enum RedisConfigError {
     /// An option out of range.
     #[error("Redis options: {0}")]
     Options(&'static str),
-}
-
-/// A request from the engine to a shard's task.
-#[derive(Debug)]
-enum Cmd {
-    Subscribe(Arc<str>),
-    Unsubscribe(Arc<str>),
 }
 
 /// One message to publish: the channel name and the encoded payload.
@@ -392,7 +388,7 @@ impl Broker for RedisBroker {
         if let Lifecycle::Running { thread, stop } = std::mem::replace(&mut *life, Lifecycle::Done)
         {
             let _ = stop.send(true);
-            join_bounded(thread, Duration::from_secs(1));
+            join_bounded(thread, Duration::from_secs(1), "Redis");
         }
         self.stats.set_state(BrokerState::Stopped);
     }
@@ -401,20 +397,6 @@ impl Broker for RedisBroker {
 impl Drop for RedisBroker {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Joins `thread` if it ends within `bound`; otherwise leaves it detached (it ends at its
-/// next await point, having been told to stop).
-fn join_bounded(thread: JoinHandle<()>, bound: Duration) {
-    let deadline = Instant::now() + bound;
-    while !thread.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    if thread.is_finished() {
-        let _ = thread.join();
-    } else {
-        tracing::warn!("broker thread did not stop within {bound:?}; detached");
     }
 }
 
