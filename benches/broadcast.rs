@@ -14,34 +14,10 @@ use std::time::Instant;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wsring::cli::serve::BenchProtocol;
 use wsring::engine::ConnId;
-use wsring::engine::internals::{Core, Driver, SendOutcome};
+use wsring::engine::internals::{Core, NullDriver};
 use wsring::engine::{EngineConfig, Shared};
 use wsring::proto::OpCode;
 use wsring::proto::frame::encode_client_frame;
-
-/// Accepts every write in full, like a socket with room to spare.
-struct NullDriver {
-    writes: u64,
-}
-
-impl Driver for NullDriver {
-    fn send(
-        &mut self,
-        _id: ConnId,
-        _fd: u32,
-        bufs: &mut dyn Iterator<Item = &[u8]>,
-        _last: bool,
-    ) -> SendOutcome {
-        self.writes += 1;
-        let n = bufs.map(<[u8]>::len).sum();
-        SendOutcome::Wrote { n, all: true }
-    }
-    fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
-        true
-    }
-    fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
-    fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
-}
 
 fn client_frame(payload: &[u8]) -> Vec<u8> {
     encode_client_frame(OpCode::Binary, payload, [1, 2, 3, 4])

@@ -176,29 +176,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::engine::internals::{Core, Driver, SendOutcome};
+    use crate::engine::internals::{Core, NullDriver};
     use crate::engine::{ConnId, EngineConfig, Shared};
-
-    /// Takes every write in full.
-    struct NullDriver;
-
-    impl Driver for NullDriver {
-        fn send(
-            &mut self,
-            _id: ConnId,
-            _fd: u32,
-            bufs: &mut dyn Iterator<Item = &[u8]>,
-            _last: bool,
-        ) -> SendOutcome {
-            let n = bufs.map(<[u8]>::len).sum();
-            SendOutcome::Wrote { n, all: true }
-        }
-        fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
-            true
-        }
-        fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
-        fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
-    }
 
     fn subscriber(core: &mut Core<BenchProtocol>, fd: u32, now: Instant) -> ConnId {
         let id = core.on_accept(fd, now);
@@ -217,7 +196,7 @@ mod tests {
             BenchProtocol::new(Handle::from_shared(shared)),
             now,
         );
-        let mut driver = NullDriver;
+        let mut driver = NullDriver::default();
         let a = subscriber(&mut core, 1, now);
         let b = subscriber(&mut core, 2, now);
         core.flush(&mut driver);

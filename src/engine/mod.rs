@@ -42,7 +42,7 @@ pub(crate) mod wheel;
 pub mod internals {
     pub use super::core::fuzzing;
     pub use super::core::{Core, Driver, SendOutcome};
-    pub use super::testing::EchoPubSub;
+    pub use super::testing::{EchoPubSub, NullDriver};
 }
 
 pub(crate) use accept::AcceptBackoff;

@@ -213,12 +213,7 @@ impl Shared {
             }
             let inbox = &self.inboxes[i];
             inbox.pending_bytes.fetch_add(bytes[i], Ordering::AcqRel);
-            if let Ok(mut q) = inbox.queue.lock() {
-                q.extend(cmds);
-            }
-            if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
-                wake(&inbox.eventfd);
-            }
+            push_commands(inbox, cmds);
         }
         if dropped > 0
             && let Some(bp) = &self.backplane
@@ -228,14 +223,7 @@ impl Shared {
     }
 
     pub(super) fn send_command(&self, inbox: &Inbox, cmd: Command) {
-        if let Ok(mut q) = inbox.queue.lock() {
-            q.push(cmd);
-        }
-        // One wake-up per batch, not per message: the flag is cleared by the worker
-        // before it takes the batch.
-        if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
-            wake(&inbox.eventfd);
-        }
+        push_commands(inbox, std::iter::once(cmd));
     }
 
     /// Takes worker `index`'s commands.
@@ -306,6 +294,17 @@ impl Shared {
             .iter()
             .map(|s| f(s).load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+/// Appends `cmds` to `inbox` under one lock and wakes its worker: one wake-up per batch,
+/// not per message (the flag is cleared by the worker before it takes the batch).
+fn push_commands(inbox: &Inbox, cmds: impl IntoIterator<Item = Command>) {
+    if let Ok(mut q) = inbox.queue.lock() {
+        q.extend(cmds);
+    }
+    if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
+        wake(&inbox.eventfd);
     }
 }
 

@@ -2,12 +2,14 @@
 //! own tests, the `worker` fuzz target and the `broadcast` bench run a core with it (the
 //! engine must not depend on the bench-protocol handler, which lives with the programs).
 //!
+//! [`NullDriver`] is a backend whose sockets take every write.
+//!
 //! `/echo` sends every message back; `/pubsub/<topic>` subscribes to `<topic>` and
 //! publishes every message to it; a plain GET of either is 426, anything else 404.
 
 use std::sync::Arc;
 
-use super::core::Conn;
+use super::core::{Conn, ConnId, Driver, SendOutcome};
 use super::handler::{Accept, Decision, Handler, HttpResponse, Message, Reject};
 use crate::proto::HandshakeError;
 use crate::proto::handshake::{Request, Upgrade};
@@ -57,4 +59,31 @@ impl Handler for EchoPubSub {
             None => {}
         }
     }
+}
+
+/// A backend whose sockets take every write in full (a socket with room to spare); counts
+/// the writes.
+#[derive(Debug, Default)]
+pub struct NullDriver {
+    /// Writes made.
+    pub writes: u64,
+}
+
+impl Driver for NullDriver {
+    fn send(
+        &mut self,
+        _id: ConnId,
+        _fd: u32,
+        bufs: &mut dyn Iterator<Item = &[u8]>,
+        _last: bool,
+    ) -> SendOutcome {
+        self.writes += 1;
+        let n = bufs.map(<[u8]>::len).sum();
+        SendOutcome::Wrote { n, all: true }
+    }
+    fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
+        true
+    }
+    fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
+    fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
 }
