@@ -155,9 +155,16 @@ struct ServeArgs {
     /// locally and reconnects by itself.
     #[arg(long = "broker", value_name = "URL")]
     brokers: Vec<String>,
-    /// With redis:// brokers: use Redis 7's sharded pub/sub (SSUBSCRIBE/SPUBLISH).
+    /// With redis:// brokers: use Redis 7's sharded pub/sub (SSUBSCRIBE/SPUBLISH) on
+    /// each instance.
     #[arg(long, requires = "brokers")]
     broker_sharded: bool,
+    /// With redis:// brokers: they are seed nodes of one Redis Cluster (Redis 7), not
+    /// shards. The slot map is read from the first seed that answers; each topic is
+    /// subscribed and published (sharded pub/sub) on the master that owns its key slot,
+    /// and a moved slot is followed by itself.
+    #[arg(long, requires = "brokers", conflicts_with = "broker_sharded")]
+    broker_cluster: bool,
     /// This node's id in what it publishes to the broker, 1 to 16 hex digits (default:
     /// random at start). Nodes must not share one: each skips its own id's messages.
     #[arg(long, value_parser = wsring::cli::broker::parse_node_id, requires = "brokers")]
@@ -320,7 +327,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     let protocols: std::sync::Arc<[String]> = args.protocols.into();
     let mut builder = wsring::engine::ServerBuilder::from(config);
     if !args.brokers.is_empty() {
-        match wsring::cli::broker::from_urls(&args.brokers, args.broker_sharded) {
+        use wsring::cli::broker::RedisMode;
+        let mode = match (args.broker_cluster, args.broker_sharded) {
+            (true, _) => RedisMode::Cluster,
+            (false, true) => RedisMode::Sharded,
+            (false, false) => RedisMode::Plain,
+        };
+        match wsring::cli::broker::from_urls(&args.brokers, mode) {
             Ok(broker) => builder = builder.broker(broker),
             Err(e) => {
                 eprintln!("wsring: {e}");

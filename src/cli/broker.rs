@@ -3,6 +3,8 @@
 //! - one or more `redis://host:port[/db]` URLs: Redis pub/sub, the topics spread over the
 //!   instances by a stable hash of their name (every node must list the same URLs in the
 //!   same order); `--broker-sharded` uses Redis 7's sharded pub/sub (SSUBSCRIBE/SPUBLISH);
+//!   with `--broker-cluster` the URLs are seed nodes of one Redis Cluster instead, and each
+//!   topic's channel is subscribed and published on the master that owns its key slot;
 //! - one or more `nats://host:port` URLs: the servers of one NATS cluster.
 
 use std::sync::Arc;
@@ -11,11 +13,24 @@ use crate::pubsub::broker::Broker;
 use crate::pubsub::broker::nats::{NatsBroker, NatsOptions};
 use crate::pubsub::broker::redis::{RedisBroker, RedisOptions};
 
+/// How the `redis://` URLs are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RedisMode {
+    /// Each URL a shard, SUBSCRIBE/PUBLISH.
+    #[default]
+    Plain,
+    /// Each URL a shard, SSUBSCRIBE/SPUBLISH (`--broker-sharded`).
+    Sharded,
+    /// The URLs are seeds of one Redis Cluster; sharded pub/sub by key slot
+    /// (`--broker-cluster`).
+    Cluster,
+}
+
 /// The broker client for `urls` (all of one kind).
 ///
 /// # Errors
 /// A message for the user: mixed or unknown schemes, or a URL the client refuses.
-pub fn from_urls(urls: &[String], sharded: bool) -> Result<Arc<dyn Broker>, String> {
+pub fn from_urls(urls: &[String], mode: RedisMode) -> Result<Arc<dyn Broker>, String> {
     let scheme = |u: &str| u.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     let schemes: Vec<Option<String>> = urls.iter().map(|u| scheme(u)).collect();
     let all = |names: &[&str]| {
@@ -28,15 +43,22 @@ pub fn from_urls(urls: &[String], sharded: bool) -> Result<Arc<dyn Broker>, Stri
     }
     if all(&["redis", "rediss"]) {
         let opts = RedisOptions {
-            sharded,
+            sharded: mode != RedisMode::Plain,
+            cluster: mode == RedisMode::Cluster,
             ..RedisOptions::default()
         };
         return RedisBroker::new(urls, opts)
             .map(|b| Arc::new(b) as Arc<dyn Broker>)
             .map_err(|e| e.to_string());
     }
-    if sharded {
-        return Err("--broker-sharded applies to redis:// brokers only".into());
+    match mode {
+        RedisMode::Plain => {}
+        RedisMode::Sharded => {
+            return Err("--broker-sharded applies to redis:// brokers only".into());
+        }
+        RedisMode::Cluster => {
+            return Err("--broker-cluster applies to redis:// brokers only".into());
+        }
     }
     if all(&["nats", "tls"]) {
         return NatsBroker::new(urls, NatsOptions::default())
@@ -74,11 +96,11 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let redis = from_urls(
             &s(&["redis://127.0.0.1:6379", "redis://127.0.0.1:6380"]),
-            false,
+            RedisMode::Plain,
         )
         .expect("redis");
         assert!(redis.describe().contains("redis"), "{}", redis.describe());
-        let nats = from_urls(&s(&["nats://127.0.0.1:4222"]), false).expect("nats");
+        let nats = from_urls(&s(&["nats://127.0.0.1:4222"]), RedisMode::Plain).expect("nats");
         assert!(nats.describe().contains("nats"), "{}", nats.describe());
         for bad in [
             s(&[]),
@@ -86,9 +108,23 @@ mod tests {
             s(&["http://127.0.0.1:1"]),
             s(&["127.0.0.1:6379"]),
         ] {
-            assert!(from_urls(&bad, false).is_err(), "{bad:?}");
+            assert!(from_urls(&bad, RedisMode::Plain).is_err(), "{bad:?}");
         }
-        assert!(from_urls(&s(&["nats://127.0.0.1:4222"]), true).is_err());
+        let nats = s(&["nats://127.0.0.1:4222"]);
+        assert!(from_urls(&nats, RedisMode::Sharded).is_err());
+        assert!(from_urls(&nats, RedisMode::Cluster).is_err());
+        let cluster = from_urls(
+            &s(&["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]),
+            RedisMode::Cluster,
+        )
+        .expect("cluster");
+        assert!(
+            cluster.describe().contains("cluster"),
+            "{}",
+            cluster.describe()
+        );
+        // A cluster has only database 0.
+        assert!(from_urls(&s(&["redis://127.0.0.1:7000/2"]), RedisMode::Cluster).is_err());
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct BrokerServer {
     binary: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// Arguments after the defaults (cluster mode).
+    extra: Vec<String>,
 }
 
 /// The bound on a server's start (it is up in milliseconds on loopback).
@@ -72,6 +74,11 @@ impl BrokerServer {
     /// If the binary is missing and `WSRING_REQUIRE_BROKERS=1`, or the server does not
     /// come up within [`START_WAIT`].
     pub fn start(kind: Kind) -> Option<BrokerServer> {
+        Self::start_with(kind, Vec::new())
+    }
+
+    /// [`BrokerServer::start`] with more arguments for the server.
+    pub fn start_with(kind: Kind, extra: Vec<String>) -> Option<BrokerServer> {
         let Some(binary) = find_binary(kind.binary()) else {
             assert!(
                 !brokers_required(),
@@ -89,6 +96,7 @@ impl BrokerServer {
             binary,
             port: free_port(),
             child: None,
+            extra,
         };
         s.spawn();
         Some(s)
@@ -133,6 +141,7 @@ impl BrokerServer {
             ]),
             Kind::Nats => cmd.args(["-a", "127.0.0.1", "-p", &port]),
         };
+        cmd.args(&self.extra);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -249,5 +258,205 @@ impl Drop for BrokerServer {
         // A frozen server must be thawed for SIGKILL to reap it promptly; SIGKILL works on
         // a stopped process anyway, so just kill.
         self.kill();
+    }
+}
+
+/// A Redis Cluster on loopback: `masters` `redis-server`s in cluster mode (no replicas),
+/// joined by `redis-cli --cluster create`, and waited for until every node says
+/// `cluster_state:ok`. Its node configuration files live in a directory of its own,
+/// removed on drop (with the servers).
+pub struct RedisCluster {
+    /// The masters, in the order they were created (`redis-cli` gives them equal slot
+    /// ranges in this order).
+    pub nodes: Vec<BrokerServer>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts the cluster. `None` if `redis-server` or `redis-cli` is missing (unless
+    /// brokers are required).
+    ///
+    /// # Panics
+    /// A binary missing with `WSRING_REQUIRE_BROKERS=1`, or a cluster that does not form
+    /// within 30 s.
+    pub fn start(masters: usize) -> Option<RedisCluster> {
+        let Some(cli) = find_binary("redis-cli") else {
+            assert!(
+                !brokers_required(),
+                "redis-cli is not installed and WSRING_REQUIRE_BROKERS=1"
+            );
+            eprintln!("skipping: redis-cli is not installed");
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "wsring-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let mut nodes = Vec::new();
+        for i in 0..masters {
+            let extra = vec![
+                "--cluster-enabled".to_owned(),
+                "yes".to_owned(),
+                "--cluster-config-file".to_owned(),
+                dir.join(format!("nodes-{i}.conf")).display().to_string(),
+                "--dir".to_owned(),
+                dir.display().to_string(),
+                "--cluster-node-timeout".to_owned(),
+                "2000".to_owned(),
+            ];
+            nodes.push(BrokerServer::start_with(Kind::Redis, extra)?);
+        }
+        let cluster = RedisCluster { nodes, dir };
+        let mut create = Command::new(cli);
+        create.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        Some(cluster)
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and the same slot owners.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                n.redis_command(&["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+            });
+            let views: Vec<Vec<usize>> = (0..self.nodes.len())
+                .map(|view| {
+                    (0..self.nodes.len())
+                        .map(|m| self.slots_seen_by(view, m))
+                        .collect()
+                })
+                .collect();
+            if ok && views.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster did not become ok within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(BrokerServer::url).collect()
+    }
+
+    /// A node's id (`CLUSTER MYID`).
+    pub fn id(&self, node: usize) -> String {
+        let reply = self.nodes[node].redis_command(&["CLUSTER", "MYID"]);
+        // `$40\r\n<id>\r\n`
+        reply
+            .lines()
+            .nth(1)
+            .expect("CLUSTER MYID reply")
+            .trim()
+            .to_owned()
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot(&self, key: &str) -> u16 {
+        let reply = self.nodes[0].redis_command(&["CLUSTER", "KEYSLOT", key]);
+        reply
+            .trim()
+            .trim_start_matches(':')
+            .parse()
+            .expect("CLUSTER KEYSLOT reply")
+    }
+
+    /// The slot ranges `node` says it owns itself (its `myself` line of `CLUSTER NODES`).
+    fn own_ranges(&self, node: usize) -> Vec<(u16, u16)> {
+        let reply = self.nodes[node].redis_command(&["CLUSTER", "NODES"]);
+        let line = reply
+            .lines()
+            .find(|l| l.contains("myself"))
+            .expect("a myself line in CLUSTER NODES");
+        line.split_whitespace()
+            .skip(8)
+            .filter(|f| !f.starts_with('['))
+            .map(|f| match f.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                None => (f.parse().unwrap(), f.parse().unwrap()),
+            })
+            .collect()
+    }
+
+    /// How many slots `view` says `master` owns (from its `CLUSTER NODES`).
+    fn slots_seen_by(&self, view: usize, master: usize) -> usize {
+        let port = self.nodes[master].port();
+        let reply = self.nodes[view].redis_command(&["CLUSTER", "NODES"]);
+        reply
+            .lines()
+            .find(|l| l.contains(&format!("127.0.0.1:{port}@")))
+            .map_or(0, |line| {
+                line.split_whitespace()
+                    .skip(8)
+                    .filter(|f| !f.starts_with('['))
+                    .map(|f| match f.split_once('-') {
+                        Some((a, b)) => {
+                            b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1
+                        }
+                        None => 1,
+                    })
+                    .sum()
+            })
+    }
+
+    /// The master that owns `key`'s slot.
+    pub fn owner_of(&self, key: &str) -> usize {
+        let slot = self.slot(key);
+        (0..self.nodes.len())
+            .find(|&n| {
+                self.own_ranges(n)
+                    .iter()
+                    .any(|&(a, b)| (a..=b).contains(&slot))
+            })
+            .expect("an owner for every slot")
+    }
+
+    /// Moves `slot` from master `from` to master `to` (it holds no keys: pub/sub only), the
+    /// way `redis-cli --cluster reshard` does it, and waits until every node agrees.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let (from_id, to_id) = (self.id(from), self.id(to));
+        let slot = slot.to_string();
+        let ok = |node: usize, args: &[&str]| {
+            let reply = self.nodes[node].redis_command(args);
+            assert!(reply.starts_with("+OK"), "{args:?} on node {node}: {reply}");
+        };
+        ok(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        ok(to, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        for other in (0..self.nodes.len()).filter(|&n| n != from && n != to) {
+            ok(other, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        }
+        self.wait_ok();
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

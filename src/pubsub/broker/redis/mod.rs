@@ -15,18 +15,24 @@
 //! what is published to it is counted in [`BrokerStats::out_failed`] and dropped: across
 //! nodes, delivery is at most once.
 //!
-//! Every [`RedisOptions::probe_interval`] a shard publishes a probe on a channel private to
-//! the node (`<prefix>__probe:<node id in hex>`), which its subscriber connection is
-//! subscribed to. A probe that does not come back within [`RedisOptions::probe_timeout`]
+//! Every [`RedisOptions::probe_interval`] a shard publishes a probe through each server it
+//! is connected to, on a channel private to the node: the prefix, a `0xFF` byte, then
+//! `probe:<node id in hex>` (no topic's channel can be equal to it: a topic is UTF-8 and
+//! `0xFF` never is). A probe that does not come back within [`RedisOptions::probe_timeout`]
 //! is counted in [`BrokerStats::probes_failed`] and the shard's connections are rebuilt:
 //! this catches a subscription that a failover left silently dead.
 //!
 //! Requirements: a server that speaks RESP3 (Redis 6 or later, or a compatible one); for
 //! [`RedisOptions::sharded`] (SSUBSCRIBE / SUNSUBSCRIBE / SPUBLISH), Redis 7 or later.
-//! Sharded pub/sub is sent to each configured server as it is: this client does no Redis
-//! Cluster slot routing (no `CLUSTER SLOTS`, no `MOVED` handling), so it works with
-//! standalone Redis 7 servers (and cluster nodes that each own every slot of the channels
-//! hashed to them), not with a real multi-node Redis Cluster.
+//!
+//! With [`RedisOptions::cluster`] the URLs are seed nodes of one Redis Cluster, and the
+//! client is one shard that routes by key slot ([`cluster`]): at every connect it reads
+//! `CLUSTER SLOTS` from the first seed that answers, opens the two connections to every
+//! master, and subscribes and publishes each channel on the master that owns its slot
+//! (sharded pub/sub, so a message travels only inside that master's shard instead of over
+//! the whole cluster bus). A `MOVED` answer, a SUNSUBSCRIBE the server sends because a slot
+//! left the node, or any lost connection ends the session; the next one reads the slot map
+//! again and resubscribes everything where it now lives.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,15 +54,21 @@ use super::{
 };
 use crate::proto::OpCode;
 
+pub mod cluster;
+
 /// The Redis client's settings. [`RedisOptions::default`] gives the production values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisOptions {
     /// Put before every topic to make its channel name. Default `"wsring:"`.
     pub prefix: String,
     /// Use sharded pub/sub (SSUBSCRIBE / SUNSUBSCRIBE / SPUBLISH, Redis 7) instead of
-    /// SUBSCRIBE / PUBLISH. Default `false`. No Redis Cluster slot routing is done (see the
-    /// module documentation).
+    /// SUBSCRIBE / PUBLISH. Default `false`. Each URL is still its own shard; for a Redis
+    /// Cluster set [`RedisOptions::cluster`].
     pub sharded: bool,
+    /// The URLs are seed nodes of one Redis Cluster (Redis 7 or later): sharded pub/sub,
+    /// each channel on the master that owns its key slot (see the module documentation).
+    /// Implies [`RedisOptions::sharded`]. Default `false`.
+    pub cluster: bool,
     /// How often each shard sends an idle probe through itself. Default 5 s.
     pub probe_interval: Duration,
     /// How long a probe may take to come back before the shard is rebuilt. Default 3 s.
@@ -83,6 +95,7 @@ impl Default for RedisOptions {
         RedisOptions {
             prefix: "wsring:".to_owned(),
             sharded: false,
+            cluster: false,
             probe_interval: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
@@ -118,7 +131,7 @@ pub enum RedisConfigError {
 /// One message to publish: the channel name and the encoded payload.
 #[derive(Debug)]
 struct Outgoing {
-    channel: String,
+    channel: Vec<u8>,
     payload: Bytes,
 }
 
@@ -149,7 +162,8 @@ enum Lifecycle {
 /// A [`Broker`] over Redis pub/sub. See the [module documentation](self).
 pub struct RedisBroker {
     opts: Arc<RedisOptions>,
-    infos: Vec<ConnectionInfo>,
+    /// Per shard, the servers it connects to: one (its own) or, for a cluster, the seeds.
+    seeds: Vec<Vec<ConnectionInfo>>,
     shards: Vec<ShardHandle>,
     stats: Arc<BrokerStats>,
     node: std::sync::atomic::AtomicU64,
@@ -184,13 +198,15 @@ fn parse_url(url: &str) -> Result<ConnectionInfo, RedisConfigError> {
 }
 
 impl RedisBroker {
-    /// A client for the Redis servers at `urls` (`redis://host[:port][/db]`, each one a
+    /// A client for the Redis servers at `urls` (`redis://host[:port][/db]`). Each one is a
     /// shard: a topic lives on shard [`shard_of`]`(topic, urls.len())`, so every node must
-    /// list the same servers in the same order). Nothing connects until [`Broker::start`].
+    /// list the same servers in the same order. With [`RedisOptions::cluster`] they are
+    /// instead seed nodes of one Redis Cluster (any of its nodes; the slot map is read from
+    /// the first that answers). Nothing connects until [`Broker::start`].
     ///
     /// # Errors
     /// No URL, a URL that does not parse or is not `redis://`, or an option of zero.
-    pub fn new(urls: &[String], opts: RedisOptions) -> Result<RedisBroker, RedisConfigError> {
+    pub fn new(urls: &[String], mut opts: RedisOptions) -> Result<RedisBroker, RedisConfigError> {
         if urls.is_empty() {
             return Err(RedisConfigError::NoUrl);
         }
@@ -217,9 +233,38 @@ impl RedisBroker {
                 "backoff_base must not be zero and backoff_max not below it",
             ));
         }
-        let mut shards = Vec::with_capacity(infos.len());
-        let mut queues = Vec::with_capacity(infos.len());
-        for _ in &infos {
+        if opts.cluster {
+            opts.sharded = true;
+            if infos.iter().any(|i| i.redis_settings().db() != 0) {
+                return Err(RedisConfigError::Options(
+                    "a Redis Cluster has only database 0: no /db in its URLs",
+                ));
+            }
+        }
+        let addrs: Vec<String> = infos.iter().map(|i| i.addr().to_string()).collect();
+        let (description, seeds) = if opts.cluster {
+            let d = format!(
+                "redis cluster (seeds {}; sharded pub/sub by key slot)",
+                addrs.join(", ")
+            );
+            (d, vec![infos])
+        } else {
+            let d = format!(
+                "redis {} ({} shard{}{})",
+                addrs.join(", "),
+                infos.len(),
+                if infos.len() == 1 { "" } else { "s" },
+                if opts.sharded {
+                    ", sharded pub/sub"
+                } else {
+                    ""
+                }
+            );
+            (d, infos.into_iter().map(|i| vec![i]).collect())
+        };
+        let mut shards = Vec::with_capacity(seeds.len());
+        let mut queues = Vec::with_capacity(seeds.len());
+        for _ in &seeds {
             let (ctx, crx) = mpsc::unbounded_channel();
             let (ptx, prx) = mpsc::channel(opts.queue_capacity);
             shards.push(ShardHandle {
@@ -231,21 +276,9 @@ impl RedisBroker {
                 publish: prx,
             });
         }
-        let addrs: Vec<String> = infos.iter().map(|i| i.addr().to_string()).collect();
-        let description = format!(
-            "redis {} ({} shard{}{})",
-            addrs.join(", "),
-            infos.len(),
-            if infos.len() == 1 { "" } else { "s" },
-            if opts.sharded {
-                ", sharded pub/sub"
-            } else {
-                ""
-            }
-        );
         Ok(RedisBroker {
             opts: Arc::new(opts),
-            infos,
+            seeds,
             shards,
             stats: Arc::new(BrokerStats::default()),
             node: std::sync::atomic::AtomicU64::new(0),
@@ -287,36 +320,27 @@ impl Broker for RedisBroker {
             .enable_all()
             .build()?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let prefix = self.opts.prefix.clone();
+        let mut probe_channel = self.opts.prefix.as_bytes().to_vec();
+        probe_channel.push(0xFF);
+        probe_channel.extend_from_slice(format!("probe:{node:016x}").as_bytes());
         let shared = Arc::new(Shared {
             node,
             sink,
             stats: Arc::clone(&self.stats),
             opts: Arc::clone(&self.opts),
-            probe_channel: format!("{prefix}__probe:{node:016x}"),
+            probe_channel,
             connected: AtomicUsize::new(0),
-            shards: self.infos.len(),
+            shards: self.seeds.len(),
         });
         let mut tasks = Vec::with_capacity(queues.len());
-        for (index, (q, info)) in queues.into_iter().zip(&self.infos).enumerate() {
-            let resp3 = info.clone().set_redis_settings(
-                info.redis_settings()
-                    .clone()
-                    .set_protocol(ProtocolVersion::RESP3),
-            );
-            let (subscriber, publisher) = match (Client::open(resp3), Client::open(info.clone())) {
-                (Ok(s), Ok(p)) => (s, p),
-                (Err(e), _) | (_, Err(e)) => {
-                    *life = Lifecycle::Idle(Vec::new());
-                    return Err(std::io::Error::other(format!("redis client: {e}")));
-                }
-            };
+        for (index, (q, seeds)) in queues.into_iter().zip(&self.seeds).enumerate() {
+            let addrs: Vec<String> = seeds.iter().map(|i| i.addr().to_string()).collect();
             tasks.push(ShardTask {
                 index,
-                addr: info.addr().to_string(),
-                subscriber,
-                publisher,
+                addr: addrs.join(","),
+                seeds: seeds.clone(),
                 wanted: HashSet::new(),
+                unsubscribing: HashMap::new(),
                 ever_up: false,
                 probe_seq: 0,
                 cmds: q.cmds,
@@ -359,9 +383,7 @@ impl Broker for RedisBroker {
 
     fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> bool {
         let node = self.node.load(Ordering::Relaxed);
-        let mut channel = String::with_capacity(self.opts.prefix.len() + topic.len());
-        channel.push_str(&self.opts.prefix);
-        channel.push_str(topic);
+        let channel = channel_of(&self.opts.prefix, topic);
         let msg = Outgoing {
             channel,
             payload: wire::encode(node, opcode, payload),
@@ -400,13 +422,22 @@ impl Drop for RedisBroker {
     }
 }
 
+/// The channel of `topic`: the prefix, then the topic.
+fn channel_of(prefix: &str, topic: &str) -> Vec<u8> {
+    let mut channel = Vec::with_capacity(prefix.len() + topic.len());
+    channel.extend_from_slice(prefix.as_bytes());
+    channel.extend_from_slice(topic.as_bytes());
+    channel
+}
+
 /// What the shard tasks share (all on the client's one thread).
 struct Shared {
     node: NodeId,
     sink: Arc<dyn Sink>,
     stats: Arc<BrokerStats>,
     opts: Arc<RedisOptions>,
-    probe_channel: String,
+    /// The base of the node's probe channels (see the module documentation).
+    probe_channel: Vec<u8>,
     connected: AtomicUsize,
     shards: usize,
 }
@@ -426,6 +457,14 @@ impl Shared {
             BrokerState::Degraded
         });
     }
+
+    fn verb(&self) -> &'static str {
+        if self.opts.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
 }
 
 /// Why a connected session ended.
@@ -436,11 +475,31 @@ enum End {
     Failed(String),
 }
 
-/// The two connections of a connected shard.
-struct Conns {
+/// The two connections to one server: one that only subscribes (RESP3, its pushes go to
+/// the shard's queue) and one that only publishes.
+struct NodeConns {
     sub: MultiplexedConnection,
-    pushes: mpsc::UnboundedReceiver<PushInfo>,
     publ: MultiplexedConnection,
+}
+
+/// A connected shard: its servers (its one server, or every master of a cluster), the
+/// pushes of all their subscriber connections in one queue, and where each channel lives.
+struct Conns {
+    nodes: Vec<NodeConns>,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    /// The slot map of a cluster; `None`: every channel is on `nodes[0]`.
+    slots: Option<cluster::SlotMap>,
+    /// The probe channel of each server (as in `nodes`).
+    probes: Vec<Vec<u8>>,
+}
+
+impl Conns {
+    /// The server `channel` is subscribed and published on.
+    fn node_of(&self, channel: &[u8]) -> usize {
+        self.slots
+            .as_ref()
+            .map_or(0, |m| m.owner(cluster::slot(channel)))
+    }
 }
 
 /// One turn of the connected loop.
@@ -453,32 +512,126 @@ enum Event {
     ProbeLate,
 }
 
-/// Opens a shard's two connections.
-async fn connect(
-    subscriber: &Client,
-    publisher: &Client,
-    opts: &RedisOptions,
-) -> RedisResult<Conns> {
-    let (tx, pushes) = mpsc::unbounded_channel();
-    let config = AsyncConnectionConfig::new()
+/// The probe in flight: its number, when it is late, and how many servers have not sent
+/// it back yet.
+type Probe = Option<(u64, tokio::time::Instant, usize)>;
+
+fn connection_config(opts: &RedisOptions) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
         .set_connection_timeout(Some(opts.connect_timeout))
-        .set_response_timeout(Some(opts.command_timeout));
-    let sub = subscriber
-        .get_multiplexed_async_connection_with_config(&config.clone().set_push_sender(tx))
+        .set_response_timeout(Some(opts.command_timeout))
+}
+
+/// Opens the two connections to one server; the subscriber's pushes go to `pushes`.
+async fn open_node(
+    info: &ConnectionInfo,
+    pushes: mpsc::UnboundedSender<PushInfo>,
+    opts: &RedisOptions,
+) -> RedisResult<NodeConns> {
+    let resp3 = info.clone().set_redis_settings(
+        info.redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3),
+    );
+    let config = connection_config(opts);
+    let sub = Client::open(resp3)?
+        .get_multiplexed_async_connection_with_config(&config.clone().set_push_sender(pushes))
         .await?;
-    let publ = publisher
+    let publ = Client::open(info.clone())?
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    Ok(Conns { sub, pushes, publ })
+    Ok(NodeConns { sub, publ })
+}
+
+/// Reads the slot map from the first seed that answers `CLUSTER SLOTS`; the map and the
+/// seed (whose settings the masters' connections take).
+async fn read_slot_map(
+    seeds: &[ConnectionInfo],
+    opts: &RedisOptions,
+) -> Result<(cluster::SlotMap, ConnectionInfo), String> {
+    let mut errors = Vec::new();
+    for seed in seeds {
+        let reply = async {
+            let mut c = Client::open(seed.clone())?
+                .get_multiplexed_async_connection_with_config(&connection_config(opts))
+                .await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Value>(&mut c)
+                .await
+        };
+        let host = match seed.addr() {
+            ConnectionAddr::Tcp(host, _) => host.as_str(),
+            _ => "",
+        };
+        match reply.await {
+            Ok(reply) => match cluster::SlotMap::parse(&reply, host) {
+                Ok(map) => return Ok((map, seed.clone())),
+                Err(e) => errors.push(format!("{}: {e}", seed.addr())),
+            },
+            Err(e) => errors.push(format!("{}: {e}", seed.addr())),
+        }
+    }
+    Err(format!("no seed gave a slot map ({})", errors.join("; ")))
+}
+
+/// Connects a shard: its one server, or every master of the cluster its seeds belong to.
+async fn connect(
+    seeds: &[ConnectionInfo],
+    opts: &RedisOptions,
+    probe_channel: &[u8],
+) -> Result<Conns, String> {
+    let (tx, pushes) = mpsc::unbounded_channel();
+    if !opts.cluster {
+        let node = open_node(&seeds[0], tx, opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(Conns {
+            nodes: vec![node],
+            pushes,
+            slots: None,
+            probes: vec![probe_channel.to_vec()],
+        });
+    }
+    let (map, seed) = read_slot_map(seeds, opts).await?;
+    let opening = map.masters.iter().map(|(host, port)| {
+        let info = seed
+            .clone()
+            .set_addr(ConnectionAddr::Tcp(host.clone(), *port));
+        let tx = tx.clone();
+        async move {
+            open_node(&info, tx, opts)
+                .await
+                .map_err(|e| format!("{}: {e}", info.addr()))
+        }
+    });
+    let nodes = futures_util::future::try_join_all(opening).await?;
+    let probes = (0..nodes.len())
+        .map(|m| {
+            let mut c = probe_channel.to_vec();
+            c.extend_from_slice(format!(":{{{}}}", map.tag_for(m)).as_bytes());
+            c
+        })
+        .collect();
+    Ok(Conns {
+        nodes,
+        pushes,
+        slots: Some(map),
+        probes,
+    })
 }
 
 /// One shard: its connections, its wanted topics, its queues.
 struct ShardTask {
     index: usize,
+    /// For the logs: the server, or the cluster's seeds.
     addr: String,
-    subscriber: Client,
-    publisher: Client,
+    seeds: Vec<ConnectionInfo>,
     wanted: HashSet<Arc<str>>,
+    /// Channels this session sent SUNSUBSCRIBE for, whose confirmations have not come
+    /// back yet (a cluster only): any other SUNSUBSCRIBE is the server's, sent because the
+    /// channel's slot left it.
+    unsubscribing: HashMap<Vec<u8>, u32>,
     ever_up: bool,
     probe_seq: u64,
     cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -491,8 +644,9 @@ struct ShardTask {
 impl ShardTask {
     async fn run(mut self) {
         loop {
+            let opts = Arc::clone(&self.shared.opts);
             let attempt = tokio::select! {
-                c = connect(&self.subscriber, &self.publisher, &self.shared.opts) => Some(c),
+                c = connect(&self.seeds, &opts, &self.shared.probe_channel) => Some(c),
                 _ = self.stop.wait_for(|s| *s) => None,
             };
             let Some(attempt) = attempt else { return };
@@ -507,11 +661,12 @@ impl ShardTask {
                 }
             };
             self.drain_cmds();
+            self.unsubscribing.clear();
             let started = Instant::now();
             let all: Vec<Arc<str>> = self.wanted.iter().cloned().collect();
-            let mut channels: Vec<String> = all.iter().map(|t| self.channel(t)).collect();
-            channels.push(self.shared.probe_channel.clone());
-            if let Err(e) = self.change(&mut conns.sub, &channels, true).await {
+            let mut channels: Vec<Vec<u8>> = all.iter().map(|t| self.channel(t)).collect();
+            channels.extend(conns.probes.iter().cloned());
+            if let Err(e) = self.change(&conns, &channels, true).await {
                 tracing::warn!(shard = self.index, addr = %self.addr, "redis resubscribe failed: {e}");
                 if self.pause().await {
                     return;
@@ -531,7 +686,13 @@ impl ShardTask {
             self.ever_up = true;
             self.backoff.reset();
             self.shared.set_connected(true);
-            tracing::info!(shard = self.index, addr = %self.addr, topics = on_broker, "redis shard up");
+            tracing::info!(
+                shard = self.index,
+                addr = %self.addr,
+                servers = conns.nodes.len(),
+                topics = on_broker,
+                "redis shard up"
+            );
 
             let end = self.session(&mut conns, &mut on_broker).await;
             self.shared
@@ -552,8 +713,8 @@ impl ShardTask {
         }
     }
 
-    fn channel(&self, topic: &str) -> String {
-        format!("{}{topic}", self.shared.opts.prefix)
+    fn channel(&self, topic: &str) -> Vec<u8> {
+        channel_of(&self.shared.opts.prefix, topic)
     }
 
     /// Takes the subscription requests that are waiting into the wanted set.
@@ -571,33 +732,40 @@ impl ShardTask {
         }
     }
 
-    /// Subscribes (`on`) or unsubscribes `channels` on the subscriber connection: pipelined
-    /// commands of at most `subscribe_batch` channels (one channel per command when
-    /// sharded, as a cluster wants them), returning once the server confirmed all.
-    async fn change(
-        &self,
-        conn: &mut MultiplexedConnection,
-        channels: &[String],
-        on: bool,
-    ) -> RedisResult<()> {
-        let opts = &self.shared.opts;
-        let requests = channels.chunks(opts.subscribe_batch).map(|chunk| {
-            let mut c = conn.clone();
-            let sharded = opts.sharded;
-            async move {
-                if sharded {
-                    let mut pipe = redis::pipe();
-                    for ch in chunk {
-                        pipe.cmd(if on { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" })
-                            .arg(ch);
-                    }
-                    pipe.query_async::<()>(&mut c).await
-                } else if on {
-                    c.subscribe(chunk).await
-                } else {
-                    c.unsubscribe(chunk).await
-                }
+    /// Subscribes (`on`) or unsubscribes `channels`, each on its server's subscriber
+    /// connection: pipelined commands of at most `subscribe_batch` channels (one channel
+    /// per command when sharded, as a cluster wants them), returning once the servers
+    /// confirmed all.
+    async fn change(&mut self, conns: &Conns, channels: &[Vec<u8>], on: bool) -> RedisResult<()> {
+        let opts = Arc::clone(&self.shared.opts);
+        if opts.cluster && !on {
+            for ch in channels {
+                *self.unsubscribing.entry(ch.clone()).or_insert(0) += 1;
             }
+        }
+        let mut per_node: Vec<Vec<&[u8]>> = vec![Vec::new(); conns.nodes.len()];
+        for ch in channels {
+            per_node[conns.node_of(ch)].push(ch);
+        }
+        let requests = per_node.iter().enumerate().flat_map(|(node, chans)| {
+            let opts = &opts;
+            chans.chunks(opts.subscribe_batch).map(move |chunk| {
+                let mut c = conns.nodes[node].sub.clone();
+                async move {
+                    if opts.sharded {
+                        let mut pipe = redis::pipe();
+                        for ch in chunk {
+                            pipe.cmd(if on { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" })
+                                .arg(*ch);
+                        }
+                        pipe.query_async::<()>(&mut c).await
+                    } else if on {
+                        c.subscribe(chunk).await
+                    } else {
+                        c.unsubscribe(chunk).await
+                    }
+                }
+            })
         });
         futures_util::future::try_join_all(requests).await?;
         Ok(())
@@ -639,12 +807,11 @@ impl ShardTask {
             opts.probe_interval,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The probe in flight: its number and when it is late.
-        let mut probe: Option<(u64, tokio::time::Instant)> = None;
+        let mut probe: Probe = None;
         loop {
             let late = async {
                 match probe {
-                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    Some((_, at, _)) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -660,10 +827,12 @@ impl ShardTask {
                 Event::Stop | Event::Cmd(None) | Event::Publish(0) => return End::Stop,
                 Event::Push(None) => return End::Failed("subscriber connection closed".into()),
                 Event::Push(Some(first)) => {
-                    let mut lost = !self.on_push(first, &mut incoming, &mut probe);
-                    while !lost && incoming.len() < opts.batch {
+                    let mut lost = self.on_push(first, &conns.probes, &mut incoming, &mut probe);
+                    while lost.is_ok() && incoming.len() < opts.batch {
                         match conns.pushes.try_recv() {
-                            Ok(p) => lost = !self.on_push(p, &mut incoming, &mut probe),
+                            Ok(p) => {
+                                lost = self.on_push(p, &conns.probes, &mut incoming, &mut probe);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -675,8 +844,8 @@ impl ShardTask {
                             .fetch_add(incoming.len() as u64, Ordering::Relaxed);
                         incoming.clear();
                     }
-                    if lost {
-                        return End::Failed("subscriber connection lost".into());
+                    if let Err(why) = lost {
+                        return End::Failed(why);
                     }
                 }
                 Event::Cmd(Some(first)) => {
@@ -684,51 +853,18 @@ impl ShardTask {
                         return End::Failed(format!("(un)subscribe: {e}"));
                     }
                 }
-                Event::Publish(n) => {
-                    let mut pipe = redis::pipe();
-                    let verb = if opts.sharded { "SPUBLISH" } else { "PUBLISH" };
-                    for m in &out {
-                        pipe.cmd(verb).arg(&m.channel).arg(&m.payload[..]).ignore();
-                    }
-                    out.clear();
-                    let stats = &self.shared.stats;
-                    match pipe.query_async::<()>(&mut conns.publ).await {
-                        Ok(()) => {
-                            stats.messages_out.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            stats.out_failed.fetch_add(n as u64, Ordering::Relaxed);
-                            return End::Failed(format!("publish: {e}"));
-                        }
+                Event::Publish(_) => {
+                    if let Err(e) = self.publish_batch(conns, &mut out).await {
+                        return End::Failed(format!("publish: {e}"));
                     }
                 }
                 Event::ProbeTick => {
                     if probe.is_none() {
-                        self.probe_seq += 1;
-                        let payload = wire::encode(
-                            self.shared.node,
-                            OpCode::Binary,
-                            &self.probe_seq.to_le_bytes(),
-                        );
-                        let verb = if opts.sharded { "SPUBLISH" } else { "PUBLISH" };
-                        let mut cmd = redis::cmd(verb);
-                        cmd.arg(&self.shared.probe_channel).arg(&payload[..]);
-                        let sent = cmd.query_async::<()>(&mut conns.publ);
-                        // A wedged server may not even answer the PUBLISH: that too is a
-                        // probe not back in time.
-                        match tokio::time::timeout(opts.probe_timeout, sent).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => return End::Failed(format!("probe publish: {e}")),
-                            Err(_) => {
-                                let failed = &self.shared.stats.probes_failed;
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                return End::Failed("probe publish not answered".into());
-                            }
+                        if let Err(why) = self.send_probes(conns).await {
+                            return End::Failed(why);
                         }
-                        probe = Some((
-                            self.probe_seq,
-                            tokio::time::Instant::now() + opts.probe_timeout,
-                        ));
+                        let deadline = tokio::time::Instant::now() + opts.probe_timeout;
+                        probe = Some((self.probe_seq, deadline, conns.nodes.len()));
                     }
                 }
                 Event::ProbeLate => {
@@ -738,6 +874,75 @@ impl ShardTask {
                         .fetch_add(1, Ordering::Relaxed);
                     return End::Failed(format!("probe not back within {:?}", opts.probe_timeout));
                 }
+            }
+        }
+    }
+
+    /// Publishes `out` (emptying it): one pipeline per server, in the order they were
+    /// queued, the servers at once. Counts what was sent and what failed.
+    async fn publish_batch(&self, conns: &Conns, out: &mut Vec<Outgoing>) -> RedisResult<()> {
+        let verb = self.shared.verb();
+        let mut pipes: Vec<(redis::Pipeline, u64)> =
+            conns.nodes.iter().map(|_| (redis::pipe(), 0)).collect();
+        for m in out.drain(..) {
+            let (pipe, n) = &mut pipes[conns.node_of(&m.channel)];
+            pipe.cmd(verb)
+                .arg(&m.channel[..])
+                .arg(&m.payload[..])
+                .ignore();
+            *n += 1;
+        }
+        let sends = pipes
+            .into_iter()
+            .zip(&conns.nodes)
+            .filter(|((_, n), _)| *n > 0)
+            .map(|((pipe, n), node)| {
+                let mut c = node.publ.clone();
+                async move { (n, pipe.query_async::<()>(&mut c).await) }
+            });
+        let stats = &self.shared.stats;
+        let mut failure = Ok(());
+        for (n, result) in futures_util::future::join_all(sends).await {
+            match result {
+                Ok(()) => stats.messages_out.fetch_add(n, Ordering::Relaxed),
+                Err(e) => {
+                    failure = Err(e);
+                    stats.out_failed.fetch_add(n, Ordering::Relaxed)
+                }
+            };
+        }
+        failure
+    }
+
+    /// Publishes the next probe through every server.
+    async fn send_probes(&mut self, conns: &Conns) -> Result<(), String> {
+        self.probe_seq += 1;
+        let payload = wire::encode(
+            self.shared.node,
+            OpCode::Binary,
+            &self.probe_seq.to_le_bytes(),
+        );
+        let verb = self.shared.verb();
+        let sends = conns
+            .nodes
+            .iter()
+            .zip(&conns.probes)
+            .map(|(node, channel)| {
+                let mut c = node.publ.clone();
+                let mut cmd = redis::cmd(verb);
+                cmd.arg(&channel[..]).arg(&payload[..]);
+                async move { cmd.query_async::<()>(&mut c).await }
+            });
+        let timeout = self.shared.opts.probe_timeout;
+        // A wedged server may not even answer the PUBLISH: that too is a probe not back in
+        // time.
+        match tokio::time::timeout(timeout, futures_util::future::try_join_all(sends)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("probe publish: {e}")),
+            Err(_) => {
+                let failed = &self.shared.stats.probes_failed;
+                failed.fetch_add(1, Ordering::Relaxed);
+                Err("probe publish not answered".into())
             }
         }
     }
@@ -776,35 +981,56 @@ impl ShardTask {
                 _ => {}
             }
         }
-        let stats = &self.shared.stats;
+        let stats = Arc::clone(&self.shared.stats);
         if !unsubs.is_empty() {
-            self.change(&mut conns.sub, &unsubs, false).await?;
+            self.change(conns, &unsubs, false).await?;
             *on_broker -= unsubs.len() as u64;
             stats
                 .topics
                 .fetch_sub(unsubs.len() as u64, Ordering::Relaxed);
         }
         if !subs.is_empty() {
-            self.change(&mut conns.sub, &subs, true).await?;
+            self.change(conns, &subs, true).await?;
             *on_broker += subs.len() as u64;
             stats.topics.fetch_add(subs.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Handles one push from the subscriber connection: a message for the batch, a probe,
-    /// or something to ignore. `false` if the connection is gone.
+    /// Handles one push from a subscriber connection: a message for the batch, a probe, a
+    /// confirmation to ignore, or the end of the session (`Err`, why): the connection is
+    /// gone, or a cluster node dropped a subscription because its slot moved.
     fn on_push(
-        &self,
+        &mut self,
         push: PushInfo,
+        probes: &[Vec<u8>],
         batch: &mut Vec<Incoming>,
-        probe: &mut Option<(u64, tokio::time::Instant)>,
-    ) -> bool {
+        probe: &mut Probe,
+    ) -> Result<(), String> {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {}
-            PushKind::Disconnection => return false,
+            PushKind::Disconnection => return Err("subscriber connection lost".into()),
+            PushKind::SUnsubscribe if self.shared.opts.cluster => {
+                let Some(Value::BulkString(channel)) = push.data.first() else {
+                    return Ok(());
+                };
+                return match self.unsubscribing.get_mut(channel) {
+                    Some(1) => {
+                        self.unsubscribing.remove(channel);
+                        Ok(())
+                    }
+                    Some(waiting) => {
+                        *waiting -= 1;
+                        Ok(())
+                    }
+                    None => Err(format!(
+                        "the server dropped the subscription to {} (its slot moved)",
+                        String::from_utf8_lossy(channel)
+                    )),
+                };
+            }
             // Subscription confirmations and anything else.
-            _ => return true,
+            _ => return Ok(()),
         }
         let stats = &self.shared.stats;
         let mut data = push.data.into_iter();
@@ -812,23 +1038,29 @@ impl ShardTask {
             (data.next(), data.next())
         else {
             stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-            return true;
+            return Ok(());
         };
-        if channel == self.shared.probe_channel.as_bytes() {
-            if let (Ok(d), Some((seq, _))) = (wire::decode(Bytes::from(payload)), *probe)
+        if probes.contains(&channel) {
+            let mut done = false;
+            if let (Ok(d), Some((seq, _, waiting))) =
+                (wire::decode(Bytes::from(payload)), probe.as_mut())
                 && d.origin == self.shared.node
                 && d.payload[..] == seq.to_le_bytes()
             {
+                *waiting -= 1;
+                done = *waiting == 0;
+            }
+            if done {
                 *probe = None;
             }
-            return true;
+            return Ok(());
         }
         let topic = channel
             .strip_prefix(self.shared.opts.prefix.as_bytes())
             .and_then(|t| std::str::from_utf8(t).ok())
             .and_then(|t| self.wanted.get(t));
         // A message for a topic given up a moment ago (or not ours at all): no one wants it.
-        let Some(topic) = topic else { return true };
+        let Some(topic) = topic else { return Ok(()) };
         match wire::decode(Bytes::from(payload)) {
             Err(_) => {
                 stats.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -842,6 +1074,6 @@ impl ShardTask {
                 payload: d.payload,
             }),
         }
-        true
+        Ok(())
     }
 }
