@@ -317,9 +317,16 @@ fn resubscribes_1000_topics(kind: Kind) {
     });
     server.kill();
     wait_until("b to see the server gone", WAIT, || !b.up());
+    // While it is down, no topic is subscribed on the broker (the gauge says so).
+    wait_until("b's broker topics gauge at 0 while down", WAIT, || {
+        b.stat(|s| s.topics.load(Ordering::Relaxed)) == 0
+    });
     server.restart();
     wait_until("b to reconnect", RECONNECT_BOUND, || {
         a.up() && b.up() && b.stat(|s| s.reconnects.load(Ordering::Relaxed)) >= 1
+    });
+    wait_until("b's 1,000 topics subscribed again", WAIT, || {
+        b.stat(|s| s.topics.load(Ordering::Relaxed)) >= 1000
     });
     b.sink.clear();
     sync(&a, &b, "sync-2");

@@ -137,7 +137,8 @@ pub struct BrokerStats {
     pub decode_errors: AtomicU64,
     /// Idle probes that did not come back in time (the subscription was then rebuilt).
     pub probes_failed: AtomicU64,
-    /// Topics this node is subscribed to on the broker.
+    /// Topics this node is subscribed to on the broker now: 0 while it is disconnected
+    /// (the client restores them when it is back).
     pub topics: AtomicU64,
     /// How long the last resubscription after a reconnect took, in microseconds.
     pub resubscribe_micros: AtomicU64,

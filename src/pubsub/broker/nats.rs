@@ -441,6 +441,9 @@ impl Task {
                             if stats.state() != BrokerState::Stopped {
                                 stats.set_state(BrokerState::Connecting);
                             }
+                            // async-nats keeps the subscriptions and restores them once
+                            // back; until then none is on a server.
+                            stats.topics.store(0, Ordering::Relaxed);
                             tracing::warn!("NATS disconnected");
                         }
                         other => tracing::debug!("NATS event: {other}"),
@@ -518,6 +521,7 @@ impl Task {
                                 .resubscribe_micros
                                 .store(at.elapsed().as_micros().max(1) as u64, Ordering::Relaxed);
                             stats.set_state(BrokerState::Up);
+                            stats.topics.store(subs.len() as u64, Ordering::Relaxed);
                             tracing::info!(topics = subs.len(), "NATS connected");
                         }
                         Ok(Err(e)) => tracing::warn!("NATS flush after connect: {e}"),
@@ -588,12 +592,12 @@ impl Task {
                     let (stop, stopped) = oneshot::channel();
                     tokio::spawn(forward(subscriber, merged_tx.clone(), stopped));
                     subs.insert(topic.to_string(), Subscription { topic, stop });
-                    stats.topics.store(subs.len() as u64, Ordering::Relaxed);
+                    on_server(&stats, subs.len());
                 }
                 Event::Cmd(Some(Cmd::Unsubscribe(topic))) => {
                     if let Some(sub) = subs.remove(&*topic) {
                         let _ = sub.stop.send(());
-                        stats.topics.store(subs.len() as u64, Ordering::Relaxed);
+                        on_server(&stats, subs.len());
                     }
                 }
                 Event::Publish(n) => {
@@ -665,6 +669,14 @@ impl Task {
 
 /// Forwards one subscription's messages to the main task until told to stop (then
 /// unsubscribes) or the main task is gone.
+/// Sets the topics gauge to the `subscribed` topics if they are on a server now (the
+/// client is up); while it is down the gauge stays 0 and the reconnect sets it.
+fn on_server(stats: &BrokerStats, subscribed: usize) {
+    if stats.state() == BrokerState::Up {
+        stats.topics.store(subscribed as u64, Ordering::Relaxed);
+    }
+}
+
 async fn forward(
     mut subscriber: async_nats::Subscriber,
     to: mpsc::Sender<async_nats::Message>,
