@@ -17,10 +17,14 @@
 //! have subscribers of a topic, for the hand-off of a publish to other workers. The
 //! [`Backplane`] joins the node to other nodes through a [`broker::Broker`]: subscribed to a
 //! topic on the broker while any worker has a local subscriber, one publish per message.
+//! [`history`] is the bounded per-topic ring of recent publications with their offsets
+//! that a resuming subscriber is replayed from (the data structure; the engine does not
+//! use it yet).
 
 mod backplane;
 pub mod broker;
 mod directory;
+pub mod history;
 
 pub use backplane::Backplane;
 pub use directory::Directory;
