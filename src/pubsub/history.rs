@@ -278,7 +278,11 @@ mod tests {
         assert_eq!(offsets(&r), (5..=10).collect::<Vec<_>>());
         assert!(r.recovered);
         assert_eq!((r.last, r.epoch), (10, s.epoch()));
-        assert_eq!(r.entries[0].frame, frame(5), "the kept frame, not a new one");
+        assert_eq!(
+            r.entries[0].frame,
+            frame(5),
+            "the kept frame, not a new one"
+        );
         // Up to date: nothing to replay, and that is a full recovery.
         let r = s.since(Some((10, s.epoch())), now, &l);
         assert!(r.entries.is_empty() && r.recovered);
@@ -328,7 +332,10 @@ mod tests {
         assert!(!r.recovered);
         let r = s.since(Some((7, s.epoch())), now, &l);
         assert_eq!(offsets(&r), vec![8, 9, 10]);
-        assert!(r.recovered, "7 is the last trimmed: nothing after it is missing");
+        assert!(
+            r.recovered,
+            "7 is the last trimmed: nothing after it is missing"
+        );
         // By bytes: each frame is 2 bytes; 8 bytes keep the last four.
         let l = limits(100, 8, 60_000);
         let mut s = Stream::new();
