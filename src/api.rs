@@ -8,5 +8,8 @@
 //! or epoll type appears in it.
 
 pub use crate::engine::core::{Conn, ConnId};
-pub use crate::engine::handler::{Accept, Decision, Handler, HttpResponse, Message, Reject};
+pub use crate::engine::handler::{
+    Accept, Decision, Deferred, Gone, Handler, HttpResponse, Message, Reject,
+};
+pub use crate::engine::{GlobalConnId, TryError};
 pub use crate::pubsub::{Policy, PublishReport, SendStatus};

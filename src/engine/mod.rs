@@ -48,7 +48,7 @@ pub mod internals {
 pub(crate) use accept::AcceptBackoff;
 pub use config::{ConfigError, DEFAULT_WRITE_BATCH, EngineConfig, MAX_WORKERS, ServerBuilder};
 pub use server::{
-    GlobalConnId, Handle, RESERVED_FDS, Server, StartError, raise_nofile, socket_limit,
+    GlobalConnId, Handle, RESERVED_FDS, Server, StartError, TryError, raise_nofile, socket_limit,
 };
 pub use shared::{Command, HANDLE_QUEUE_LIMIT, Shared, ShutdownState};
 pub(crate) use stats::Bump;

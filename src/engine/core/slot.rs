@@ -1,6 +1,7 @@
 //! A connection's slot: the 64 bytes a worker keeps per connection (the protocol state,
 //! the generation, the descriptor, flags and phase, the handler's data), with what only
-//! some connections need (handshake buffer, topics, conflated frames, deadlines) boxed in
+//! some connections need (handshake buffer, topics, conflated frames, deadlines, the
+//! application's timer) boxed in
 //! an [`Extra`] that exists only while it holds something.
 
 use super::*;
@@ -13,6 +14,15 @@ pub(super) enum Phase {
     Open,
     /// Answered (an HTTP response): close the socket once written.
     Finish,
+}
+
+/// An upgrade whose decision is deferred ([`Decision::Defer`]): what answering it needs,
+/// the bytes the client sent meanwhile, and the flag the [`Deferred`] token reads.
+#[derive(Debug)]
+pub(super) struct PendingUpgrade {
+    pub(super) upgrade: handshake::Upgrade,
+    pub(super) rest: Vec<u8>,
+    pub(super) gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -88,6 +98,10 @@ pub(super) struct Extra {
     pub(super) conflated: Conflated,
     /// The peer's close reason (only when it sent one).
     pub(super) close_reason: Option<Box<str>>,
+    /// The application's timer ([`Conn::set_timer`]): when `Handler::on_timer` is due.
+    pub(super) timer: Option<Instant>,
+    /// An upgrade waiting for the application's decision.
+    pub(super) deferred: Option<Box<PendingUpgrade>>,
 }
 
 impl Extra {
@@ -96,6 +110,8 @@ impl Extra {
             && self.topics.is_empty()
             && self.conflated.is_empty()
             && self.close_reason.is_none()
+            && self.timer.is_none()
+            && self.deferred.is_none()
     }
 }
 
@@ -151,6 +167,11 @@ impl<D> Slot<D> {
 
     pub(super) fn topics(&self) -> &[Arc<str>] {
         self.extra.as_ref().map_or(&[], |e| &e.topics)
+    }
+
+    /// When the application's timer is due, if one is set.
+    pub(super) fn timer(&self) -> Option<Instant> {
+        self.extra.as_ref().and_then(|e| e.timer)
     }
 
     pub(super) fn has_conflated(&self) -> bool {
