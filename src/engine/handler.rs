@@ -1,7 +1,8 @@
 //! The contract between the engine and the application it runs: the [`Handler`] callbacks
 //! and the values they take and return ([`Message`], [`Decision`], [`Accept`], [`Reject`],
-//! [`HttpResponse`]). The engine owns them because it calls them; `wsring::api` is where
-//! an embedder finds them, beside [`Conn`](super::core::Conn) and the pub/sub result types.
+//! [`HttpResponse`], and the [`Deferred`] token of an upgrade decided later). The engine
+//! owns them because it calls them; `wsring::api` is where an embedder finds them, beside
+//! [`Conn`] and the pub/sub result types.
 //!
 //! One handler instance runs per worker, on that worker's thread, so a handler needs no
 //! locks: the engine calls it with the connection it concerns.
@@ -64,6 +65,30 @@ pub enum Decision<D> {
 
 impl<D> Decision<D> {
     /// [`Decision::Defer`] with `f` as the function that receives the token.
+    ///
+    /// ```no_run
+    /// use wsring::api::{Accept, Decision, Handler, Reject};
+    /// use wsring::proto::handshake::{Request, Upgrade};
+    ///
+    /// struct App;
+    ///
+    /// impl Handler for App {
+    ///     type Data = String; // the user
+    ///
+    ///     fn on_upgrade(&mut self, req: &Request, _up: &Upgrade) -> Decision<String> {
+    ///         let token = req.query_param("token").unwrap_or_default().to_string();
+    ///         Decision::defer(move |deferred| {
+    ///             // Any thread or async task (a tokio `spawn` in a service).
+    ///             std::thread::spawn(move || {
+    ///                 let _ = match token.strip_suffix("-secret") {
+    ///                     Some(user) => deferred.accept(Accept::new(user.to_string())),
+    ///                     None => deferred.reject(Reject::status(401)),
+    ///                 };
+    ///             });
+    ///         })
+    ///     }
+    /// }
+    /// ```
     pub fn defer(f: impl FnOnce(Deferred<D>) + 'static) -> Decision<D> {
         Decision::Defer(Box::new(f))
     }

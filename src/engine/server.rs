@@ -1,6 +1,6 @@
 //! Starting and running a server: [`Server`] (binding, the backend choice, the workers),
-//! [`Handle`] (publish, close, counts and shutdown from any thread), and the descriptor
-//! limits.
+//! [`Handle`] (publish, send to / close / (un)subscribe one connection, counts and
+//! shutdown from any thread, blocking, non-blocking or async), and the descriptor limits.
 
 use super::*;
 
