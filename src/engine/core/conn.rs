@@ -151,7 +151,7 @@ impl<D> Conn<'_, D> {
             return;
         }
         if let Some(slot) = slot_of(&mut self.inner.slots, id) {
-            slot.extra().timer = Some(at);
+            slot.extra().set_timer(Some(at));
             schedule_slot(&mut self.inner.wheel, slot, id, at);
         }
     }
@@ -161,7 +161,7 @@ impl<D> Conn<'_, D> {
         if let Some(slot) = slot_of(&mut self.inner.slots, self.id)
             && let Some(extra) = slot.extra.as_mut()
         {
-            extra.timer = None;
+            extra.set_timer(None);
             slot.tidy();
         }
     }

@@ -21,7 +21,7 @@ impl<H: Handler> Core<H> {
         }
         match slot.phase {
             Phase::Handshake => {
-                if let Some(pending) = slot.extra.as_mut().and_then(|e| e.deferred.as_mut()) {
+                if let Some(pending) = slot.extra.as_mut().and_then(|e| e.deferred_mut()) {
                     // Waiting for the application: hold what the client sends, bounded.
                     if pending.rest.len() + data.len() > limits.max_header_bytes {
                         slot.flags.set(Flags::DEAD, true);
@@ -98,7 +98,7 @@ impl<H: Handler> Core<H> {
                     slot.close_code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
                     let code = u16::from(slot.close_code);
                     if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
-                        slot.extra().close_reason = Some(f.reason.into_boxed_str());
+                        slot.extra().set_close_reason(f.reason);
                     }
                     let stats = self.inner.stats();
                     stats.close_received(code);
@@ -264,7 +264,7 @@ impl<H: Handler> Core<H> {
         };
         let counted = slot.flags.has(Flags::COUNTED);
         let code = slot.close_code;
-        let reason = slot.extra.as_mut().and_then(|e| e.close_reason.take());
+        let reason = slot.extra.as_mut().and_then(|e| e.take_close_reason());
         if counted {
             self.handler.on_close(
                 &mut Conn {
@@ -272,14 +272,14 @@ impl<H: Handler> Core<H> {
                     id,
                 },
                 code,
-                reason.as_deref().unwrap_or(""),
+                reason.as_deref().map_or("", String::as_str),
             );
         }
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
         let extra = slot.extra.take();
-        if let Some(pending) = extra.as_ref().and_then(|e| e.deferred.as_ref()) {
+        if let Some(pending) = extra.as_ref().and_then(|e| e.deferred()) {
             // A deferred upgrade's client left: its token now reports `Gone`.
             pending.gone.store(true, Ordering::Release);
         }
@@ -347,7 +347,7 @@ impl<H: Handler> Core<H> {
                     // The application's timer shares the slot's one wheel entry.
                     let timer_due = slot.timer().is_some_and(|at| at <= now);
                     if timer_due {
-                        slot.extra().timer = None;
+                        slot.extra().set_timer(None);
                         slot.tidy();
                     } else if let Some(at) = slot.timer() {
                         next = Some(next.map_or(at, |n| n.min(at)));

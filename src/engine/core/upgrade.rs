@@ -88,7 +88,7 @@ impl<H: Handler> Core<H> {
         if let Some(hs) = extra.handshake.as_mut() {
             hs.buf = Vec::new();
         }
-        extra.deferred = Some(Box::new(PendingUpgrade {
+        extra.rare = Rare::Deferred(Box::new(PendingUpgrade {
             upgrade,
             rest,
             gone: gone.clone(),
@@ -117,7 +117,7 @@ impl<H: Handler> Core<H> {
                     && !s.flags.has(Flags::CLOSING)
             })
             .and_then(|s| s.extra.as_mut())
-            .and_then(|e| e.deferred.take());
+            .and_then(|e| e.take_deferred());
         let Some(pending) = pending else {
             // Gone meanwhile: the slot was freed (maybe reused) or is closing; the token
             // was told, or its decision raced the client's leaving. Dropped here.
