@@ -202,7 +202,10 @@ impl<D> Drop for Deferred<D> {
     /// Undecided: the application lost the token (a task that panicked or was cancelled),
     /// so the client is answered 503 instead of waiting for the handshake deadline.
     fn drop(&mut self) {
-        if !self.decided && !self.gone.load(Ordering::Acquire) {
+        if !self.decided
+            && !self.gone.load(Ordering::Acquire)
+            && self.shared.shutdown_state() == ShutdownState::Running
+        {
             let inbox = &self.shared.inboxes[self.worker];
             let decision: Result<Accept<()>, Reject> = Err(Reject::status(503));
             // A reject carries no `D`: the worker recognises it whatever its data type.
