@@ -83,6 +83,10 @@ impl Handler for App {
                 conn.set_timer(Duration::from_millis(ms));
                 conn.send_text("rearmed");
             }
+            Some(t) if conn.data().is_some_and(|d| d == "echo") => {
+                let t = t.to_string();
+                conn.send_text(&t);
+            }
             Some("block") => {
                 self.state.blocked.store(true, Ordering::SeqCst);
                 let open = self.state.gate.lock().unwrap();
@@ -334,6 +338,48 @@ fn a_decision_racing_the_client_and_a_shutdown_while_deferred_are_harmless(backe
     });
 }
 
+/// Bytes a client sends right after its request, while the decision waits, are held and
+/// handed to the connection once accepted (here: a message the handler echoes).
+fn bytes_sent_while_deferred_reach_the_accepted_connection(backend: BackendChoice) {
+    let s = start(backend, |_| {});
+    runtime().block_on(async {
+        let mut client = RawClient::connect(s.addr).await;
+        let mut out = upgrade_request("/defer").into_bytes();
+        out.extend(frame(true, TEXT, b"early"));
+        client.send(&out).await;
+        let token = s.token().await;
+        client.send(&frame(true, TEXT, b"meanwhile")).await;
+        // Both writes are in before the decision (the worker reads them in order).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(token.accept(Accept::new("echo".to_string())), Ok(()));
+        assert_eq!(client.read_head().await.status, 101);
+        assert_eq!(client.read_frame().await.payload, b"early");
+        assert_eq!(client.read_frame().await.payload, b"meanwhile");
+    });
+}
+
+/// What a client may send while the decision waits is bounded (the header limit):
+/// beyond it the connection is dropped and the token says `Gone`.
+fn a_client_flooding_while_deferred_is_dropped(backend: BackendChoice) {
+    let s = start(backend, |_| {});
+    runtime().block_on(async {
+        let mut client = RawClient::connect(s.addr).await;
+        client.send(upgrade_request("/defer").as_bytes()).await;
+        let token = s.token().await;
+        for _ in 0..4 {
+            // Unmasked, unparsed: only the count matters while deferred. The server may
+            // already be gone for the last writes, so their errors are ignored.
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut client.stream, &[b'x'; 4096]).await;
+        }
+        eventually(WAIT, "the token reports the client gone", || {
+            token.is_gone()
+        })
+        .await;
+        assert_eq!(token.accept(Accept::new(String::new())), Err(Gone));
+        assert!(s.state.opened.lock().unwrap().is_empty());
+    });
+}
+
 // ---- one connection through the Handle ----
 
 /// Sends, subscriptions and closes by id reach the connection they name; a stale id (its
@@ -564,6 +610,8 @@ both_backends!(
     a_client_leaving_before_the_decision_is_reported_gone,
     a_decision_after_the_handshake_deadline_is_gone,
     a_decision_racing_the_client_and_a_shutdown_while_deferred_are_harmless,
+    bytes_sent_while_deferred_reach_the_accepted_connection,
+    a_client_flooding_while_deferred_is_dropped,
     a_stale_id_reaches_no_other_connection,
     try_publish_says_full_and_publish_async_completes_when_room_frees,
     a_timer_fires_once,
