@@ -53,8 +53,10 @@ pub enum Impl {
 impl Impl {
     /// Every implementation this CPU can run, slowest first.
     pub fn available() -> Vec<Impl> {
-        // Mutated only where SIMD is compiled in (not with `no-simd`).
-        #[allow(unused_mut)]
+        #[cfg_attr(
+            any(not(target_arch = "x86_64"), miri, feature = "no-simd"),
+            allow(unused_mut)
+        )]
         let mut v = vec![Impl::Scalar];
         #[cfg(all(target_arch = "x86_64", not(miri), not(feature = "no-simd")))]
         {
