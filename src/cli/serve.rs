@@ -232,6 +232,7 @@ mod tests {
             match h.on_upgrade(&req, &up) {
                 Decision::Accept(a) => routes.push(a.data),
                 Decision::Reject(r) => panic!("rejected {}", r.status),
+                Decision::Defer(_) => panic!("deferred"),
             }
         }
         let names: Vec<&Arc<str>> = routes

@@ -33,14 +33,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use slab::Slab;
 
-use super::handler::{Decision, Handler, Message};
+use super::handler::{Accept, Decision, Deferred, Handler, Message, Reject};
 use super::wheel::{Entry, TimerWheel};
 use super::{Bump, Command, Shared, WorkerStats};
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
 use crate::proto::{Connection, Event, HandshakeError, OpCode, State, encode_frame};
 use crate::pubsub::{Frame, Policy, PublishReport, Registry, Room, SendStatus};
-use slot::{Extra, Flags, Handshake, Phase, Slot};
+use slot::{Extra, Flags, Handshake, PendingUpgrade, Phase, Rare, Slot};
 
 /// Identifies a connection on its worker across slot reuse: a completion or command for an
 /// old generation is ignored.
@@ -227,6 +227,16 @@ impl<D> Inner<D> {
         if let Some(s) = slot_of(&mut self.slots, id) {
             schedule_slot(&mut self.wheel, s, id, at);
         }
+    }
+
+    /// Whether `id` is an upgraded connection of this worker, not closing.
+    fn is_open(&mut self, id: ConnId) -> bool {
+        slot_of(&mut self.slots, id).is_some_and(|s| {
+            s.phase == Phase::Open
+                && s.conn.state() == State::Open
+                && !s.flags.has(Flags::DEAD)
+                && !s.flags.has(Flags::CLOSING)
+        })
     }
 
     fn mark_dirty(&mut self, id: ConnId) {

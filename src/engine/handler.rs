@@ -1,13 +1,20 @@
 //! The contract between the engine and the application it runs: the [`Handler`] callbacks
 //! and the values they take and return ([`Message`], [`Decision`], [`Accept`], [`Reject`],
-//! [`HttpResponse`]). The engine owns them because it calls them; `wsring::api` is where
-//! an embedder finds them, beside [`Conn`](super::core::Conn) and the pub/sub result types.
+//! [`HttpResponse`], and the [`Deferred`] token of an upgrade decided later). The engine
+//! owns them because it calls them; `wsring::api` is where an embedder finds them, beside
+//! [`Conn`] and the pub/sub result types.
 //!
 //! One handler instance runs per worker, on that worker's thread, so a handler needs no
 //! locks: the engine calls it with the connection it concerns.
 
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 
+use super::{Command, GlobalConnId, Shared, ShutdownState};
+use crate::engine::core::ConnId;
 use crate::proto::handshake::{Request, Upgrade};
 use crate::proto::{CloseCode, OpCode};
 
@@ -42,14 +49,170 @@ impl Message {
     }
 }
 
-/// What `on_upgrade` decides: accept (with a subprotocol, topics and user data) or
-/// reject with an HTTP status.
-#[derive(Debug)]
+/// What `on_upgrade` decides: accept (with a subprotocol, topics and user data), reject
+/// with an HTTP status, or decide later ([`Decision::Defer`]).
 pub enum Decision<D> {
     /// Upgrade the connection.
     Accept(Accept<D>),
     /// Answer with this status and close.
     Reject(Reject),
+    /// Decide later, from any thread: the function is called at once (on the worker's
+    /// thread, before `on_upgrade`'s caller goes on) with the [`Deferred`] token that
+    /// carries the decision; hand it to a task that checks the request (a token against a
+    /// database...). Build it with [`Decision::defer`].
+    Defer(Box<dyn FnOnce(Deferred<D>)>),
+}
+
+impl<D> Decision<D> {
+    /// [`Decision::Defer`] with `f` as the function that receives the token.
+    ///
+    /// ```no_run
+    /// use wsring::api::{Accept, Decision, Handler, Reject};
+    /// use wsring::proto::handshake::{Request, Upgrade};
+    ///
+    /// struct App;
+    ///
+    /// impl Handler for App {
+    ///     type Data = String; // the user
+    ///
+    ///     fn on_upgrade(&mut self, req: &Request, _up: &Upgrade) -> Decision<String> {
+    ///         let token = req.query_param("token").unwrap_or_default().to_string();
+    ///         Decision::defer(move |deferred| {
+    ///             // Any thread or async task (a tokio `spawn` in a service).
+    ///             std::thread::spawn(move || {
+    ///                 let _ = match token.strip_suffix("-secret") {
+    ///                     Some(user) => deferred.accept(Accept::new(user.to_string())),
+    ///                     None => deferred.reject(Reject::status(401)),
+    ///                 };
+    ///             });
+    ///         })
+    ///     }
+    /// }
+    /// ```
+    pub fn defer(f: impl FnOnce(Deferred<D>) + 'static) -> Decision<D> {
+        Decision::Defer(Box::new(f))
+    }
+}
+
+impl<D: std::fmt::Debug> std::fmt::Debug for Decision<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Accept(a) => f.debug_tuple("Accept").field(a).finish(),
+            Decision::Reject(r) => f.debug_tuple("Reject").field(r).finish(),
+            Decision::Defer(_) => f.write_str("Defer"),
+        }
+    }
+}
+
+/// The client of a deferred upgrade went away (closed, reset, or timed out at the
+/// handshake deadline), or the server is shutting down: the decision was not applied
+/// (an accept's data is dropped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the client of the deferred upgrade is gone")]
+pub struct Gone;
+
+/// An upgrade waiting for its decision ([`Decision::Defer`]): `Send`, so the decision can
+/// come from any thread or async task, and typed with the handler's data, so an accept
+/// carries the right `D`. [`Deferred::accept`] and [`Deferred::reject`] take it by value:
+/// one decision per upgrade. Dropped undecided, it rejects with 503.
+///
+/// While it waits, the connection stays in its handshake: the handshake deadline
+/// (`handshake_timeout`, 10 s by default) still applies, bytes the client sends are held
+/// (up to the header limit, beyond which the connection is dropped) and handed to the
+/// connection once accepted.
+pub struct Deferred<D> {
+    shared: Arc<Shared>,
+    worker: usize,
+    id: ConnId,
+    gone: Arc<AtomicBool>,
+    decided: bool,
+    _data: PhantomData<fn(D)>,
+}
+
+impl<D: Send + 'static> Deferred<D> {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        worker: usize,
+        id: ConnId,
+        gone: Arc<AtomicBool>,
+    ) -> Deferred<D> {
+        Deferred {
+            shared,
+            worker,
+            id,
+            gone,
+            decided: false,
+            _data: PhantomData,
+        }
+    }
+
+    /// The connection's id (the one `on_open` will see if it is accepted).
+    pub fn conn(&self) -> GlobalConnId {
+        GlobalConnId {
+            worker: self.worker,
+            id: self.id,
+        }
+    }
+
+    /// Whether the client is already known to be gone (then a decision returns [`Gone`]).
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire) || self.shared.shutdown_state() != ShutdownState::Running
+    }
+
+    /// Upgrades the connection (101, then `on_open`), as `Decision::Accept` would have.
+    ///
+    /// # Errors
+    /// [`Gone`] if the client left (or the server is shutting down) before the decision;
+    /// `accept` is dropped. A client that leaves after this returns is closed as usual
+    /// (`on_close` if it was opened).
+    pub fn accept(mut self, accept: Accept<D>) -> Result<(), Gone> {
+        self.resolve(Ok(accept))
+    }
+
+    /// Answers with `reject`'s status and closes, as `Decision::Reject` would have.
+    ///
+    /// # Errors
+    /// [`Gone`] if the client left (or the server is shutting down) before the decision.
+    pub fn reject(mut self, reject: Reject) -> Result<(), Gone> {
+        self.resolve(Err(reject))
+    }
+
+    fn resolve(&mut self, decision: Result<Accept<D>, Reject>) -> Result<(), Gone> {
+        self.decided = true;
+        if self.is_gone() {
+            return Err(Gone);
+        }
+        let inbox = &self.shared.inboxes[self.worker];
+        self.shared
+            .send_command(inbox, Command::Resolve(self.id, Box::new(decision)));
+        Ok(())
+    }
+}
+
+impl<D> std::fmt::Debug for Deferred<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred")
+            .field("worker", &self.worker)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D> Drop for Deferred<D> {
+    /// Undecided: the application lost the token (a task that panicked or was cancelled),
+    /// so the client is answered 503 instead of waiting for the handshake deadline.
+    fn drop(&mut self) {
+        if !self.decided
+            && !self.gone.load(Ordering::Acquire)
+            && self.shared.shutdown_state() == ShutdownState::Running
+        {
+            let inbox = &self.shared.inboxes[self.worker];
+            let decision: Result<Accept<()>, Reject> = Err(Reject::status(503));
+            // A reject carries no `D`: the worker recognises it whatever its data type.
+            self.shared
+                .send_command(inbox, Command::Resolve(self.id, Box::new(decision)));
+        }
+    }
 }
 
 /// Accepting an upgrade.
@@ -162,7 +325,8 @@ pub trait Handler: Send + 'static {
     type Data: Send + 'static;
 
     /// A valid WebSocket upgrade request arrived (the RFC's rules and the Origin
-    /// allow-list are already checked). Decide: accept or reject.
+    /// allow-list are already checked). Decide: accept or reject now, or
+    /// [`Decision::defer`] to decide later from another thread or task.
     fn on_upgrade(&mut self, request: &Request, upgrade: &Upgrade) -> Decision<Self::Data>;
 
     /// A plain HTTP request (no `Upgrade` header). `None` answers 404.
@@ -179,6 +343,12 @@ pub trait Handler: Send + 'static {
     /// A complete message arrived.
     fn on_message(&mut self, conn: &mut Conn<'_, Self::Data>, message: Message) {
         let _ = (conn, message);
+    }
+
+    /// The timer this connection set with [`Conn::set_timer`] is due (the connection is
+    /// open: a closed or closing one gets no call). One-shot: set it again to repeat.
+    fn on_timer(&mut self, conn: &mut Conn<'_, Self::Data>) {
+        let _ = conn;
     }
 
     /// The connection is closed: `code` is the peer's close code, ours when we failed it,

@@ -30,7 +30,7 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_sockets_open gauge");
     let _ = writeln!(out, "wsring_sockets_open {sockets}");
-    let counters: [Counter; 24] = [
+    let counters: [Counter; 26] = [
         ("accepted", "Sockets accepted.", |s| &s.accepted),
         ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
         ("rejected", "Handshakes refused with an HTTP error.", |s| {
@@ -106,6 +106,16 @@ pub fn metrics(shared: &Shared) -> String {
             "forward_dropped",
             "Cross-worker publishes not handed over: the worker's inbox was full.",
             |s| &s.forward_dropped,
+        ),
+        (
+            "deferred_upgrades",
+            "Upgrades whose decision the application deferred.",
+            |s| &s.deferred,
+        ),
+        (
+            "handle_misses",
+            "Sends and (un)subscriptions from a Handle for a connection gone (stale id) or closing.",
+            |s| &s.handle_misses,
         ),
         (
             "refused_sockets",

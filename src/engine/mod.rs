@@ -7,11 +7,13 @@
 //! registry; nothing on the data path is shared or locked. Workers reach each other only
 //! through a per-worker inbox (a mutex-guarded batch plus one coalesced eventfd wake-up):
 //! a pub/sub frame published on one worker is handed once to every other worker, which
-//! fans it out to its own subscribers.
+//! fans it out to its own subscribers. The same inbox carries what a [`Handle`] asks of
+//! one connection (send, (un)subscribe, close, the decision on a deferred upgrade); an
+//! async caller awaits room in it through a runtime-agnostic future.
 //!
-//! Backends: [`uring`] (multishot accept into the direct-descriptor table, multishot recv on
+//! Backends: `uring` (multishot accept into the direct-descriptor table, multishot recv on
 //! a provided-buffer ring, one send in flight per connection, a repeating kernel timeout)
-//! and [`epoll`] (edge-triggered, one shared read buffer per worker). Both drive the same
+//! and `epoll` (edge-triggered, one shared read buffer per worker). Both drive the same
 //! [`core::Core`], which holds every protocol and application rule.
 //!
 //! Files: `config.rs` ([`EngineConfig`], [`ServerBuilder`], [`ConfigError`]), `server.rs`
@@ -48,7 +50,7 @@ pub mod internals {
 pub(crate) use accept::AcceptBackoff;
 pub use config::{ConfigError, DEFAULT_WRITE_BATCH, EngineConfig, MAX_WORKERS, ServerBuilder};
 pub use server::{
-    GlobalConnId, Handle, RESERVED_FDS, Server, StartError, raise_nofile, socket_limit,
+    GlobalConnId, Handle, RESERVED_FDS, Server, StartError, TryError, raise_nofile, socket_limit,
 };
 pub use shared::{Command, HANDLE_QUEUE_LIMIT, Shared, ShutdownState};
 pub(crate) use stats::Bump;

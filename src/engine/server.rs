@@ -1,6 +1,6 @@
 //! Starting and running a server: [`Server`] (binding, the backend choice, the workers),
-//! [`Handle`] (publish, close, counts and shutdown from any thread), and the descriptor
-//! limits.
+//! [`Handle`] (publish, send to / close / (un)subscribe one connection, counts and
+//! shutdown from any thread, blocking, non-blocking or async), and the descriptor limits.
 
 use super::*;
 
@@ -59,6 +59,22 @@ pub struct GlobalConnId {
     pub id: ConnId,
 }
 
+/// Why a non-blocking call on a [`Handle`] did not hand its work over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TryError {
+    /// A worker it targets already has [`HANDLE_QUEUE_LIMIT`] bytes waiting: nothing was
+    /// queued. Retry later, or await the `_async` form.
+    #[error("a worker's inbox is full")]
+    Full,
+    /// The id names a worker this server does not have.
+    #[error("no such worker")]
+    NoSuchWorker,
+    /// A close frame (use [`Handle::close`]) or a control frame over 125 bytes.
+    #[error("frame refused (a close, or a control frame over 125 bytes)")]
+    Refused,
+}
+
 /// `Send + Clone`: publishes, closes connections, reads counters and shuts the server
 /// down from any thread.
 #[derive(Clone)]
@@ -92,6 +108,156 @@ impl Handle {
         let frame = proto::encode_frame(opcode, payload);
         self.shared
             .forward(workers, &Arc::from(topic), &frame, None)
+    }
+
+    /// [`Handle::publish`] that never blocks: `Err(TryError::Full)` at once, with nothing
+    /// published anywhere (not to the broker either), when a target worker already has
+    /// [`HANDLE_QUEUE_LIMIT`] bytes waiting. For async code that would rather drop or
+    /// retry than wait; [`Handle::publish_async`] waits without blocking a thread.
+    ///
+    /// # Errors
+    /// [`TryError::Full`] only.
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<usize, TryError> {
+        let workers = self.shared.directory.workers_with(topic, None);
+        if self.shared.is_full(workers) {
+            return Err(TryError::Full);
+        }
+        self.shared.publish_to_broker(topic, opcode, payload);
+        if workers == 0 {
+            return Ok(0);
+        }
+        let frame = proto::encode_frame(opcode, payload);
+        Ok(self
+            .shared
+            .forward(workers, &Arc::from(topic), &frame, None))
+    }
+
+    /// [`Handle::publish`] for async code: awaits room instead of blocking the thread.
+    /// Runtime-agnostic (a plain future: its waker is woken when a full worker takes its
+    /// inbox, or when a shutdown starts). Returns the number of workers it was handed to.
+    ///
+    /// ```no_run
+    /// # async fn f(handle: wsring::Handle) {
+    /// let workers = handle.publish_async("news", wsring::proto::OpCode::Text, b"hi").await;
+    /// # let _ = workers;
+    /// # }
+    /// ```
+    pub async fn publish_async(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
+        self.shared.publish_to_broker(topic, opcode, payload);
+        let workers = self.shared.directory.workers_with(topic, None);
+        if workers == 0 {
+            return 0;
+        }
+        shared::Room {
+            shared: &self.shared,
+            workers,
+        }
+        .await;
+        let frame = proto::encode_frame(opcode, payload);
+        // Subscribers may have moved while it waited: hand it to those there now.
+        let workers = self.shared.directory.workers_with(topic, None);
+        self.shared
+            .forward(workers, &Arc::from(topic), &frame, None)
+    }
+
+    /// Queues a message (text, binary, ping or pong) on one connection, from any thread;
+    /// it counts against the connection's worker's [`HANDLE_QUEUE_LIMIT`] like a publish,
+    /// and then against the connection's send queue limits and policy like
+    /// [`core::Conn::send`]. Returns at once.
+    ///
+    /// The id is generation-checked by the worker: if that connection is gone (even if its
+    /// slot now holds another one) or closing, nothing is sent, and the worker counts it in
+    /// [`WorkerStats::handle_misses`] (`wsring_handle_misses_total`).
+    ///
+    /// # Errors
+    /// [`TryError::Full`] when the worker's inbox is full (nothing queued),
+    /// [`TryError::NoSuchWorker`], or [`TryError::Refused`] for a close or a control frame
+    /// over 125 bytes.
+    pub fn try_send(
+        &self,
+        conn: GlobalConnId,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<(), TryError> {
+        let frame = self.send_frame(conn, opcode, payload)?;
+        self.shared
+            .try_command(conn.worker, Command::Send(conn.id, frame))
+            .map_err(|_| TryError::Full)
+    }
+
+    /// [`Handle::try_send`] that awaits room in the worker's inbox instead of failing with
+    /// [`TryError::Full`] (runtime-agnostic, like [`Handle::publish_async`]).
+    ///
+    /// # Errors
+    /// [`TryError::NoSuchWorker`] or [`TryError::Refused`]; once a shutdown started, the
+    /// message is queued without waiting.
+    pub async fn send_async(
+        &self,
+        conn: GlobalConnId,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<(), TryError> {
+        let frame = self.send_frame(conn, opcode, payload)?;
+        shared::Room {
+            shared: &self.shared,
+            workers: 1 << conn.worker,
+        }
+        .await;
+        let inbox = &self.shared.inboxes[conn.worker];
+        inbox.pending_bytes.fetch_add(frame.len(), Ordering::AcqRel);
+        self.shared
+            .send_command(inbox, Command::Send(conn.id, frame));
+        Ok(())
+    }
+
+    /// Checks a [`Handle::try_send`] and encodes its frame.
+    fn send_frame(
+        &self,
+        conn: GlobalConnId,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<Bytes, TryError> {
+        if conn.worker >= self.shared.inboxes.len() {
+            return Err(TryError::NoSuchWorker);
+        }
+        if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
+            return Err(TryError::Refused);
+        }
+        Ok(proto::encode_frame(opcode, payload))
+    }
+
+    /// Subscribes one connection to `topic`, from any thread (done by its worker, in
+    /// order with the other commands; a stale or closing id is counted in
+    /// [`WorkerStats::handle_misses`] and changes nothing).
+    ///
+    /// # Errors
+    /// [`TryError::NoSuchWorker`].
+    pub fn subscribe(&self, conn: GlobalConnId, topic: &str) -> Result<(), TryError> {
+        self.membership(conn, Command::Subscribe(conn.id, Arc::from(topic)))
+    }
+
+    /// Unsubscribes one connection from `topic`, from any thread (see
+    /// [`Handle::subscribe`]).
+    ///
+    /// # Errors
+    /// [`TryError::NoSuchWorker`].
+    pub fn unsubscribe(&self, conn: GlobalConnId, topic: &str) -> Result<(), TryError> {
+        self.membership(conn, Command::Unsubscribe(conn.id, Arc::from(topic)))
+    }
+
+    fn membership(&self, conn: GlobalConnId, cmd: Command) -> Result<(), TryError> {
+        let inbox = self
+            .shared
+            .inboxes
+            .get(conn.worker)
+            .ok_or(TryError::NoSuchWorker)?;
+        self.shared.send_command(inbox, cmd);
+        Ok(())
     }
 
     /// Publishes a text message (see [`Handle::publish`]).

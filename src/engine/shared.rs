@@ -3,6 +3,7 @@
 //! directory.
 
 use super::*;
+use std::task::{Context, Poll, Waker};
 
 /// Where a server is in its shutdown; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,6 +25,28 @@ pub enum Command {
     Publish(Arc<str>, Bytes),
     /// Close a connection of this worker with a code and reason.
     Close(ConnId, CloseCode, String),
+    /// Queue this encoded frame on one connection of this worker ([`Handle::try_send`]).
+    Send(ConnId, Bytes),
+    /// Subscribe one connection of this worker to a topic ([`Handle::subscribe`]).
+    Subscribe(ConnId, Arc<str>),
+    /// Unsubscribe one connection of this worker from a topic ([`Handle::unsubscribe`]).
+    Unsubscribe(ConnId, Arc<str>),
+    /// The decision on a deferred upgrade ([`handler::Deferred`]): a boxed
+    /// `Result<Accept<D>, Reject>` with the handler's `D` (or `()` for a reject).
+    Resolve(ConnId, Box<dyn std::any::Any + Send>),
+}
+
+impl Command {
+    /// The bytes this command holds against its inbox's [`HANDLE_QUEUE_LIMIT`].
+    fn bytes(&self) -> usize {
+        match self {
+            Command::Publish(_, f) | Command::Send(_, f) => f.len(),
+            Command::Close(..)
+            | Command::Subscribe(..)
+            | Command::Unsubscribe(..)
+            | Command::Resolve(..) => 0,
+        }
+    }
 }
 
 /// A cross-worker inbox: commands for this worker, with one coalesced wake-up.
@@ -33,6 +56,32 @@ pub(super) struct Inbox {
     pub(super) pending_bytes: AtomicUsize,
     wake_pending: AtomicBool,
     eventfd: OwnedFd,
+    /// Tasks waiting for room in this inbox ([`Room`]), woken when the worker takes it.
+    waiters: Mutex<Vec<Waker>>,
+    /// Whether `waiters` may hold any (so that taking a batch costs no second lock when
+    /// nobody waits).
+    has_waiters: AtomicBool,
+}
+
+impl Inbox {
+    fn full(&self) -> bool {
+        self.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
+    }
+
+    /// Wakes every task waiting for room.
+    fn wake_waiters(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.has_waiters.swap(false, Ordering::SeqCst) {
+            let waiters = self
+                .waiters
+                .lock()
+                .map(|mut w| std::mem::take(&mut *w))
+                .unwrap_or_default();
+            for w in waiters {
+                w.wake();
+            }
+        }
+    }
 }
 
 /// State shared by the workers (read-mostly).
@@ -84,6 +133,8 @@ impl Shared {
                 wake_pending: AtomicBool::new(false),
                 // SAFETY: fd is a fresh descriptor we own.
                 eventfd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+                waiters: Mutex::new(Vec::new()),
+                has_waiters: AtomicBool::new(false),
             });
         }
         let proto = Arc::new(proto::Config {
@@ -237,15 +288,34 @@ impl Shared {
             .lock()
             .map(|mut q| std::mem::take(&mut *q))
             .unwrap_or_default();
-        let bytes: usize = batch
-            .iter()
-            .map(|c| match c {
-                Command::Publish(_, f) => f.len(),
-                Command::Close(..) => 0,
-            })
-            .sum();
+        let bytes: usize = batch.iter().map(Command::bytes).sum();
         inbox.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        inbox.wake_waiters();
         batch
+    }
+
+    /// Whether any worker in `workers` has more than [`HANDLE_QUEUE_LIMIT`] bytes waiting
+    /// (always `false` once a shutdown started: nothing would free the room).
+    pub(super) fn is_full(&self, workers: u64) -> bool {
+        self.shutdown_state() == ShutdownState::Running
+            && self
+                .inboxes
+                .iter()
+                .enumerate()
+                .any(|(i, inbox)| workers & (1 << i) != 0 && inbox.full())
+    }
+
+    /// Queues `cmd` for worker `worker` unless its inbox is full; `Err` gives it back.
+    pub(super) fn try_command(&self, worker: usize, cmd: Command) -> Result<(), Command> {
+        let Some(inbox) = self.inboxes.get(worker) else {
+            return Err(cmd);
+        };
+        if self.is_full(1 << worker) {
+            return Err(cmd);
+        }
+        inbox.pending_bytes.fetch_add(cmd.bytes(), Ordering::AcqRel);
+        self.send_command(inbox, cmd);
+        Ok(())
     }
 
     /// Blocks (briefly, repeatedly) while any worker in `workers` has more than
@@ -256,9 +326,7 @@ impl Shared {
             if workers & (1 << i) == 0 {
                 continue;
             }
-            while inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
-                && self.shutdown_state() == ShutdownState::Running
-            {
+            while inbox.full() && self.shutdown_state() == ShutdownState::Running {
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
@@ -285,6 +353,8 @@ impl Shared {
         self.shutdown.fetch_max(state as u8, Ordering::AcqRel);
         for inbox in self.inboxes.iter() {
             wake(&inbox.eventfd);
+            // A task awaiting room returns: nothing will free it any more.
+            inbox.wake_waiters();
         }
     }
 
@@ -305,6 +375,42 @@ fn push_commands(inbox: &Inbox, cmds: impl IntoIterator<Item = Command>) {
     }
     if !inbox.wake_pending.swap(true, Ordering::AcqRel) {
         wake(&inbox.eventfd);
+    }
+}
+
+/// A future that completes once no worker in `workers` has more than
+/// [`HANDLE_QUEUE_LIMIT`] bytes waiting (or a shutdown started): the async form of
+/// `Shared::wait_for_room`. Runtime-agnostic: its waker is registered in each full inbox
+/// and woken when that worker takes its batch.
+pub(super) struct Room<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) workers: u64,
+}
+
+impl Future for Room<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let shared = self.shared;
+        for (i, inbox) in shared.inboxes.iter().enumerate() {
+            if self.workers & (1 << i) == 0 || !inbox.full() {
+                continue;
+            }
+            if let Ok(mut w) = inbox.waiters.lock()
+                && !w.iter().any(|w| w.will_wake(cx.waker()))
+            {
+                w.push(cx.waker().clone());
+            }
+            inbox.has_waiters.store(true, Ordering::SeqCst);
+            // Pairs with the fence in `wake_waiters`: either the worker sees the waiter,
+            // or this check sees the batch taken.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            // Checked again after registering: a batch taken in between must not be missed.
+            if inbox.full() && shared.shutdown_state() == ShutdownState::Running {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(())
     }
 }
 

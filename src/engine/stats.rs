@@ -54,6 +54,13 @@ pub struct WorkerStats {
     /// Cross-worker publishes not handed to a worker because its inbox was full (a
     /// handler publishing faster than that worker fans out).
     pub forward_dropped: AtomicU64,
+    /// Upgrades whose decision `on_upgrade` deferred.
+    pub deferred: AtomicU64,
+    /// Commands from a [`Handle`](crate::engine::Handle) (send, subscribe, unsubscribe)
+    /// (or a deferred upgrade's decision)
+    /// for a connection this worker no longer holds (a stale id: closed, its slot maybe
+    /// reused) or that is closing: nothing was done.
+    pub handle_misses: AtomicU64,
     /// Sockets refused at accept because the server held its socket limit.
     pub refused_sockets: AtomicU64,
     /// Failed accepts (EMFILE, ENFILE, ENOBUFS...).

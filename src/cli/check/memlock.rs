@@ -149,7 +149,7 @@ pub const RING_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_mil
 /// once, as a running server does, and closes them again. This measures what the kernel
 /// charges to RLIMIT_MEMLOCK (if anything) under the process's current limit, on this
 /// kernel, for this user (the charge is per user: other processes' rings count too). A
-/// ring refused with ENOMEM is retried for up to [`RING_RELEASE_WAIT`] in all.
+/// ring refused with ENOMEM is retried for up to `RING_RELEASE_WAIT` in all.
 pub fn memlock_fit(workers: u64, file_table: u32) -> RingFit {
     const STEP: std::time::Duration = std::time::Duration::from_millis(10);
     let mut rings = Vec::new();

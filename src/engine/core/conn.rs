@@ -13,6 +13,16 @@ impl<D> Conn<'_, D> {
         self.inner.index
     }
 
+    /// This connection's id in the whole server: what a [`Handle`](crate::engine::Handle)
+    /// takes to send to it, close it or (un)subscribe it from another thread (keep it in
+    /// your own map, e.g. user -> connections, and drop it in `on_close`).
+    pub fn global_id(&self) -> crate::engine::GlobalConnId {
+        crate::engine::GlobalConnId {
+            worker: self.inner.index,
+            id: self.id,
+        }
+    }
+
     /// The handler's data for this connection.
     pub fn data(&mut self) -> Option<&mut D> {
         slot_of(&mut self.inner.slots, self.id).and_then(|s| s.data.as_mut())
@@ -123,6 +133,37 @@ impl<D> Conn<'_, D> {
             s.flags.set(Flags::PAUSED, false);
         }
         self.inner.mark_dirty(id);
+    }
+
+    /// Calls [`Handler::on_timer`](crate::api::Handler::on_timer) for this connection once
+    /// `after` has passed (at the wheel's 20 ms resolution, never early), replacing a
+    /// timer already set. One timer per connection; it is dropped with the connection (a
+    /// connection closed before it fires gets no call) and does not fire while the
+    /// connection is closing. Costs no memory on connections that do not use it.
+    ///
+    /// "Authenticate with the first message within 5 s": `conn.set_timer(5 s)` in
+    /// `on_open`, `conn.cancel_timer()` once the first message checks out, and
+    /// `conn.close(CloseCode::Policy, ...)` in `on_timer`.
+    pub fn set_timer(&mut self, after: std::time::Duration) {
+        let id = self.id;
+        let at = self.inner.now + after;
+        if !self.inner.is_open(id) {
+            return;
+        }
+        if let Some(slot) = slot_of(&mut self.inner.slots, id) {
+            slot.extra().set_timer(Some(at));
+            schedule_slot(&mut self.inner.wheel, slot, id, at);
+        }
+    }
+
+    /// Cancels this connection's timer, if one is set (`on_timer` is not called).
+    pub fn cancel_timer(&mut self) {
+        if let Some(slot) = slot_of(&mut self.inner.slots, self.id)
+            && let Some(extra) = slot.extra.as_mut()
+        {
+            extra.set_timer(None);
+            slot.tidy();
+        }
     }
 
     /// Bytes queued on this connection and not yet written.

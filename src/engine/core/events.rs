@@ -21,6 +21,16 @@ impl<H: Handler> Core<H> {
         }
         match slot.phase {
             Phase::Handshake => {
+                if let Some(pending) = slot.extra.as_mut().and_then(|e| e.deferred_mut()) {
+                    // Waiting for the application: hold what the client sends, bounded.
+                    if pending.rest.len() + data.len() > limits.max_header_bytes {
+                        slot.flags.set(Flags::DEAD, true);
+                        self.inner.mark_dirty(id);
+                    } else {
+                        pending.rest.extend_from_slice(data);
+                    }
+                    return;
+                }
                 let Some(hs) = slot.extra.as_mut().and_then(|e| e.handshake.as_mut()) else {
                     return;
                 };
@@ -88,7 +98,7 @@ impl<H: Handler> Core<H> {
                     slot.close_code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
                     let code = u16::from(slot.close_code);
                     if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
-                        slot.extra().close_reason = Some(f.reason.into_boxed_str());
+                        slot.extra().set_close_reason(f.reason);
                     }
                     let stats = self.inner.stats();
                     stats.close_received(code);
@@ -136,7 +146,8 @@ impl<H: Handler> Core<H> {
         self.inner.mark_dirty(id);
     }
 
-    /// Runs the commands other threads sent to this worker (publishes, closes).
+    /// Runs the commands other threads sent to this worker (publishes, closes, sends and
+    /// (un)subscriptions of one connection).
     pub fn on_commands(&mut self, now: Instant) {
         self.inner.now = now;
         let batch = self.inner.shared.take_commands(self.inner.index);
@@ -147,6 +158,31 @@ impl<H: Handler> Core<H> {
                 }
                 Command::Close(id, code, reason) => {
                     self.inner.close_conn(id, code, &reason);
+                }
+                Command::Send(id, frame) => {
+                    // Generation-checked: a stale id reaches no connection.
+                    match self.inner.queue_frame(id, Out::Owned(frame), None) {
+                        SendStatus::Queued | SendStatus::Backpressure => {
+                            self.inner.stats().messages_out.bump(1)
+                        }
+                        SendStatus::Closed => self.inner.stats().handle_misses.bump(1),
+                        SendStatus::Dropped | SendStatus::Conflated => {}
+                    }
+                }
+                Command::Resolve(id, decision) => self.on_resolve(id, decision, now),
+                Command::Subscribe(id, topic) => {
+                    if self.inner.is_open(id) {
+                        self.inner.subscribe(id, &topic);
+                    } else {
+                        self.inner.stats().handle_misses.bump(1);
+                    }
+                }
+                Command::Unsubscribe(id, topic) => {
+                    if self.inner.is_open(id) {
+                        self.inner.unsubscribe(id, &topic);
+                    } else {
+                        self.inner.stats().handle_misses.bump(1);
+                    }
                 }
             }
         }
@@ -228,7 +264,7 @@ impl<H: Handler> Core<H> {
         };
         let counted = slot.flags.has(Flags::COUNTED);
         let code = slot.close_code;
-        let reason = slot.extra.as_mut().and_then(|e| e.close_reason.take());
+        let reason = slot.extra.as_mut().and_then(|e| e.take_close_reason());
         if counted {
             self.handler.on_close(
                 &mut Conn {
@@ -236,13 +272,18 @@ impl<H: Handler> Core<H> {
                     id,
                 },
                 code,
-                reason.as_deref().unwrap_or(""),
+                reason.as_deref().map_or("", String::as_str),
             );
         }
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        let topics = slot.extra.take().map(|e| e.topics).unwrap_or_default();
+        let extra = slot.extra.take();
+        if let Some(pending) = extra.as_ref().and_then(|e| e.deferred()) {
+            // A deferred upgrade's client left: its token now reports `Gone`.
+            pending.gone.store(true, Ordering::Release);
+        }
+        let topics = extra.map(|e| e.topics).unwrap_or_default();
         self.inner.slots.remove(id.slot as usize);
         for topic in &topics {
             self.inner.remove_subscriber(topic, id);
@@ -302,8 +343,23 @@ impl<H: Handler> Core<H> {
                         // The timer fires after a silence: give back what a burst left.
                         slot.conn.shrink();
                     }
-                    let next = slot.conn.poll_timeout();
+                    let mut next = slot.conn.poll_timeout();
+                    // The application's timer shares the slot's one wheel entry.
+                    let timer_due = slot.timer().is_some_and(|at| at <= now);
+                    if timer_due {
+                        slot.extra().set_timer(None);
+                        slot.tidy();
+                    } else if let Some(at) = slot.timer() {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
                     self.drain_events(id);
+                    if timer_due && self.inner.is_open(id) {
+                        // It may set the timer again: that schedules the slot itself.
+                        self.handler.on_timer(&mut Conn {
+                            inner: &mut self.inner,
+                            id,
+                        });
+                    }
                     next
                 }
                 Phase::Finish => {

@@ -1,6 +1,7 @@
 //! A connection's slot: the 64 bytes a worker keeps per connection (the protocol state,
 //! the generation, the descriptor, flags and phase, the handler's data), with what only
-//! some connections need (handshake buffer, topics, conflated frames, deadlines) boxed in
+//! some connections need (handshake buffer, topics, conflated frames, deadlines, the
+//! application's timer) boxed in
 //! an [`Extra`] that exists only while it holds something.
 
 use super::*;
@@ -13,6 +14,15 @@ pub(super) enum Phase {
     Open,
     /// Answered (an HTTP response): close the socket once written.
     Finish,
+}
+
+/// An upgrade whose decision is deferred ([`Decision::Defer`]): what answering it needs,
+/// the bytes the client sent meanwhile, and the flag the [`Deferred`] token reads.
+#[derive(Debug)]
+pub(super) struct PendingUpgrade {
+    pub(super) upgrade: handshake::Upgrade,
+    pub(super) rest: Vec<u8>,
+    pub(super) gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -86,8 +96,28 @@ pub(super) struct Extra {
     pub(super) topics: Vec<Arc<str>>,
     /// Conflation: the newest frame per topic, held while the queue is over its hard limit.
     pub(super) conflated: Conflated,
-    /// The peer's close reason (only when it sent one).
-    pub(super) close_reason: Option<Box<str>>,
+    /// What at most one phase of a connection needs: a deferred upgrade's state, the
+    /// application's timer, or the peer's close reason.
+    pub(super) rare: Rare,
+}
+
+/// The parts of [`Extra`] that no two phases need at once, sharing one field so that
+/// `Extra` stays the size it was before the application's timer and deferred upgrades:
+/// a deferred upgrade exists only before the 101, the timer only while open (it never
+/// fires once closing), the peer's close reason only once it closed.
+#[derive(Debug, Default)]
+pub(super) enum Rare {
+    #[default]
+    None,
+    /// An upgrade waiting for the application's decision (handshake phase).
+    Deferred(Box<PendingUpgrade>),
+    /// When `Handler::on_timer` is due ([`Conn::set_timer`]).
+    Timer(Instant),
+    /// The peer's close reason (only when it sent one). A thin box (a `Box<str>` is two
+    /// words, which would make every `Extra` a word larger for a value that exists only
+    /// at the end of some connections).
+    #[allow(clippy::box_collection)] // thin on purpose: see above
+    CloseReason(Box<String>),
 }
 
 impl Extra {
@@ -95,9 +125,71 @@ impl Extra {
         self.handshake.is_none()
             && self.topics.is_empty()
             && self.conflated.is_empty()
-            && self.close_reason.is_none()
+            && matches!(self.rare, Rare::None)
+    }
+
+    pub(super) fn deferred(&self) -> Option<&PendingUpgrade> {
+        match &self.rare {
+            Rare::Deferred(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub(super) fn deferred_mut(&mut self) -> Option<&mut PendingUpgrade> {
+        match &mut self.rare {
+            Rare::Deferred(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub(super) fn take_deferred(&mut self) -> Option<Box<PendingUpgrade>> {
+        match std::mem::take(&mut self.rare) {
+            Rare::Deferred(p) => Some(p),
+            other => {
+                self.rare = other;
+                None
+            }
+        }
+    }
+
+    pub(super) fn timer(&self) -> Option<Instant> {
+        match self.rare {
+            Rare::Timer(at) => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Sets (`Some`) or cancels (`None`) the application's timer.
+    pub(super) fn set_timer(&mut self, at: Option<Instant>) {
+        match at {
+            Some(at) => self.rare = Rare::Timer(at),
+            None if matches!(self.rare, Rare::Timer(_)) => self.rare = Rare::None,
+            None => {}
+        }
+    }
+
+    /// Keeps the peer's close reason (in place of a timer: a closing connection's timer
+    /// never fires).
+    pub(super) fn set_close_reason(&mut self, reason: String) {
+        if !matches!(self.rare, Rare::Deferred(_)) {
+            self.rare = Rare::CloseReason(Box::new(reason));
+        }
+    }
+
+    #[allow(clippy::box_collection)] // the variant's thin box, handed on as it is
+    pub(super) fn take_close_reason(&mut self) -> Option<Box<String>> {
+        match std::mem::take(&mut self.rare) {
+            Rare::CloseReason(r) => Some(r),
+            other => {
+                self.rare = other;
+                None
+            }
+        }
     }
 }
+
+/// The boxed part stays within the size it had before `Rare` (104 bytes on 64-bit).
+const _: () = assert!(std::mem::size_of::<Extra>() <= 104);
 
 /// One connection. Kept at 64 bytes (asserted below): with the timer-wheel entry and the
 /// backend's per-slot bytes it is the whole user-space cost of an idle connection.
@@ -151,6 +243,11 @@ impl<D> Slot<D> {
 
     pub(super) fn topics(&self) -> &[Arc<str>] {
         self.extra.as_ref().map_or(&[], |e| &e.topics)
+    }
+
+    /// When the application's timer is due, if one is set.
+    pub(super) fn timer(&self) -> Option<Instant> {
+        self.extra.as_ref().and_then(|e| e.timer())
     }
 
     pub(super) fn has_conflated(&self) -> bool {

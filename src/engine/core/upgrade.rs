@@ -44,13 +44,7 @@ impl<H: Handler> Core<H> {
         id
     }
 
-    pub(super) fn on_request(
-        &mut self,
-        id: ConnId,
-        request: Request,
-        mut rest: Vec<u8>,
-        now: Instant,
-    ) {
+    pub(super) fn on_request(&mut self, id: ConnId, request: Request, rest: Vec<u8>, now: Instant) {
         if !request.wants_upgrade() {
             return self.respond_http(id, &request);
         }
@@ -69,9 +63,91 @@ impl<H: Handler> Core<H> {
         if self.inner.draining.is_some() {
             return self.respond_error(id, HandshakeError::Full);
         }
-        let accept = match self.handler.on_upgrade(&request, &upgrade) {
-            Decision::Accept(a) => a,
-            Decision::Reject(r) => {
+        let decision = match self.handler.on_upgrade(&request, &upgrade) {
+            Decision::Accept(a) => Ok(a),
+            Decision::Reject(r) => Err(r),
+            Decision::Defer(f) => return self.defer(id, upgrade, rest, f),
+        };
+        self.decided(id, &upgrade, decision, rest, now);
+    }
+
+    /// `on_upgrade` deferred its decision: the connection waits in its handshake (the
+    /// deadline still runs) and the token goes to the application.
+    fn defer(
+        &mut self,
+        id: ConnId,
+        upgrade: handshake::Upgrade,
+        rest: Vec<u8>,
+        f: Box<dyn FnOnce(Deferred<H::Data>)>,
+    ) {
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return;
+        };
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let extra = slot.extra();
+        if let Some(hs) = extra.handshake.as_mut() {
+            hs.buf = Vec::new();
+        }
+        extra.rare = Rare::Deferred(Box::new(PendingUpgrade {
+            upgrade,
+            rest,
+            gone: gone.clone(),
+        }));
+        self.inner.stats().deferred.bump(1);
+        f(Deferred::new(
+            self.inner.shared.clone(),
+            self.inner.index,
+            id,
+            gone,
+        ));
+    }
+
+    /// A deferred upgrade's decision arrived (`decision`: a boxed `Result<Accept<D>,
+    /// Reject>`, see `Command::Resolve`).
+    pub(super) fn on_resolve(
+        &mut self,
+        id: ConnId,
+        decision: Box<dyn std::any::Any + Send>,
+        now: Instant,
+    ) {
+        let pending = slot_of(&mut self.inner.slots, id)
+            .filter(|s| {
+                s.phase == Phase::Handshake
+                    && !s.flags.has(Flags::DEAD)
+                    && !s.flags.has(Flags::CLOSING)
+            })
+            .and_then(|s| s.extra.as_mut())
+            .and_then(|e| e.take_deferred());
+        let Some(pending) = pending else {
+            // Gone meanwhile: the slot was freed (maybe reused) or is closing; the token
+            // was told, or its decision raced the client's leaving. Dropped here.
+            self.inner.stats().handle_misses.bump(1);
+            return;
+        };
+        let PendingUpgrade { upgrade, rest, .. } = *pending;
+        let decision = match decision.downcast::<Result<Accept<H::Data>, Reject>>() {
+            Ok(d) => *d,
+            // A reject from a dropped token carries no data type.
+            Err(other) => match other.downcast::<Result<Accept<()>, Reject>>() {
+                Ok(d) => Err((*d).err().unwrap_or_else(|| Reject::status(500))),
+                Err(_) => Err(Reject::status(500)),
+            },
+        };
+        self.decided(id, &upgrade, decision, rest, now);
+    }
+
+    /// Applies the decision on an upgrade: the 101 and `on_open`, or the rejection.
+    fn decided(
+        &mut self,
+        id: ConnId,
+        upgrade: &handshake::Upgrade,
+        decision: Result<Accept<H::Data>, Reject>,
+        mut rest: Vec<u8>,
+        now: Instant,
+    ) {
+        let accept = match decision {
+            Ok(a) => a,
+            Err(r) => {
                 let mut out = Vec::new();
                 let headers = header_refs(&r.headers);
                 handshake::encode_response(
