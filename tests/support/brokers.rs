@@ -389,14 +389,7 @@ impl RedisCluster {
             .lines()
             .find(|l| l.contains("myself"))
             .expect("a myself line in CLUSTER NODES");
-        line.split_whitespace()
-            .skip(8)
-            .filter(|f| !f.starts_with('['))
-            .map(|f| match f.split_once('-') {
-                Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
-                None => (f.parse().unwrap(), f.parse().unwrap()),
-            })
-            .collect()
+        slot_ranges(line)
     }
 
     /// How many slots `view` says `master` owns (from its `CLUSTER NODES`).
@@ -407,15 +400,9 @@ impl RedisCluster {
             .lines()
             .find(|l| l.contains(&format!("127.0.0.1:{port}@")))
             .map_or(0, |line| {
-                line.split_whitespace()
-                    .skip(8)
-                    .filter(|f| !f.starts_with('['))
-                    .map(|f| match f.split_once('-') {
-                        Some((a, b)) => {
-                            b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1
-                        }
-                        None => 1,
-                    })
+                slot_ranges(line)
+                    .iter()
+                    .map(|&(a, b)| usize::from(b - a) + 1)
                     .sum()
             })
     }
@@ -450,6 +437,19 @@ impl RedisCluster {
         }
         self.wait_ok();
     }
+}
+
+/// The slot ranges of one `CLUSTER NODES` line (fields after the eighth; `[..]` entries
+/// are slots being migrated, not owned).
+fn slot_ranges(line: &str) -> Vec<(u16, u16)> {
+    line.split_whitespace()
+        .skip(8)
+        .filter(|f| !f.starts_with('['))
+        .map(|f| match f.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+            None => (f.parse().unwrap(), f.parse().unwrap()),
+        })
+        .collect()
 }
 
 impl Drop for RedisCluster {
