@@ -4,6 +4,7 @@
 //! (un)subscriptions of one connection through the `Handle` (generation-checked), and
 //! per-connection application timers.
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -592,18 +593,7 @@ fn a_timer_of_a_closed_connection_never_fires(backend: BackendChoice) {
     });
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod io_uring {
-            $( #[test] fn $name() { super::$name(wsring::engine::BackendChoice::IoUring) } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::$name(wsring::engine::BackendChoice::Epoll) } )*
-        }
-    };
-}
-
-both_backends!(
+for_both_backends!(
     a_deferred_upgrade_accepted_from_another_thread_opens_with_its_topics,
     a_deferred_upgrade_rejected_later_gets_the_status,
     a_dropped_token_answers_503,

@@ -8,6 +8,7 @@
 //! same worker is still answered within a second while the attack runs. The tests take a
 //! lock one at a time, so one test's memory never shows in another's RSS bound.
 
+#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
@@ -536,28 +537,6 @@ fn answer_survives_an_unread_request_body(backend: BackendChoice) {
         .await;
     });
     server.stop();
-}
-
-/// Generates `io_uring::<name>` and `epoll::<name>` tests calling `<name>(backend)`.
-macro_rules! for_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod io_uring {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(wsring::engine::BackendChoice::IoUring)
-                }
-            )*
-        }
-        mod epoll {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(wsring::engine::BackendChoice::Epoll)
-                }
-            )*
-        }
-    };
 }
 
 for_both_backends!(

@@ -1,6 +1,9 @@
 //! The broadcast engine and the embedding API, driven by real tokio-tungstenite clients
 //! against an in-process server on 127.0.0.1, on both backends.
 
+#[macro_use]
+mod common;
+
 use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -655,18 +658,7 @@ fn publishes_sends_and_membership_changes_in_one_turn_keep_their_order(backend: 
     });
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod io_uring {
-            $( #[test] fn $name() { super::$name(wsring::engine::BackendChoice::IoUring) } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::$name(wsring::engine::BackendChoice::Epoll) } )*
-        }
-    };
-}
-
-both_backends!(
+for_both_backends!(
     one_publisher_reaches_a_thousand_subscribers_once_and_in_order,
     a_fan_out_written_over_many_turns_stays_complete_and_in_order,
     publish_from_a_plain_thread,

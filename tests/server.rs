@@ -6,6 +6,7 @@
 //! Connection churn and descriptor accounting live in `tests/churn.rs`: they count the
 //! process's descriptors, which the tests here would disturb by running alongside.
 
+#[macro_use]
 mod common;
 
 use std::io::BufRead as _;
@@ -906,32 +907,6 @@ fn pubsub_delivers_200_messages_in_order_to_every_subscriber(backend: BackendCho
 }
 
 // ---------------------------------------------------------------------------------------
-
-/// Generates `io_uring::<name>` and `epoll::<name>` tests calling `<name>(backend)`.
-/// Attributes before a name apply to both; `{ epoll: #[...] }` after it to epoll only.
-macro_rules! for_both_backends {
-    ($($(#[$attr:meta])* $name:ident $({ epoll: #[$epoll_attr:meta] })?),* $(,)?) => {
-        mod io_uring {
-            $(
-                $(#[$attr])*
-                #[test]
-                fn $name() {
-                    super::$name(wsring::engine::BackendChoice::IoUring)
-                }
-            )*
-        }
-        mod epoll {
-            $(
-                $(#[$attr])*
-                $(#[$epoll_attr])?
-                #[test]
-                fn $name() {
-                    super::$name(wsring::engine::BackendChoice::Epoll)
-                }
-            )*
-        }
-    };
-}
 
 for_both_backends!(
     echo_returns_text_and_binary_up_to_the_16mib_limit,

@@ -623,3 +623,30 @@ pub fn utf8_text(len: usize) -> String {
     }
     text
 }
+
+/// Generates `io_uring::<name>` and `epoll::<name>` tests calling `<name>(backend)`.
+/// Attributes before a name apply to both; `{ epoll: #[...] }` after it to epoll only.
+#[allow(unused_macros)] // Not every test binary has backend-parametrised tests.
+macro_rules! for_both_backends {
+    ($($(#[$attr:meta])* $name:ident $({ epoll: #[$epoll_attr:meta] })?),* $(,)?) => {
+        mod io_uring {
+            $(
+                $(#[$attr])*
+                #[test]
+                fn $name() {
+                    super::$name(wsring::engine::BackendChoice::IoUring)
+                }
+            )*
+        }
+        mod epoll {
+            $(
+                $(#[$attr])*
+                $(#[$epoll_attr])?
+                #[test]
+                fn $name() {
+                    super::$name(wsring::engine::BackendChoice::Epoll)
+                }
+            )*
+        }
+    };
+}
