@@ -169,18 +169,101 @@ enum Cmd {
     Unsubscribe(Arc<str>),
 }
 
-/// Joins a client's `thread` if it ends within `bound`; otherwise leaves it detached (it
-/// ends at its next await point, having been told to stop).
+/// A broker client's thread (shared by the Redis and NATS clients): built, holding the
+/// queues its thread will take; running, on a current-thread tokio runtime, told to stop
+/// through a watch channel; or done.
 #[cfg(any(feature = "redis", feature = "nats"))]
-fn join_bounded(thread: std::thread::JoinHandle<()>, bound: Duration, what: &str) {
-    let deadline = std::time::Instant::now() + bound;
-    while !thread.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
+struct ClientThread<Q> {
+    life: std::sync::Mutex<Life<Q>>,
+    /// The client's name, for messages.
+    what: &'static str,
+}
+
+#[cfg(any(feature = "redis", feature = "nats"))]
+enum Life<Q> {
+    Idle(Q),
+    Running {
+        thread: std::thread::JoinHandle<()>,
+        stop: tokio::sync::watch::Sender<bool>,
+    },
+    Done,
+}
+
+#[cfg(any(feature = "redis", feature = "nats"))]
+impl<Q> ClientThread<Q> {
+    fn new(what: &'static str, queues: Q) -> ClientThread<Q> {
+        ClientThread {
+            life: std::sync::Mutex::new(Life::Idle(queues)),
+            what,
+        }
     }
-    if thread.is_finished() {
-        let _ = thread.join();
-    } else {
-        tracing::warn!("{what} broker thread did not stop within {bound:?}; detached");
+
+    fn life(&self) -> std::sync::MutexGuard<'_, Life<Q>> {
+        self.life
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the thread, once: `build` makes its work from the queues and the stop
+    /// signal (here), `run` turns that into the future the thread runs (there).
+    ///
+    /// # Errors
+    /// Started before, or the runtime or the thread could not be made.
+    fn start<T, F>(
+        &self,
+        build: impl FnOnce(Q, tokio::sync::watch::Receiver<bool>) -> T,
+        run: impl FnOnce(T) -> F + Send + 'static,
+    ) -> std::io::Result<()>
+    where
+        T: Send + 'static,
+        F: std::future::Future,
+    {
+        let mut life = self.life();
+        let queues = match std::mem::replace(&mut *life, Life::Done) {
+            Life::Idle(q) => q,
+            other => {
+                *life = other;
+                return Err(std::io::Error::other(format!(
+                    "the {} client was already started",
+                    self.what
+                )));
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let work = build(queues, stopped);
+        let thread = std::thread::Builder::new()
+            .name("wsring-broker".to_owned())
+            .spawn(move || {
+                let _ = runtime.block_on(run(work));
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })?;
+        *life = Life::Running { thread, stop };
+        Ok(())
+    }
+
+    /// Tells the thread to stop and joins it if it ends within a second; otherwise leaves
+    /// it detached (it ends at its next await point, having been told to stop).
+    fn stop(&self) {
+        let mut life = self.life();
+        if let Life::Running { thread, stop } = std::mem::replace(&mut *life, Life::Done) {
+            let _ = stop.send(true);
+            let bound = Duration::from_secs(1);
+            let deadline = std::time::Instant::now() + bound;
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!(
+                    "{} broker thread did not stop within {bound:?}; detached",
+                    self.what
+                );
+            }
+        }
     }
 }
 

@@ -25,8 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::{ConnectOptions, ServerAddr};
@@ -35,7 +34,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Backoff, Broker, BrokerState, BrokerStats, Cmd, Incoming, NodeId, Sink, join_bounded, wire,
+    Backoff, Broker, BrokerState, BrokerStats, ClientThread, Cmd, Incoming, NodeId, Sink, wire,
 };
 use crate::proto::OpCode;
 
@@ -153,15 +152,6 @@ struct Queues {
     publish: mpsc::Receiver<Outgoing>,
 }
 
-enum Lifecycle {
-    Idle(Option<Queues>),
-    Running {
-        thread: JoinHandle<()>,
-        stop: watch::Sender<bool>,
-    },
-    Done,
-}
-
 /// A [`Broker`] over core NATS. See the [module documentation](self).
 pub struct NatsBroker {
     opts: Arc<NatsOptions>,
@@ -170,7 +160,7 @@ pub struct NatsBroker {
     publish: mpsc::Sender<Outgoing>,
     stats: Arc<BrokerStats>,
     node: AtomicU64,
-    life: Mutex<Lifecycle>,
+    thread: ClientThread<Queues>,
     description: String,
 }
 
@@ -265,10 +255,13 @@ impl NatsBroker {
             publish: ptx,
             stats: Arc::new(BrokerStats::default()),
             node: AtomicU64::new(0),
-            life: Mutex::new(Lifecycle::Idle(Some(Queues {
-                cmds: crx,
-                publish: prx,
-            }))),
+            thread: ClientThread::new(
+                "NATS",
+                Queues {
+                    cmds: crx,
+                    publish: prx,
+                },
+            ),
             description,
         })
     }
@@ -277,51 +270,30 @@ impl NatsBroker {
     pub fn options(&self) -> &NatsOptions {
         &self.opts
     }
-
-    fn life(&self) -> MutexGuard<'_, Lifecycle> {
-        self.life
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 impl Broker for NatsBroker {
     fn start(&self, node: NodeId, sink: Arc<dyn Sink>) -> std::io::Result<()> {
-        let mut life = self.life();
-        let queues = match &mut *life {
-            Lifecycle::Idle(q) => q.take(),
-            _ => None,
-        };
-        let Some(queues) = queues else {
-            return Err(std::io::Error::other("the NATS client was already started"));
-        };
         self.node.store(node, Ordering::Relaxed);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = Task {
-            node,
-            sink,
-            stats: Arc::clone(&self.stats),
-            opts: Arc::clone(&self.opts),
-            servers: self.servers.clone(),
-            cmds: queues.cmds,
-            publish: queues.publish,
-            stop: stop_rx,
-        };
+        let (stats, opts, servers) = (
+            Arc::clone(&self.stats),
+            Arc::clone(&self.opts),
+            self.servers.clone(),
+        );
         self.stats.set_state(BrokerState::Connecting);
-        let thread = std::thread::Builder::new()
-            .name("wsring-broker".to_owned())
-            .spawn(move || {
-                runtime.block_on(task.run());
-                runtime.shutdown_timeout(Duration::from_millis(100));
-            })?;
-        *life = Lifecycle::Running {
-            thread,
-            stop: stop_tx,
-        };
-        Ok(())
+        self.thread.start(
+            move |queues: Queues, stop| Task {
+                node,
+                sink,
+                stats,
+                opts,
+                servers,
+                cmds: queues.cmds,
+                publish: queues.publish,
+                stop,
+            },
+            Task::run,
+        )
     }
 
     fn subscribe(&self, topic: &str) {
@@ -356,12 +328,7 @@ impl Broker for NatsBroker {
     }
 
     fn stop(&self) {
-        let mut life = self.life();
-        if let Lifecycle::Running { thread, stop } = std::mem::replace(&mut *life, Lifecycle::Done)
-        {
-            let _ = stop.send(true);
-            join_bounded(thread, Duration::from_secs(1), "NATS");
-        }
+        self.thread.stop();
         self.stats.set_state(BrokerState::Stopped);
     }
 }

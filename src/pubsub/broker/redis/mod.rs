@@ -35,9 +35,8 @@
 //! again and resubscribes everything where it now lives.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -49,7 +48,7 @@ use redis::{
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Backoff, Broker, BrokerState, BrokerStats, Cmd, Incoming, NodeId, Sink, join_bounded, shard_of,
+    Backoff, Broker, BrokerState, BrokerStats, ClientThread, Cmd, Incoming, NodeId, Sink, shard_of,
     wire,
 };
 use crate::proto::OpCode;
@@ -147,18 +146,6 @@ struct ShardQueues {
     publish: mpsc::Receiver<Outgoing>,
 }
 
-enum Lifecycle {
-    /// Built, not started: the queues wait for the thread.
-    Idle(Vec<ShardQueues>),
-    /// Running.
-    Running {
-        thread: JoinHandle<()>,
-        stop: watch::Sender<bool>,
-    },
-    /// Stopped (or failed to start).
-    Done,
-}
-
 /// A [`Broker`] over Redis pub/sub. See the [module documentation](self).
 pub struct RedisBroker {
     opts: Arc<RedisOptions>,
@@ -167,7 +154,7 @@ pub struct RedisBroker {
     shards: Vec<ShardHandle>,
     stats: Arc<BrokerStats>,
     node: std::sync::atomic::AtomicU64,
-    life: Mutex<Lifecycle>,
+    thread: ClientThread<Vec<ShardQueues>>,
     description: String,
 }
 
@@ -282,7 +269,7 @@ impl RedisBroker {
             shards,
             stats: Arc::new(BrokerStats::default()),
             node: std::sync::atomic::AtomicU64::new(0),
-            life: Mutex::new(Lifecycle::Idle(queues)),
+            thread: ClientThread::new("Redis", queues),
             description,
         })
     }
@@ -292,12 +279,6 @@ impl RedisBroker {
         &self.opts
     }
 
-    fn life(&self) -> MutexGuard<'_, Lifecycle> {
-        self.life
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn shard(&self, topic: &str) -> &ShardHandle {
         &self.shards[shard_of(topic, self.shards.len())]
     }
@@ -305,21 +286,7 @@ impl RedisBroker {
 
 impl Broker for RedisBroker {
     fn start(&self, node: NodeId, sink: Arc<dyn Sink>) -> std::io::Result<()> {
-        let mut life = self.life();
-        let queues = match std::mem::replace(&mut *life, Lifecycle::Done) {
-            Lifecycle::Idle(q) => q,
-            other => {
-                *life = other;
-                return Err(std::io::Error::other(
-                    "the Redis client was already started",
-                ));
-            }
-        };
         self.node.store(node, Ordering::Relaxed);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (stop_tx, stop_rx) = watch::channel(false);
         let mut probe_channel = self.opts.prefix.as_bytes().to_vec();
         probe_channel.push(0xFF);
         probe_channel.extend_from_slice(format!("probe:{node:016x}").as_bytes());
@@ -332,38 +299,35 @@ impl Broker for RedisBroker {
             connected: AtomicUsize::new(0),
             shards: self.seeds.len(),
         });
-        let mut tasks = Vec::with_capacity(queues.len());
-        for (index, (q, seeds)) in queues.into_iter().zip(&self.seeds).enumerate() {
-            let addrs: Vec<String> = seeds.iter().map(|i| i.addr().to_string()).collect();
-            tasks.push(ShardTask {
-                index,
-                addr: addrs.join(","),
-                seeds: seeds.clone(),
-                wanted: HashSet::new(),
-                unsubscribing: HashMap::new(),
-                ever_up: false,
-                probe_seq: 0,
-                cmds: q.cmds,
-                publish: q.publish,
-                stop: stop_rx.clone(),
-                backoff: Backoff::new(self.opts.backoff_base, self.opts.backoff_max),
-                shared: Arc::clone(&shared),
-            });
-        }
+        let (opts, seeds) = (Arc::clone(&self.opts), self.seeds.clone());
         self.stats.set_state(BrokerState::Connecting);
-        let thread = std::thread::Builder::new()
-            .name("wsring-broker".to_owned())
-            .spawn(move || {
-                runtime.block_on(futures_util::future::join_all(
-                    tasks.into_iter().map(ShardTask::run),
-                ));
-                runtime.shutdown_timeout(Duration::from_millis(100));
-            })?;
-        *life = Lifecycle::Running {
-            thread,
-            stop: stop_tx,
-        };
-        Ok(())
+        self.thread.start(
+            move |queues: Vec<ShardQueues>, stop| {
+                let shards = queues.into_iter().zip(seeds).enumerate();
+                let tasks: Vec<ShardTask> = shards
+                    .map(|(index, (q, seeds))| {
+                        let addrs: Vec<String> =
+                            seeds.iter().map(|i| i.addr().to_string()).collect();
+                        ShardTask {
+                            index,
+                            addr: addrs.join(","),
+                            seeds,
+                            wanted: HashSet::new(),
+                            unsubscribing: HashMap::new(),
+                            ever_up: false,
+                            probe_seq: 0,
+                            cmds: q.cmds,
+                            publish: q.publish,
+                            stop: stop.clone(),
+                            backoff: Backoff::new(opts.backoff_base, opts.backoff_max),
+                            shared: Arc::clone(&shared),
+                        }
+                    })
+                    .collect();
+                tasks
+            },
+            |tasks| futures_util::future::join_all(tasks.into_iter().map(ShardTask::run)),
+        )
     }
 
     fn subscribe(&self, topic: &str) {
@@ -406,12 +370,7 @@ impl Broker for RedisBroker {
     }
 
     fn stop(&self) {
-        let mut life = self.life();
-        if let Lifecycle::Running { thread, stop } = std::mem::replace(&mut *life, Lifecycle::Done)
-        {
-            let _ = stop.send(true);
-            join_bounded(thread, Duration::from_secs(1), "Redis");
-        }
+        self.thread.stop();
         self.stats.set_state(BrokerState::Stopped);
     }
 }
