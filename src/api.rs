@@ -19,4 +19,7 @@ pub use crate::engine::handler::{
     Accept, Decision, Deferred, Gone, Handler, HttpResponse, Message, Reject,
 };
 pub use crate::engine::{GlobalConnId, TryError};
+pub use crate::pubsub::history::{
+    Epoch, HistoryConfig, Limits as HistoryLimits, Position, Resumed, Subscription,
+};
 pub use crate::pubsub::{Policy, PublishReport, SendStatus};

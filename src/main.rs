@@ -169,6 +169,20 @@ struct ServeArgs {
     /// random at start). Nodes must not share one: each skips its own id's messages.
     #[arg(long, value_parser = wsring::cli::broker::parse_node_id, requires = "brokers")]
     node_id: Option<u64>,
+    /// Publications kept per topic for clients that resume (`/pubsub/<topic>?recover=1`,
+    /// docs/history.md); 0 keeps no history (and `recover=1` is answered 400).
+    #[arg(long, default_value_t = 1000)]
+    history_size: usize,
+    /// How long a publication is kept for resuming clients.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    history_ttl: Duration,
+    /// Bytes kept per topic (the newest publication is always kept).
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    history_topic_bytes: u64,
+    /// Bytes kept over all topics; past it, the topic being published to gives up its
+    /// oldest publications first.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    history_max_bytes: u64,
 }
 
 /// `--backend`: the CLI's names for [`BackendChoice`] (clap stays out of the engine).
@@ -326,6 +340,18 @@ fn serve(args: ServeArgs) -> ExitCode {
     tracing::info!("{limits_line}");
     let protocols: std::sync::Arc<[String]> = args.protocols.into();
     let mut builder = wsring::engine::ServerBuilder::from(config);
+    if args.history_size > 0 {
+        builder = builder.history(wsring::api::HistoryConfig {
+            limits: wsring::api::HistoryLimits {
+                count: args.history_size,
+                bytes: usize::try_from(args.history_topic_bytes).unwrap_or(usize::MAX),
+                ttl: args.history_ttl,
+            },
+            max_bytes: usize::try_from(args.history_max_bytes).unwrap_or(usize::MAX),
+            envelope: Some(std::sync::Arc::new(wsring::cli::serve::envelope)),
+            topics: None,
+        });
+    }
     if !args.brokers.is_empty() {
         use wsring::cli::broker::RedisMode;
         let mode = match (args.broker_cluster, args.broker_sharded) {

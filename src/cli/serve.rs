@@ -5,6 +5,12 @@
 //!   it sends to all subscribers of `<topic>` (the sender included); a topic name longer
 //!   than [`MAX_TOPIC_BYTES`] (256 bytes) is refused with HTTP 414, so a peer cannot make
 //!   every worker's topic registry hold names as long as the request head allows;
+//! - `/pubsub/<topic>?recover=1[&since=<offset>&epoch=<epoch>]` (with history, on by
+//!   default in `wsring serve`) does the same, but first sends
+//!   `{"type":"subscribed","topic":..,"epoch":..,"offset":..,"recovered":..,"replayed":..}`,
+//!   then the publications after `since` still kept, then live ones, each as
+//!   `{"type":"pub","offset":N,"data":".."}` (`"data_b64"` for binary payloads), encoded
+//!   once per publication ([`envelope`]); docs/history.md is the client's side;
 //! - `GET /` is a status page with a browser demo on `/pubsub/demo`, `GET /metrics` the
 //!   counters in Prometheus text format; any other path is 404, and a plain GET to an
 //!   upgrade-only path is 426.
@@ -25,7 +31,9 @@ use crate::proto::HandshakeError;
 use super::status;
 use crate::api::{Accept, Conn, Decision, Handler, HttpResponse, Message, Reject};
 use crate::engine::{Handle, metrics};
+use crate::proto::OpCode;
 use crate::proto::handshake::{Request, Upgrade};
+use crate::pubsub::history::{Epoch, Position, Resumed, Subscription};
 
 /// What a connection of the bench protocol does with its messages.
 #[derive(Debug)]
@@ -107,6 +115,21 @@ impl Handler for BenchProtocol {
                 ..Reject::status(414)
             }),
             Some(topic) if !topic.is_empty() => {
+                let resume = match parse_resume(request.query.as_deref()) {
+                    Ok(r) => r,
+                    Err(why) => {
+                        return Decision::Reject(Reject {
+                            body: format!("{why}\n"),
+                            ..Reject::status(400)
+                        });
+                    }
+                };
+                if resume.is_some() && self.handle.shared().history_of(topic).is_none() {
+                    return Decision::Reject(Reject {
+                        body: "this server keeps no history (--history-size 0): recover=1 cannot be served\n".into(),
+                        ..Reject::status(400)
+                    });
+                }
                 let name = match self.topics.get(topic) {
                     Some(name) => name.clone(),
                     None => {
@@ -115,7 +138,13 @@ impl Handler for BenchProtocol {
                         name
                     }
                 };
-                Decision::Accept(accept(Route::PubSub(name)).subscribe(topic))
+                let accept = accept(Route::PubSub(name));
+                Decision::Accept(match resume {
+                    Some(since) => {
+                        accept.subscribe_at(topic, Subscription::since(since).enveloped())
+                    }
+                    None => accept.subscribe(topic),
+                })
             }
             _ => Decision::Reject(Reject::status(404)),
         }
@@ -139,6 +168,17 @@ impl Handler for BenchProtocol {
             }
             _ => None,
         }
+    }
+
+    fn on_subscribed(&mut self, conn: &mut Conn<'_, Route>, topic: &str, resumed: &Resumed) {
+        let mut out = String::with_capacity(128 + topic.len());
+        out.push_str(r#"{"type":"subscribed","topic":"#);
+        out.push_str(&serde_json::Value::from(topic).to_string());
+        out.push_str(&format!(
+            r#","epoch":"{}","offset":{},"recovered":{},"replayed":{}}}"#,
+            resumed.position.epoch, resumed.position.offset, resumed.recovered, resumed.replayed
+        ));
+        conn.send_text(&out);
     }
 
     fn on_message(&mut self, conn: &mut Conn<'_, Route>, message: Message) {
@@ -169,6 +209,75 @@ impl Handler for BenchProtocol {
             self.topics.remove(&topic);
         }
     }
+}
+
+/// The query of `/pubsub/<topic>`: `None` for a plain subscription, `Some(since)` for
+/// `recover=1` (`since` set when both `since` and `epoch` are given).
+///
+/// # Errors
+/// A line for the 400 answer: a value that does not parse, or `since` without `epoch`
+/// (or the other way round).
+pub fn parse_resume(query: Option<&str>) -> Result<Option<Option<Position>>, String> {
+    let (mut recover, mut since, mut epoch) = (false, None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "recover" => match value {
+                "1" | "true" => recover = true,
+                "0" | "false" => recover = false,
+                _ => return Err(format!("recover must be 1 or 0, not {value:?}")),
+            },
+            "since" => {
+                since =
+                    Some(value.parse::<u64>().map_err(|_| {
+                        format!("since must be an offset (a number), not {value:?}")
+                    })?)
+            }
+            "epoch" => {
+                epoch = Some(Epoch::parse(value).ok_or_else(|| {
+                    format!("epoch must be the 16 hex digits the server sent, not {value:?}")
+                })?)
+            }
+            _ => {} // other parameters are the application's
+        }
+    }
+    if !recover {
+        return Ok(None);
+    }
+    match (since, epoch) {
+        (Some(offset), Some(epoch)) => Ok(Some(Some(Position { offset, epoch }))),
+        (None, None) => Ok(Some(None)),
+        _ => Err("since and epoch go together (both from the last subscribed/pub messages)".into()),
+    }
+}
+
+/// `wsring serve`'s envelope for subscribers that asked for offsets: one text frame
+/// `{"type":"pub","offset":N,"data":"<text>"}`, or `"data_b64":"<base64>"` for a binary
+/// payload. Called once per publication, not per subscriber.
+pub fn envelope(
+    _topic: &str,
+    offset: u64,
+    opcode: OpCode,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> OpCode {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let _ = write!(out, r#"{{"type":"pub","offset":{offset},"#);
+    if opcode == OpCode::Binary {
+        out.extend_from_slice(br#""data_b64":""#);
+        let mut b64 = String::new();
+        base64::engine::general_purpose::STANDARD.encode_string(payload, &mut b64);
+        out.extend_from_slice(b64.as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(br#""data":"#);
+        // Text payloads were checked on the way in; from a `Handle` they may not be.
+        let text = String::from_utf8_lossy(payload);
+        let _ = serde_json::to_writer(&mut *out, &*text);
+    }
+    out.push(b'}');
+    OpCode::Text
 }
 
 #[cfg(test)]

@@ -92,6 +92,7 @@ pub struct ServerBuilder {
     config: EngineConfig,
     broker: Option<Arc<dyn Broker>>,
     node_id: Option<NodeId>,
+    history: Option<crate::pubsub::history::HistoryConfig>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -100,6 +101,7 @@ impl std::fmt::Debug for ServerBuilder {
             .field("config", &self.config)
             .field("broker", &self.broker.as_ref().map(|b| b.describe()))
             .field("node_id", &self.node_id)
+            .field("history", &self.history)
             .finish()
     }
 }
@@ -203,6 +205,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Keeps per-topic history (off by default): every publication to a topic the
+    /// config's filter admits gets an offset (from 1 per epoch), is kept within the
+    /// limits, and can be replayed to a subscriber that resumes from a position
+    /// ([`Accept::subscribe_at`](crate::api::Accept::subscribe_at)). Topics it does not
+    /// admit cost nothing extra.
+    pub fn history(mut self, config: crate::pubsub::history::HistoryConfig) -> Self {
+        self.history = Some(config);
+        self
+    }
+
     /// Starts the server with a handler per worker.
     ///
     /// # Errors
@@ -219,7 +231,7 @@ impl ServerBuilder {
                     .unwrap_or_else(crate::pubsub::broker::random_node_id),
             )
         });
-        Server::launch(self.config, backplane, factory)
+        Server::launch(self.config, backplane, self.history, factory)
     }
 }
 

@@ -129,6 +129,14 @@ pub struct Inner<D> {
     /// This worker's topics, their subscribers and the turn's pending run of frames (the
     /// pub/sub layer; it reaches the slab through `Subscribers`, see `core/pubsub.rs`).
     registry: Registry<ConnId>,
+    /// Subscribers that get a topic's publications in the history's envelope (with their
+    /// offsets), beside `registry`'s plain ones.
+    framed: Registry<ConnId>,
+    /// Topics with history this worker has subscribers of: what was delivered, who waits
+    /// to join (`core/history.rs`).
+    streams: history::Streams,
+    /// When worker 0 next sweeps the node's history.
+    next_sweep: Instant,
     /// The send queue's soft and hard limits (from the config, read once per room check
     /// of every subscriber of every publish).
     soft: usize,
@@ -282,6 +290,9 @@ impl<H: Handler> Core<H> {
                 draining: None,
                 now,
                 registry: Registry::default(),
+                framed: Registry::default(),
+                streams: history::Streams::default(),
+                next_sweep: now,
                 soft,
                 hard,
             },
@@ -359,6 +370,7 @@ mod budget;
 mod conn;
 mod events;
 mod flush;
+mod history;
 mod pubsub;
 mod slot;
 mod upgrade;

@@ -222,6 +222,9 @@ pub struct Accept<D> {
     pub protocol: Option<String>,
     /// Topics to subscribe the connection to right away.
     pub topics: Vec<String>,
+    /// Topics with history to subscribe it to right away, each from a position (see
+    /// [`Accept::subscribe_at`]).
+    pub resume: Vec<(String, crate::pubsub::history::Subscription)>,
     /// Per-connection data, handed back in every callback.
     pub data: D,
     /// Extra response headers.
@@ -234,6 +237,7 @@ impl<D> Accept<D> {
         Accept {
             protocol: None,
             topics: Vec::new(),
+            resume: Vec::new(),
             data,
             headers: Vec::new(),
         }
@@ -242,6 +246,20 @@ impl<D> Accept<D> {
     /// Also subscribe to `topic`.
     pub fn subscribe(mut self, topic: impl Into<String>) -> Self {
         self.topics.push(topic.into());
+        self
+    }
+
+    /// Also subscribe to `topic`, a topic with history, as `sub` says (resuming after a
+    /// position, in the envelope or not): once open, the connection gets
+    /// [`Handler::on_subscribed`], then the replay, then live publications, with no gap
+    /// and no repeat between them. On a server without history for `topic` it is a plain
+    /// subscription and `on_subscribed` is not called.
+    pub fn subscribe_at(
+        mut self,
+        topic: impl Into<String>,
+        sub: crate::pubsub::history::Subscription,
+    ) -> Self {
+        self.resume.push((topic.into(), sub));
         self
     }
 
@@ -338,6 +356,21 @@ pub trait Handler: Send + 'static {
     /// The connection is open (the 101 is queued).
     fn on_open(&mut self, conn: &mut Conn<'_, Self::Data>) {
         let _ = conn;
+    }
+
+    /// A subscription to a topic with history was made from [`Accept::subscribe_at`] or
+    /// [`Handle::subscribe_at`](crate::engine::Handle::subscribe_at): `resumed` says
+    /// where live delivery starts and whether every missed publication is replayed.
+    /// Called before the replay is queued, so what the handler sends here goes first
+    /// (`wsring serve` sends its `subscribed` message). [`Conn::subscribe_at`] returns the
+    /// same instead.
+    fn on_subscribed(
+        &mut self,
+        conn: &mut Conn<'_, Self::Data>,
+        topic: &str,
+        resumed: &crate::pubsub::history::Resumed,
+    ) {
+        let _ = (conn, topic, resumed);
     }
 
     /// A complete message arrived.

@@ -30,7 +30,7 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_sockets_open gauge");
     let _ = writeln!(out, "wsring_sockets_open {sockets}");
-    let counters: [Counter; 26] = [
+    let counters: [Counter; 31] = [
         ("accepted", "Sockets accepted.", |s| &s.accepted),
         ("upgraded", "WebSocket upgrades completed.", |s| &s.upgraded),
         ("rejected", "Handshakes refused with an HTTP error.", |s| {
@@ -108,6 +108,31 @@ pub fn metrics(shared: &Shared) -> String {
             |s| &s.forward_dropped,
         ),
         (
+            "history_resumes",
+            "Subscriptions to a topic with history that asked to resume from a position.",
+            |s| &s.history_resumes,
+        ),
+        (
+            "history_recovered",
+            "Resumes that got every publication they missed (recovered: true).",
+            |s| &s.history_recovered,
+        ),
+        (
+            "history_replayed",
+            "Publications replayed to resuming subscribers.",
+            |s| &s.history_replayed,
+        ),
+        (
+            "history_repaired",
+            "Publications a worker's full inbox missed, taken from the history ring instead.",
+            |s| &s.history_repaired,
+        ),
+        (
+            "history_lost",
+            "Publications a worker missed and could not take from the ring (no longer kept).",
+            |s| &s.history_lost,
+        ),
+        (
             "deferred_upgrades",
             "Upgrades whose decision the application deferred.",
             |s| &s.deferred,
@@ -168,6 +193,20 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_topics gauge");
     let _ = writeln!(out, "wsring_topics {}", shared.directory.topics());
+    if let Some(h) = &shared.history {
+        let _ = writeln!(
+            out,
+            "# HELP wsring_history_topics Topics with a history stream on this node."
+        );
+        let _ = writeln!(out, "# TYPE wsring_history_topics gauge");
+        let _ = writeln!(out, "wsring_history_topics {}", h.topics());
+        let _ = writeln!(
+            out,
+            "# HELP wsring_history_bytes Bytes of publications kept in history on this node."
+        );
+        let _ = writeln!(out, "# TYPE wsring_history_bytes gauge");
+        let _ = writeln!(out, "wsring_history_bytes {}", h.bytes());
+    }
     if let Some(bp) = &shared.backplane {
         broker_metrics(&mut out, bp);
     }

@@ -100,6 +100,14 @@ impl Handle {
     pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
         // To the other nodes, if a broker is configured (never blocks).
         self.shared.publish_to_broker(topic, opcode, payload);
+        if let Some(history) = self.shared.history_of(topic) {
+            self.shared
+                .wait_for_room(self.shared.directory.workers_with(topic, None));
+            return self
+                .shared
+                .publish_sequenced(history, topic, opcode, payload, None)
+                .1;
+        }
         let workers = self.shared.directory.workers_with(topic, None);
         if workers == 0 {
             return 0;
@@ -128,6 +136,12 @@ impl Handle {
             return Err(TryError::Full);
         }
         self.shared.publish_to_broker(topic, opcode, payload);
+        if let Some(history) = self.shared.history_of(topic) {
+            return Ok(self
+                .shared
+                .publish_sequenced(history, topic, opcode, payload, None)
+                .1);
+        }
         if workers == 0 {
             return Ok(0);
         }
@@ -158,6 +172,12 @@ impl Handle {
             workers,
         }
         .await;
+        if let Some(history) = self.shared.history_of(topic) {
+            return self
+                .shared
+                .publish_sequenced(history, topic, opcode, payload, None)
+                .1;
+        }
         let frame = proto::encode_frame(opcode, payload);
         // Subscribers may have moved while it waited: hand it to those there now.
         let workers = self.shared.directory.workers_with(topic, None);
@@ -239,6 +259,52 @@ impl Handle {
     /// [`TryError::NoSuchWorker`].
     pub fn subscribe(&self, conn: GlobalConnId, topic: &str) -> Result<(), TryError> {
         self.membership(conn, Command::Subscribe(conn.id, Arc::from(topic)))
+    }
+
+    /// Subscribes one connection to `topic`, a topic with history, from a position (see
+    /// [`Accept::subscribe_at`](crate::api::Accept::subscribe_at)): its worker calls
+    /// [`Handler::on_subscribed`](crate::api::Handler::on_subscribed), then queues the
+    /// replay. On a topic without history it is [`Handle::subscribe`].
+    ///
+    /// # Errors
+    /// [`TryError::NoSuchWorker`].
+    pub fn subscribe_at(
+        &self,
+        conn: GlobalConnId,
+        topic: &str,
+        sub: crate::pubsub::history::Subscription,
+    ) -> Result<(), TryError> {
+        if self.shared.history_of(topic).is_none() {
+            return self.subscribe(conn, topic);
+        }
+        self.membership(conn, Command::SubscribeAt(conn.id, Arc::from(topic), sub))
+    }
+
+    /// Publishes like [`Handle::publish`] and returns the publication's position in its
+    /// topic's history: its offset and epoch (`None` for a topic without history on this
+    /// node). With a broker the offset is this node's numbering.
+    pub fn publish_recorded(
+        &self,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Option<crate::pubsub::history::Position> {
+        let history = self.shared.history_of(topic)?;
+        self.shared.publish_to_broker(topic, opcode, payload);
+        self.shared
+            .wait_for_room(self.shared.directory.workers_with(topic, None));
+        Some(
+            self.shared
+                .publish_sequenced(history, topic, opcode, payload, None)
+                .0,
+        )
+    }
+
+    /// The position of `topic`'s history on this node: the last publication's offset and
+    /// the epoch (`None` for a topic without history, or none published to yet).
+    pub fn position(&self, topic: &str) -> Option<crate::pubsub::history::Position> {
+        let history = self.shared.history_of(topic)?;
+        history.lock(topic).get(topic).map(|s| s.position())
     }
 
     /// Unsubscribes one connection from `topic`, from any thread (see
@@ -408,7 +474,7 @@ impl Server {
         H: Handler,
         F: Fn(Handle) -> H + Send + Sync + 'static,
     {
-        Server::launch(config, None, factory)
+        Server::launch(config, None, None, factory)
     }
 
     /// [`Server::start`], joined to other nodes through `backplane` (see
@@ -417,6 +483,7 @@ impl Server {
     pub(super) fn launch<H, F>(
         mut config: EngineConfig,
         backplane: Option<crate::pubsub::Backplane>,
+        history: Option<crate::pubsub::history::HistoryConfig>,
         factory: F,
     ) -> Result<Server, StartError>
     where
@@ -465,7 +532,8 @@ impl Server {
         for _ in 1..threads {
             listeners.push(bind(local_addr, backend == Backend::Epoll)?);
         }
-        let shared = Shared::new(config, threads, backend, backplane).map_err(StartError::Io)?;
+        let shared =
+            Shared::new(config, threads, backend, backplane, history).map_err(StartError::Io)?;
         if let Some(bp) = &shared.backplane {
             bp.start(Arc::new(shared::BrokerSink(Arc::downgrade(&shared))))
                 .map_err(StartError::Io)?;

@@ -5,6 +5,8 @@
 use super::*;
 use std::task::{Context, Poll, Waker};
 
+use crate::pubsub::history::{Entry, Epoch, History, HistoryConfig, Position, Subscription};
+
 /// Where a server is in its shutdown; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -23,6 +25,13 @@ pub enum ShutdownState {
 pub enum Command {
     /// Fan this frame out to the worker's subscribers of the topic.
     Publish(Arc<str>, Bytes),
+    /// A publication to a topic with history, with its offset in its epoch: handed to
+    /// every worker with subscribers of the topic in offset order (see
+    /// `engine/core/history.rs`).
+    Sequenced(Arc<str>, Epoch, Entry),
+    /// Subscribe one connection of this worker to a topic with history, resuming from a
+    /// position ([`Handle::subscribe_at`]).
+    SubscribeAt(ConnId, Arc<str>, Subscription),
     /// Close a connection of this worker with a code and reason.
     Close(ConnId, CloseCode, String),
     /// Queue this encoded frame on one connection of this worker ([`Handle::try_send`]).
@@ -41,7 +50,11 @@ impl Command {
     fn bytes(&self) -> usize {
         match self {
             Command::Publish(_, f) | Command::Send(_, f) => f.len(),
-            Command::Close(..)
+            Command::Sequenced(_, _, e) => {
+                e.frame.len() + e.envelope.as_ref().map_or(0, Bytes::len)
+            }
+            Command::SubscribeAt(..)
+            | Command::Close(..)
             | Command::Subscribe(..)
             | Command::Unsubscribe(..)
             | Command::Resolve(..) => 0,
@@ -111,6 +124,8 @@ pub struct Shared {
     pub(crate) directory: crate::pubsub::Directory,
     /// The broker joining this node to others, if one is configured.
     pub(crate) backplane: Option<crate::pubsub::Backplane>,
+    /// The node's per-topic history, if it keeps any.
+    pub(crate) history: Option<History>,
 }
 
 impl Shared {
@@ -119,6 +134,7 @@ impl Shared {
         threads: usize,
         backend: Backend,
         backplane: Option<crate::pubsub::Backplane>,
+        history: Option<HistoryConfig>,
     ) -> std::io::Result<Arc<Shared>> {
         let mut inboxes = Vec::new();
         for _ in 0..threads {
@@ -162,6 +178,7 @@ impl Shared {
             shutdown: AtomicU8::new(0),
             directory: crate::pubsub::Directory::new(threads),
             backplane,
+            history: history.map(History::new),
         }))
     }
 
@@ -176,7 +193,72 @@ impl Shared {
         if config.max_connections == 0 {
             config.max_connections = usize::MAX;
         }
-        Shared::new(config, 1, Backend::Epoll, None)
+        Shared::new(config, 1, Backend::Epoll, None, None)
+    }
+
+    /// [`Shared::detached`] keeping history.
+    ///
+    /// # Errors
+    /// If an eventfd cannot be created.
+    #[doc(hidden)]
+    pub fn detached_with_history(
+        mut config: EngineConfig,
+        history: HistoryConfig,
+    ) -> std::io::Result<Arc<Shared>> {
+        config.threads = 1;
+        if config.max_connections == 0 {
+            config.max_connections = usize::MAX;
+        }
+        Shared::new(config, 1, Backend::Epoll, None, Some(history))
+    }
+
+    /// The node's history, if `topic` keeps one.
+    pub(crate) fn history_of(&self, topic: &str) -> Option<&History> {
+        self.history.as_ref().filter(|h| h.applies(topic))
+    }
+
+    /// Publishes to a topic with history: under the topic's lock, assigns the next offset,
+    /// keeps the publication and hands it to every worker with subscribers (this one
+    /// included: a worker delivers a topic with history only from its inbox, so every
+    /// worker sees the offsets in order). `from`: the publishing worker, which must not
+    /// block; a worker whose inbox is full then does not get it (counted in
+    /// `forward_dropped`) and repairs the gap from the ring at the next publication.
+    /// Returns the publication's position, how many workers got it and how many did not
+    /// for a full inbox.
+    pub(crate) fn publish_sequenced(
+        &self,
+        history: &History,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        from: Option<usize>,
+    ) -> (Position, usize, usize) {
+        let mut locked = history.lock(topic);
+        let (key, epoch, entry) = locked.append(topic, opcode, payload, Instant::now());
+        let position = Position {
+            offset: entry.offset,
+            epoch,
+        };
+        let workers = self.directory.workers_with(topic, None);
+        let bytes = entry.frame.len() + entry.envelope.as_ref().map_or(0, Bytes::len);
+        let (mut n, mut dropped) = (0, 0);
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            if workers & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(from) = from
+                && inbox.full()
+            {
+                self.stats[from].forward_dropped.bump(1);
+                dropped += 1;
+                continue;
+            }
+            inbox.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+            self.send_command(inbox, Command::Sequenced(key.clone(), epoch, entry.clone()));
+            n += 1;
+        }
+        drop(locked);
+        (position, n, dropped)
     }
 
     /// Hands a frame to every worker in the bitmask `workers`; returns how many took it.
@@ -241,6 +323,27 @@ impl Shared {
         let mut bytes = vec![0usize; self.inboxes.len()];
         let mut dropped = 0u64;
         for m in batch {
+            if let Some(history) = self.history_of(&m.topic) {
+                // Kept and numbered on this node like a local publish (the broker's order
+                // is the order of its offsets here).
+                let mut locked = history.lock(&m.topic);
+                let (key, epoch, entry) =
+                    locked.append(&m.topic, m.opcode, &m.payload, Instant::now());
+                let workers = self.directory.workers_with(&m.topic, None);
+                for (i, inbox) in self.inboxes.iter().enumerate() {
+                    if workers & (1 << i) == 0 {
+                        continue;
+                    }
+                    if inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT {
+                        dropped += 1;
+                        continue;
+                    }
+                    let len = entry.frame.len() + entry.envelope.as_ref().map_or(0, Bytes::len);
+                    inbox.pending_bytes.fetch_add(len, Ordering::AcqRel);
+                    self.send_command(inbox, Command::Sequenced(key.clone(), epoch, entry.clone()));
+                }
+                continue;
+            }
             let workers = self.directory.workers_with(&m.topic, None);
             if workers == 0 {
                 continue;

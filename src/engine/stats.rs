@@ -54,6 +54,17 @@ pub struct WorkerStats {
     /// Cross-worker publishes not handed to a worker because its inbox was full (a
     /// handler publishing faster than that worker fans out).
     pub forward_dropped: AtomicU64,
+    /// Subscriptions to a topic with history that asked to resume from a position.
+    pub history_resumes: AtomicU64,
+    /// Of those, how many got every publication they missed.
+    pub history_recovered: AtomicU64,
+    /// Publications replayed to resuming subscribers.
+    pub history_replayed: AtomicU64,
+    /// Publications a worker missed in its inbox (it was full) and took from the ring.
+    pub history_repaired: AtomicU64,
+    /// Publications a worker missed and could not repair (no longer kept): its
+    /// subscribers see a gap in the offsets.
+    pub history_lost: AtomicU64,
     /// Upgrades whose decision `on_upgrade` deferred.
     pub deferred: AtomicU64,
     /// Commands from a [`Handle`](crate::engine::Handle) (send, subscribe, unsubscribe)

@@ -45,7 +45,7 @@ fn handler_publishes_to_a_full_inbox_are_counted_not_queued() {
         max_connections: 10,
         ..EngineConfig::default()
     };
-    let shared = Shared::new(config, 2, Backend::Epoll, None).unwrap();
+    let shared = Shared::new(config, 2, Backend::Epoll, None, None).unwrap();
     let topic: Arc<str> = Arc::from("t");
     let frame = Bytes::from(vec![0u8; 64 * 1024]);
     let (mut taken, mut attempts) = (0, 0);

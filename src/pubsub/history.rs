@@ -13,14 +13,20 @@
 //! is gone, and a resume from before it is answered with what is left and
 //! `recovered: false`.
 //!
-//! This module is only the data structure; who assigns offsets (one place per topic, so
-//! they are the same for every subscriber) and how a replay is merged with live delivery
-//! is the engine's business.
+//! [`History`] is a node's streams, one per topic that was published to, behind sharded
+//! locks: the one place on a node where a topic's offsets are assigned (or, with a broker,
+//! taken in order from it), so they are the same for every subscriber on every worker.
+//! How a replay is merged with live delivery is the engine's business (see
+//! `engine/core/history.rs`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+use crate::proto::{OpCode, encode_frame};
 
 /// A stream's epoch: random, shown as 16 hex digits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,14 +87,80 @@ impl Default for Limits {
     }
 }
 
+/// A place in a topic's stream: the offset of the last publication seen, in its epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The offset of the last publication seen (0: none yet).
+    pub offset: u64,
+    /// The epoch it belongs to.
+    pub epoch: Epoch,
+}
+
+/// How a connection subscribes to a topic with history.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Subscription {
+    /// Resume after this position: every publication after it that is still kept is
+    /// replayed first (`None`: from now on).
+    pub since: Option<Position>,
+    /// Get every publication in the history's [`Envelope`] (which carries its offset)
+    /// instead of the plain frame.
+    pub envelope: bool,
+}
+
+impl Subscription {
+    /// From now on, plain frames.
+    pub fn live() -> Subscription {
+        Subscription::default()
+    }
+
+    /// Resuming after `since` (if any).
+    pub fn since(since: Option<Position>) -> Subscription {
+        Subscription {
+            since,
+            envelope: false,
+        }
+    }
+
+    /// The same, in the envelope.
+    pub fn enveloped(mut self) -> Subscription {
+        self.envelope = true;
+        self
+    }
+}
+
+/// What a subscription to a topic with history got: handed to
+/// [`Handler::on_subscribed`](crate::api::Handler::on_subscribed) before the replay is
+/// queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// The last publication before live delivery: the replay ends here, and live
+    /// publications follow from `position.offset + 1`.
+    pub position: Position,
+    /// Every publication after the requested position was replayed (same epoch, nothing
+    /// aged out or trimmed away). `false` for a subscription without a position.
+    pub recovered: bool,
+    /// Publications replayed.
+    pub replayed: usize,
+}
+
 /// One publication kept in the ring.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// Its offset in the stream's epoch.
     pub offset: u64,
-    /// Its encoded frame(s), as delivered.
+    /// Its encoded frame, as plain subscribers get it.
     pub frame: Bytes,
+    /// Its encoded frame in the envelope that carries the offset, as subscribers that
+    /// asked for it get it (when the history has an [`Envelope`]).
+    pub envelope: Option<Bytes>,
     at: Instant,
+}
+
+impl Entry {
+    /// Bytes this entry holds against the limits.
+    fn size(&self) -> usize {
+        self.frame.len() + self.envelope.as_ref().map_or(0, Bytes::len)
+    }
 }
 
 /// What a resume gets: the publications after its position (in order) and whether they
@@ -156,16 +228,38 @@ impl Stream {
         self.bytes
     }
 
-    /// Appends a publication, returning its offset (one more than the last), and drops
-    /// what the limits no longer allow.
-    pub fn append(&mut self, frame: Bytes, now: Instant, limits: &Limits) -> u64 {
+    /// The position after the last publication.
+    pub fn position(&self) -> Position {
+        Position {
+            offset: self.last,
+            epoch: self.epoch,
+        }
+    }
+
+    /// When the newest kept publication was appended.
+    pub fn newest(&self) -> Option<Instant> {
+        self.entries.back().map(|e| e.at)
+    }
+
+    /// Appends a publication (its plain frame and, if the history has an envelope, its
+    /// enveloped frame), returning its offset (one more than the last), and drops what
+    /// the limits no longer allow.
+    pub fn append(
+        &mut self,
+        frame: Bytes,
+        envelope: Option<Bytes>,
+        now: Instant,
+        limits: &Limits,
+    ) -> u64 {
         self.last += 1;
-        self.bytes += frame.len();
-        self.entries.push_back(Entry {
+        let entry = Entry {
             offset: self.last,
             frame,
+            envelope,
             at: now,
-        });
+        };
+        self.bytes += entry.size();
+        self.entries.push_back(entry);
         self.trim(now, limits);
         self.last
     }
@@ -173,12 +267,40 @@ impl Stream {
     /// Appends a publication whose offset was assigned elsewhere (a broker): it must be
     /// the next one. `false` (nothing kept) if it is not: the caller has a gap to repair
     /// or a duplicate to skip.
-    pub fn append_at(&mut self, offset: u64, frame: Bytes, now: Instant, limits: &Limits) -> bool {
+    pub fn append_at(
+        &mut self,
+        offset: u64,
+        frame: Bytes,
+        envelope: Option<Bytes>,
+        now: Instant,
+        limits: &Limits,
+    ) -> bool {
         if offset != self.last + 1 {
             return false;
         }
-        self.append(frame, now, limits);
+        self.append(frame, envelope, now, limits);
         true
+    }
+
+    /// The kept publications with offsets in `(after, before)`, oldest first (what a
+    /// subscriber that saw `after` and then `before` missed, as far as it is kept).
+    pub fn between(&self, after: u64, before: u64) -> Vec<Entry> {
+        self.entries
+            .iter()
+            .filter(|e| e.offset > after && e.offset < before)
+            .cloned()
+            .collect()
+    }
+
+    /// Drops the oldest publication (keeping the newest): for a node-wide byte cap.
+    /// Returns the bytes freed.
+    pub fn drop_oldest(&mut self) -> usize {
+        if self.entries.len() <= 1 {
+            return 0;
+        }
+        let freed = self.entries.pop_front().map_or(0, |e| e.size());
+        self.bytes -= freed;
+        freed
     }
 
     /// Drops publications past the limits: too many, too many bytes (the newest is always
@@ -192,21 +314,21 @@ impl Stream {
             if !over {
                 break;
             }
-            self.bytes -= front.frame.len();
+            self.bytes -= front.size();
             self.entries.pop_front();
         }
     }
 
     /// What a subscriber resuming from `since` (its last offset and the epoch it was in;
     /// `None`: a first subscription) gets now.
-    pub fn since(&self, since: Option<(u64, Epoch)>, now: Instant, limits: &Limits) -> Replay {
+    pub fn since(&self, since: Option<Position>, now: Instant, limits: &Limits) -> Replay {
         let mut replay = Replay {
             epoch: self.epoch,
             last: self.last,
             entries: Vec::new(),
             recovered: false,
         };
-        let Some((offset, epoch)) = since else {
+        let Some(Position { offset, epoch }) = since else {
             return replay;
         };
         if epoch != self.epoch || offset > self.last {
@@ -232,6 +354,202 @@ impl Default for Stream {
     }
 }
 
+/// Writes a publication in the envelope that carries its offset: given the topic, the
+/// offset, the opcode and the payload, it appends the enveloped payload to the buffer and
+/// returns the envelope's opcode. Called once per publication (never per subscriber).
+pub type Envelope = Arc<dyn Fn(&str, u64, OpCode, &[u8], &mut Vec<u8>) -> OpCode + Send + Sync>;
+
+/// Which topics keep history.
+pub type TopicFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// How a node keeps history.
+#[derive(Clone)]
+pub struct HistoryConfig {
+    /// Per topic: publications, bytes and age kept.
+    pub limits: Limits,
+    /// Bytes kept over all topics of the node; past it, the topic being published to
+    /// gives up its oldest publications first.
+    pub max_bytes: usize,
+    /// The envelope for subscribers that ask for offsets (none: only plain frames).
+    pub envelope: Option<Envelope>,
+    /// The topics that keep history (none: all of them).
+    pub topics: Option<TopicFilter>,
+}
+
+impl Default for HistoryConfig {
+    /// [`Limits::default`], 256 MiB per node, no envelope, every topic.
+    fn default() -> HistoryConfig {
+        HistoryConfig {
+            limits: Limits::default(),
+            max_bytes: 256 * 1024 * 1024,
+            envelope: None,
+            topics: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for HistoryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HistoryConfig")
+            .field("limits", &self.limits)
+            .field("max_bytes", &self.max_bytes)
+            .field("envelope", &self.envelope.is_some())
+            .field("topics", &self.topics.as_ref().map(|_| "filtered"))
+            .finish()
+    }
+}
+
+/// Lock shards of a node's streams (a publish holds one while it assigns an offset and
+/// hands the publication to the workers).
+const SHARDS: usize = 16;
+
+/// One lock shard: the streams of the topics that hash to it.
+type Shard = HashMap<Arc<str>, Stream>;
+
+/// A node's streams, one per topic with history.
+pub struct History {
+    config: HistoryConfig,
+    shards: Box<[Mutex<Shard>]>,
+    /// Bytes kept over all streams.
+    bytes: AtomicUsize,
+}
+
+/// One shard of a node's streams, locked: assigning an offset, appending, and reading a
+/// replay happen under it, so nothing is published to the topic in between.
+pub struct Locked<'a> {
+    history: &'a History,
+    map: MutexGuard<'a, Shard>,
+}
+
+impl History {
+    /// A node's history, empty.
+    pub fn new(config: HistoryConfig) -> History {
+        History {
+            config,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// How it keeps history.
+    pub fn config(&self) -> &HistoryConfig {
+        &self.config
+    }
+
+    /// Whether `topic` keeps history.
+    pub fn applies(&self, topic: &str) -> bool {
+        self.config.topics.as_ref().is_none_or(|f| f(topic))
+    }
+
+    /// Locks the shard of `topic`.
+    pub fn lock(&self, topic: &str) -> Locked<'_> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let shard = BuildHasherDefault::<DefaultHasher>::default().hash_one(topic) as usize;
+        let map = match self.shards[shard % SHARDS].lock() {
+            Ok(m) => m,
+            // A panic elsewhere while holding it left nothing half-written that matters
+            // more than serving on.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Locked { history: self, map }
+    }
+
+    /// Bytes kept over all topics.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Topics with a stream now.
+    pub fn topics(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |m| m.len()))
+            .sum()
+    }
+
+    /// Trims every stream by age and forgets streams that hold nothing and that
+    /// `in_use` says nobody is subscribed to (their epoch goes with them: a resume
+    /// from it is not recovered, which is true, as everything in it aged out).
+    pub fn sweep(&self, now: Instant, in_use: impl Fn(&str) -> bool) {
+        let limits = self.config.limits;
+        for shard in self.shards.iter() {
+            let Ok(mut map) = shard.lock() else { continue };
+            let mut freed = 0;
+            map.retain(|topic, stream| {
+                let before = stream.bytes();
+                stream.trim(now, &limits);
+                freed += before - stream.bytes();
+                !stream.is_empty() || in_use(topic)
+            });
+            self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Locked<'_> {
+    /// The stream of `topic`, if it has one.
+    pub fn get(&self, topic: &str) -> Option<&Stream> {
+        self.map.get(topic)
+    }
+
+    /// The stream of `topic` and its shared name, created (in a fresh epoch) if needed.
+    pub fn stream(&mut self, topic: &str) -> (Arc<str>, &mut Stream) {
+        let key = match self.map.get_key_value(topic) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(topic),
+        };
+        let stream = self.map.entry(key.clone()).or_default();
+        (key, stream)
+    }
+
+    /// Publishes to `topic`: assigns the next offset, encodes the frame (and its
+    /// envelope) once and keeps it. Returns the topic's shared name, the epoch and the
+    /// entry to hand to the workers.
+    pub fn append(
+        &mut self,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        now: Instant,
+    ) -> (Arc<str>, Epoch, Entry) {
+        let history = self.history;
+        let (key, stream) = self.stream(topic);
+        let offset = stream.last() + 1;
+        let frame = encode_frame(opcode, payload);
+        let envelope = history.config.envelope.as_ref().map(|wrap| {
+            let mut buf = Vec::with_capacity(payload.len() + 48);
+            let op = wrap(topic, offset, opcode, payload, &mut buf);
+            encode_frame(op, &buf)
+        });
+        let entry = Entry {
+            offset,
+            frame: frame.clone(),
+            envelope: envelope.clone(),
+            at: now,
+        };
+        let before = stream.bytes();
+        stream.append(frame, envelope, now, &history.config.limits);
+        let after = stream.bytes();
+        if after >= before {
+            let grown = after - before;
+            let total = history.bytes.fetch_add(grown, Ordering::Relaxed) + grown;
+            // The node-wide cap: the topic growing gives up its oldest first.
+            let mut over = total.saturating_sub(history.config.max_bytes);
+            while over > 0 {
+                let freed = stream.drop_oldest();
+                if freed == 0 {
+                    break;
+                }
+                over = over.saturating_sub(freed);
+                history.bytes.fetch_sub(freed, Ordering::Relaxed);
+            }
+        } else {
+            history.bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+        (key, stream.epoch(), entry)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +566,10 @@ mod tests {
         Bytes::from(format!("m{i}"))
     }
 
+    fn at(offset: u64, epoch: Epoch) -> Position {
+        Position { offset, epoch }
+    }
+
     fn offsets(r: &Replay) -> Vec<u64> {
         r.entries.iter().map(|e| e.offset).collect()
     }
@@ -259,7 +581,7 @@ mod tests {
         let now = Instant::now();
         assert_eq!(s.last(), 0);
         for want in 1..=25 {
-            assert_eq!(s.append(frame(want), now, &l), want);
+            assert_eq!(s.append(frame(want), None, now, &l), want);
         }
         assert_eq!(s.last(), 25);
         assert_eq!(s.len(), 10, "the count limit keeps the newest 10");
@@ -272,9 +594,9 @@ mod tests {
         let mut s = Stream::new();
         let now = Instant::now();
         for i in 1..=10 {
-            s.append(frame(i), now, &l);
+            s.append(frame(i), None, now, &l);
         }
-        let r = s.since(Some((4, s.epoch())), now, &l);
+        let r = s.since(Some(at(4, s.epoch())), now, &l);
         assert_eq!(offsets(&r), (5..=10).collect::<Vec<_>>());
         assert!(r.recovered);
         assert_eq!((r.last, r.epoch), (10, s.epoch()));
@@ -284,10 +606,10 @@ mod tests {
             "the kept frame, not a new one"
         );
         // Up to date: nothing to replay, and that is a full recovery.
-        let r = s.since(Some((10, s.epoch())), now, &l);
+        let r = s.since(Some(at(10, s.epoch())), now, &l);
         assert!(r.entries.is_empty() && r.recovered);
         // From the start of the epoch.
-        let r = s.since(Some((0, s.epoch())), now, &l);
+        let r = s.since(Some(at(0, s.epoch())), now, &l);
         assert_eq!(r.entries.len(), 10);
         assert!(r.recovered);
     }
@@ -297,7 +619,7 @@ mod tests {
         let l = limits(100, 1 << 20, 60_000);
         let mut s = Stream::new();
         let now = Instant::now();
-        s.append(frame(1), now, &l);
+        s.append(frame(1), None, now, &l);
         let r = s.since(None, now, &l);
         assert_eq!((r.last, r.epoch, r.recovered), (1, s.epoch(), false));
         assert!(r.entries.is_empty());
@@ -309,12 +631,12 @@ mod tests {
         let mut s = Stream::new();
         let now = Instant::now();
         for i in 1..=5 {
-            s.append(frame(i), now, &l);
+            s.append(frame(i), None, now, &l);
         }
         let other = Epoch(s.epoch().0 ^ 1);
-        let r = s.since(Some((2, other)), now, &l);
+        let r = s.since(Some(at(2, other)), now, &l);
         assert!(!r.recovered && r.entries.is_empty());
-        let r = s.since(Some((9, s.epoch())), now, &l);
+        let r = s.since(Some(at(9, s.epoch())), now, &l);
         assert!(!r.recovered && r.entries.is_empty());
     }
 
@@ -325,12 +647,12 @@ mod tests {
         let l = limits(3, 1 << 20, 60_000);
         let mut s = Stream::new();
         for i in 1..=10 {
-            s.append(frame(i), now, &l);
+            s.append(frame(i), None, now, &l);
         }
-        let r = s.since(Some((5, s.epoch())), now, &l);
+        let r = s.since(Some(at(5, s.epoch())), now, &l);
         assert_eq!(offsets(&r), vec![8, 9, 10]);
         assert!(!r.recovered);
-        let r = s.since(Some((7, s.epoch())), now, &l);
+        let r = s.since(Some(at(7, s.epoch())), now, &l);
         assert_eq!(offsets(&r), vec![8, 9, 10]);
         assert!(
             r.recovered,
@@ -340,12 +662,12 @@ mod tests {
         let l = limits(100, 8, 60_000);
         let mut s = Stream::new();
         for i in 1..=9 {
-            s.append(frame(i), now, &l);
+            s.append(frame(i), None, now, &l);
         }
         assert!(s.bytes() <= 8);
         assert_eq!(s.entries.front().map(|e| e.offset), Some(6));
         // One frame over the byte limit is still kept (the newest always is).
-        s.append(Bytes::from(vec![0u8; 100]), now, &l);
+        s.append(Bytes::from(vec![0u8; 100]), None, now, &l);
         assert_eq!(s.len(), 1);
     }
 
@@ -354,14 +676,14 @@ mod tests {
         let l = limits(100, 1 << 20, 1_000);
         let t0 = Instant::now();
         let mut s = Stream::new();
-        s.append(frame(1), t0, &l);
-        s.append(frame(2), t0 + Duration::from_millis(600), &l);
+        s.append(frame(1), None, t0, &l);
+        s.append(frame(2), None, t0 + Duration::from_millis(600), &l);
         // At 1.2 s the first is past its TTL, even before the next append trims it.
-        let at = t0 + Duration::from_millis(1_200);
-        let r = s.since(Some((0, s.epoch())), at, &l);
+        let later = t0 + Duration::from_millis(1_200);
+        let r = s.since(Some(at(0, s.epoch())), later, &l);
         assert_eq!(offsets(&r), vec![2]);
         assert!(!r.recovered);
-        s.trim(at, &l);
+        s.trim(later, &l);
         assert_eq!(s.len(), 1);
     }
 
@@ -370,10 +692,10 @@ mod tests {
         let l = limits(100, 1 << 20, 60_000);
         let now = Instant::now();
         let mut s = Stream::with_epoch(Epoch(7));
-        assert!(s.append_at(1, frame(1), now, &l));
-        assert!(!s.append_at(1, frame(1), now, &l), "a duplicate");
-        assert!(!s.append_at(3, frame(3), now, &l), "a gap");
-        assert!(s.append_at(2, frame(2), now, &l));
+        assert!(s.append_at(1, frame(1), None, now, &l));
+        assert!(!s.append_at(1, frame(1), None, now, &l), "a duplicate");
+        assert!(!s.append_at(3, frame(3), None, now, &l), "a gap");
+        assert!(s.append_at(2, frame(2), None, now, &l));
         assert_eq!(s.last(), 2);
     }
 

@@ -18,8 +18,7 @@
 //! [`Backplane`] joins the node to other nodes through a [`broker::Broker`]: subscribed to a
 //! topic on the broker while any worker has a local subscriber, one publish per message.
 //! [`history`] is the bounded per-topic ring of recent publications with their offsets
-//! that a resuming subscriber is replayed from (the data structure; the engine does not
-//! use it yet).
+//! that a resuming subscriber is replayed from, and the node's store of them.
 
 mod backplane;
 pub mod broker;
@@ -94,6 +93,11 @@ pub struct PublishReport {
     /// already held `HANDLE_QUEUE_LIMIT` bytes (a handler publishing faster than they fan
     /// out). Counted in `wsring_forward_dropped_total`.
     pub forward_dropped: usize,
+    /// For a topic with history: the publication's position (its offset in its epoch).
+    /// Its delivery then goes through every worker's inbox, this one's included, so the
+    /// per-subscriber counts above stay 0 and `forwarded_workers` counts every worker it
+    /// was handed to.
+    pub position: Option<history::Position>,
 }
 
 /// Whether a connection's send queue takes one more frame.

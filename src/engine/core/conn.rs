@@ -77,6 +77,30 @@ impl<D> Conn<'_, D> {
         self.inner.subscribe(self.id, topic)
     }
 
+    /// Subscribes this connection to `topic`, a topic with history, as `sub` says:
+    /// the publications after `sub.since` that are kept are queued now (outside the queue
+    /// limits: the history bounds them), live ones follow with no gap and no repeat.
+    /// Returns where live delivery starts and whether the replay is complete (`None`: the
+    /// topic keeps no history here, the connection is not open, or it is subscribed
+    /// already). To send something ahead of the replay, send it before calling, or
+    /// subscribe with [`Accept::subscribe_at`](crate::api::Accept::subscribe_at), whose
+    /// [`Handler::on_subscribed`](crate::api::Handler::on_subscribed) runs first.
+    pub fn subscribe_at(
+        &mut self,
+        topic: &str,
+        sub: crate::pubsub::history::Subscription,
+    ) -> Option<crate::pubsub::history::Resumed> {
+        let (resumed, entries) = self.inner.join(self.id, topic, sub)?;
+        self.inner.queue_replay(self.id, &entries, sub.envelope);
+        Some(resumed)
+    }
+
+    /// The position of `topic`'s history on this node (`None`: no history, or nothing
+    /// published to it yet).
+    pub fn position(&self, topic: &str) -> Option<crate::pubsub::history::Position> {
+        self.inner.position(topic)
+    }
+
     /// Unsubscribes this connection from `topic`. Returns `false` if it was not subscribed.
     pub fn unsubscribe(&mut self, topic: &str) -> bool {
         self.inner.unsubscribe(self.id, topic)

@@ -156,6 +156,14 @@ impl<H: Handler> Core<H> {
                 Command::Publish(topic, frame) => {
                     self.inner.fanout_local(&topic, Frame::Encoded(&frame));
                 }
+                Command::Sequenced(topic, epoch, entry) => {
+                    self.inner.on_sequenced(&topic, epoch, &entry);
+                }
+                Command::SubscribeAt(id, topic, sub) => {
+                    if !self.subscribe_at(id, &topic, sub) {
+                        self.inner.stats().handle_misses.bump(1);
+                    }
+                }
                 Command::Close(id, code, reason) => {
                     self.inner.close_conn(id, code, &reason);
                 }
@@ -302,6 +310,7 @@ impl<H: Handler> Core<H> {
         self.rebalance_budget();
         // Frames published before a deadline passed go out before its ping or close.
         self.inner.flush_pending();
+        self.inner.sweep_history();
         let mut expired = std::mem::take(&mut self.inner.expired);
         let tick = self.inner.wheel.current();
         self.inner.wheel.expire(now, &mut expired);

@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::pubsub::Subscribers;
+use crate::pubsub::history::Subscription;
 
 impl<D> Inner<D> {
     /// Queues a frame on one connection, applying the queue limits and the policy.
@@ -110,24 +111,48 @@ impl<D> Inner<D> {
     /// Queues a frame on every local subscriber of `topic` (the registry decides how:
     /// onto the turn's pending run, or through each connection's policy).
     pub(super) fn fanout_local(&mut self, topic: &Arc<str>, frame: Frame<'_>) -> PublishReport {
+        self.fanout_in(false, topic, frame)
+    }
+
+    /// [`Inner::fanout_local`] on the plain registry or (`envelope`) on the registry of
+    /// subscribers that get a topic's publications in the history's envelope.
+    pub(super) fn fanout_in(
+        &mut self,
+        envelope: bool,
+        topic: &Arc<str>,
+        frame: Frame<'_>,
+    ) -> PublishReport {
         // Taken out for the call: the registry reaches the connections through `self`.
-        let mut registry = std::mem::take(&mut self.registry);
+        let field = if envelope {
+            &mut self.framed
+        } else {
+            &mut self.registry
+        };
+        let mut registry = std::mem::take(field);
         let report = registry.publish(topic, frame, self);
-        self.registry = registry;
+        if envelope {
+            self.framed = registry;
+        } else {
+            self.registry = registry;
+        }
         self.shared.stats[self.index]
             .messages_out
             .bump(report.queued as u64);
         report
     }
 
-    /// Hands the pending run of frames to every subscriber of its topic.
+    /// Hands the pending runs of frames to every subscriber of their topic.
     pub(super) fn flush_pending(&mut self) {
-        if !self.registry.has_pending() {
-            return;
+        if self.registry.has_pending() {
+            let mut registry = std::mem::take(&mut self.registry);
+            registry.flush_pending(self);
+            self.registry = registry;
         }
-        let mut registry = std::mem::take(&mut self.registry);
-        registry.flush_pending(self);
-        self.registry = registry;
+        if self.framed.has_pending() {
+            let mut registry = std::mem::take(&mut self.framed);
+            registry.flush_pending(self);
+            self.framed = registry;
+        }
     }
 
     /// Publishes on this worker: local fan-out now, then once to each other worker that
@@ -137,6 +162,20 @@ impl<D> Inner<D> {
         // Other nodes first in code, but nothing waits: the broker client sends it on its
         // own thread while this worker fans out.
         self.shared.publish_to_broker(topic, opcode, payload);
+        let shared = self.shared.clone();
+        if let Some(history) = shared.history_of(topic) {
+            // Numbered, kept, and delivered here through this worker's own inbox, in
+            // offset order with every other worker's publications (`core/history.rs`).
+            self.flush_pending();
+            let (position, handed, dropped) =
+                shared.publish_sequenced(history, topic, opcode, payload, Some(self.index));
+            return PublishReport {
+                forwarded_workers: handed,
+                forward_dropped: dropped,
+                position: Some(position),
+                ..PublishReport::default()
+            };
+        }
         let others = self.shared.directory.workers_with(topic, Some(self.index));
         let local = self.registry.key(topic);
         if local.is_none() && others == 0 {
@@ -156,6 +195,10 @@ impl<D> Inner<D> {
     }
 
     pub(super) fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        if self.shared.history_of(topic).is_some() {
+            // Joins after what is in flight to this worker (`core/history.rs`).
+            return self.join(id, topic, Subscription::live()).is_some();
+        }
         // Membership changes take effect between messages, in order.
         self.flush_pending();
         let Some(slot) = slot_of(&mut self.slots, id) else {
@@ -193,7 +236,7 @@ impl<D> Inner<D> {
     }
 
     pub(super) fn remove_subscriber(&mut self, key: &Arc<str>, id: ConnId) {
-        let n = self.registry.remove(key, id);
+        let n = self.forget_subscriber(key, id);
         self.shared.directory.set(key, self.index, n);
         if n == 0 {
             self.shared.interest_changed(key);

@@ -2,6 +2,7 @@
 //! or a plain HTTP answer that then lingers for the peer's close).
 
 use super::*;
+use crate::pubsub::history::Subscription;
 
 impl<H: Handler> Core<H> {
     /// A new socket was accepted (`fd`: descriptor or direct-table index).
@@ -201,6 +202,11 @@ impl<H: Handler> Core<H> {
             inner: &mut self.inner,
             id,
         });
+        for (topic, sub) in &accept.resume {
+            if !self.subscribe_at(id, topic, *sub) {
+                self.inner.subscribe(id, topic);
+            }
+        }
         if !rest.is_empty()
             && let Some(slot) = slot_of(&mut self.inner.slots, id)
         {
@@ -211,6 +217,26 @@ impl<H: Handler> Core<H> {
             self.inner.schedule(id, at);
         }
         self.inner.mark_dirty(id);
+    }
+
+    /// Subscribes `id` to a topic with history from a position: the handler's
+    /// `on_subscribed` first, then the replay. `false` if the topic keeps no history or the
+    /// connection is not open or already subscribed.
+    pub(super) fn subscribe_at(&mut self, id: ConnId, topic: &str, sub: Subscription) -> bool {
+        let Some((resumed, entries)) = self.inner.join(id, topic, sub) else {
+            return false;
+        };
+        self.handler.on_subscribed(
+            &mut Conn {
+                inner: &mut self.inner,
+                id,
+            },
+            topic,
+            &resumed,
+        );
+        let envelope = sub.envelope;
+        self.inner.queue_replay(id, &entries, envelope);
+        true
     }
 
     pub(super) fn respond_http(&mut self, id: ConnId, request: &Request) {

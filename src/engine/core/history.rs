@@ -1,0 +1,253 @@
+//! Topics with history on one worker: offsets delivered in order, no gap and no duplicate,
+//! and subscribers that join (or resume) without a race with live publications.
+//!
+//! The rule that makes it race-free: a publication to a topic with history is numbered
+//! under its topic's lock (`pubsub::history::Locked`) and, under that same lock, handed to
+//! every worker whose directory count of the topic is above zero, as a
+//! [`Command::Sequenced`] in its inbox; the publishing worker's own subscribers get it
+//! through its own inbox too. So every worker receives a topic's publications in offset
+//! order. A worker keeps, per topic it has subscribers of, the last offset it delivered
+//! (`Local::position`): a repeat is skipped, a gap (an inbox that was full) is repaired
+//! from the ring before the next publication goes out.
+//!
+//! A subscription takes the same lock, reads the replay up to the stream's last offset `L`
+//! and records itself in the directory before it lets go: every publication after `L`
+//! will reach this worker. Those up to `L` may still be in the inbox (when the worker has
+//! other subscribers); the new subscriber therefore waits in `Local::joining` and enters
+//! the registry just before the worker delivers `L + 1`. When it is the worker's first
+//! subscriber of the topic, nothing is in flight for it, and it joins at once.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::pubsub::history::{Entry, Epoch, Position, Resumed, Subscription};
+
+/// A topic with history that this worker has subscribers of.
+#[derive(Debug)]
+pub(super) struct Local {
+    /// The last publication delivered here (or, for a fresh topic, the stream's position
+    /// when the first subscriber came).
+    position: Position,
+    /// Subscribers waiting for the publications before their start to go by.
+    joining: Vec<Joiner>,
+}
+
+#[derive(Debug)]
+struct Joiner {
+    id: ConnId,
+    envelope: bool,
+    /// The last offset its replay covered: it joins before `after + 1` is delivered.
+    after: u64,
+}
+
+/// The worker's topics with history (see the module doc).
+pub(super) type Streams = HashMap<Arc<str>, Local>;
+
+impl<D> Inner<D> {
+    /// Subscribers of `key` on this worker: in the registry, in the envelope registry, and
+    /// waiting to join.
+    pub(super) fn local_count(&self, key: &str) -> usize {
+        self.registry.subscribers(key)
+            + self.framed.subscribers(key)
+            + self.streams.get(key).map_or(0, |l| l.joining.len())
+    }
+
+    /// Subscribes `id` to a topic with history (see the module doc). `None` if the topic
+    /// keeps no history, the connection is not open, or it is subscribed already;
+    /// otherwise what it got and the publications to replay to it (oldest first).
+    pub(super) fn join(
+        &mut self,
+        id: ConnId,
+        topic: &str,
+        sub: Subscription,
+    ) -> Option<(Resumed, Vec<Entry>)> {
+        self.flush_pending();
+        let shared = self.shared.clone();
+        let history = shared.history_of(topic)?;
+        if !self.is_open(id) {
+            return None;
+        }
+        if slot_of(&mut self.slots, id)?
+            .topics()
+            .iter()
+            .any(|t| &**t == topic)
+        {
+            return None;
+        }
+        let envelope = sub.envelope && history.config().envelope.is_some();
+        let now = self.now;
+        let mut locked = history.lock(topic);
+        let (key, stream) = locked.stream(topic);
+        let last = stream.position();
+        let replay = stream.since(sub.since, now, &history.config().limits);
+        let count = self.local_count(&key);
+        let local = self.streams.entry(key.clone()).or_insert(Local {
+            position: last,
+            joining: Vec::new(),
+        });
+        if count == 0 {
+            // Nothing is in flight to this worker for the topic: it starts here.
+            local.position = last;
+            local.joining.clear();
+        }
+        let at_once = local.position == last;
+        if !at_once {
+            local.joining.push(Joiner {
+                id,
+                envelope,
+                after: last.offset,
+            });
+        }
+        if let Some(slot) = slot_of(&mut self.slots, id) {
+            slot.extra().topics.push(key.clone());
+        }
+        if at_once {
+            self.registry_for(envelope).add(key.clone(), id);
+        }
+        // Under the lock: every publication after `last` sees this worker's count.
+        self.shared.directory.set(&key, self.index, count + 1);
+        drop(locked);
+        if count == 0 {
+            self.shared.interest_changed(&key);
+        }
+        let stats = self.stats();
+        stats.history_resumes.bump(u64::from(sub.since.is_some()));
+        stats.history_recovered.bump(u64::from(replay.recovered));
+        let entries = replay.entries;
+        Some((
+            Resumed {
+                position: last,
+                recovered: replay.recovered,
+                replayed: entries.len(),
+            },
+            entries,
+        ))
+    }
+
+    /// Queues a replay on `id`, outside the queue limits (it is bounded by the history's
+    /// own), each publication in the form the subscription asked for.
+    pub(super) fn queue_replay(&mut self, id: ConnId, entries: &[Entry], envelope: bool) {
+        let Some(slot) = slot_of(&mut self.slots, id) else {
+            return;
+        };
+        let mut n = 0u64;
+        for e in entries {
+            let frame = match (&e.envelope, envelope) {
+                (Some(env), true) => env,
+                _ => &e.frame,
+            };
+            if slot.conn.send_shared(frame).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        let stats = self.stats();
+        stats.history_replayed.bump(n);
+        stats.messages_out.bump(n);
+        self.mark_dirty(id);
+    }
+
+    fn registry_for(&mut self, envelope: bool) -> &mut Registry<ConnId> {
+        if envelope {
+            &mut self.framed
+        } else {
+            &mut self.registry
+        }
+    }
+
+    /// A publication to a topic with history, from the inbox: delivered once, in offset
+    /// order (a repeat skipped, a gap repaired from the ring first).
+    pub(super) fn on_sequenced(&mut self, topic: &Arc<str>, epoch: Epoch, entry: &Entry) {
+        let Some(local) = self.streams.get_mut(topic) else {
+            return; // nobody here any more
+        };
+        if local.position.epoch != epoch {
+            // The stream started again (a broker's history was reset): follow it.
+            local.position = Position {
+                offset: entry.offset.saturating_sub(1),
+                epoch,
+            };
+        }
+        let last = local.position.offset;
+        if entry.offset <= last {
+            return;
+        }
+        if entry.offset > last + 1 {
+            let missing = self
+                .shared
+                .history
+                .as_ref()
+                .and_then(|h| {
+                    let locked = h.lock(topic);
+                    let stream = locked.get(topic)?;
+                    (stream.epoch() == epoch).then(|| stream.between(last, entry.offset))
+                })
+                .unwrap_or_default();
+            let lost = entry.offset - last - 1 - missing.len() as u64;
+            self.stats().history_repaired.bump(missing.len() as u64);
+            self.stats().history_lost.bump(lost);
+            for e in &missing {
+                self.deliver_sequenced(topic, e);
+            }
+        }
+        self.deliver_sequenced(topic, entry);
+    }
+
+    fn deliver_sequenced(&mut self, topic: &Arc<str>, entry: &Entry) {
+        let Some(local) = self.streams.get_mut(topic) else {
+            return;
+        };
+        local.position.offset = entry.offset;
+        if local.joining.iter().any(|j| j.after < entry.offset) {
+            // They have everything before this one: in the registry before it goes out
+            // (and after what is pending, which they have too).
+            let (ready, waiting) = std::mem::take(&mut local.joining)
+                .into_iter()
+                .partition::<Vec<_>, _>(|j| j.after < entry.offset);
+            local.joining = waiting;
+            self.flush_pending();
+            for j in ready {
+                self.registry_for(j.envelope).add(topic.clone(), j.id);
+            }
+        }
+        self.fanout_in(false, topic, Frame::Encoded(&entry.frame));
+        if let Some(env) = &entry.envelope {
+            self.fanout_in(true, topic, Frame::Encoded(env));
+        }
+    }
+
+    /// Forgets `id` as a subscriber of `key` in whichever registry (or joining list) it
+    /// is; returns how many subscribers the worker has left.
+    pub(super) fn forget_subscriber(&mut self, key: &Arc<str>, id: ConnId) -> usize {
+        self.registry.remove(key, id);
+        self.framed.remove(key, id);
+        if let Some(local) = self.streams.get_mut(key) {
+            local.joining.retain(|j| j.id != id);
+        }
+        let n = self.local_count(key);
+        if n == 0 {
+            self.streams.remove(key);
+        }
+        n
+    }
+
+    /// The position of `topic`'s stream (none: it keeps no history, or nothing was
+    /// published to it yet on this node).
+    pub(super) fn position(&self, topic: &str) -> Option<Position> {
+        let history = self.shared.history_of(topic)?;
+        history.lock(topic).get(topic).map(|s| s.position())
+    }
+
+    /// Every second (worker 0): streams trimmed by age, and those empty with nobody
+    /// subscribed forgotten.
+    pub(super) fn sweep_history(&mut self) {
+        if self.index != 0 || self.now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = self.now + std::time::Duration::from_secs(1);
+        if let Some(history) = &self.shared.history {
+            let directory = &self.shared.directory;
+            history.sweep(self.now, |topic| directory.count(topic) > 0);
+        }
+    }
+}
