@@ -358,4 +358,179 @@ mod tests {
         assert_eq!(h.topics.len(), 1);
         assert_eq!(Arc::strong_count(names[0]), 4);
     }
+
+    /// Keeps what each connection was sent.
+    #[derive(Default)]
+    struct Wire(std::collections::HashMap<ConnId, Vec<u8>>);
+
+    impl crate::engine::internals::Driver for Wire {
+        fn send(
+            &mut self,
+            id: ConnId,
+            _fd: u32,
+            bufs: &mut dyn Iterator<Item = &[u8]>,
+            _last: bool,
+        ) -> crate::engine::internals::SendOutcome {
+            let out = self.0.entry(id).or_default();
+            let mut n = 0;
+            for b in bufs {
+                out.extend_from_slice(b);
+                n += b.len();
+            }
+            crate::engine::internals::SendOutcome::Wrote { n, all: true }
+        }
+        fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
+            true
+        }
+        fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
+        fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
+    }
+
+    /// The text frames (payloads under 126 bytes) after the 101 in what `id` was sent.
+    fn texts(wire: &Wire, id: ConnId) -> Vec<String> {
+        let bytes = &wire.0[&id];
+        let start = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("101")
+            + 4;
+        let mut rest = &bytes[start..];
+        let mut out = Vec::new();
+        while rest.len() >= 2 {
+            let len = usize::from(rest[1]);
+            assert!(len < 126, "short frames only in this test");
+            out.push(String::from_utf8(rest[2..2 + len].to_vec()).expect("text"));
+            rest = &rest[2 + len..];
+        }
+        out
+    }
+
+    fn upgrade(core: &mut Core<BenchProtocol>, fd: u32, path: &str, now: Instant) -> ConnId {
+        let id = core.on_accept(fd, now);
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").into_bytes();
+        core.on_data(id, &mut req, now);
+        id
+    }
+
+    /// A subscriber that resumes while publications before its position are still in the
+    /// worker's inbox (published in the same turn) gets each of them once: from the
+    /// replay, not again from the inbox.
+    #[test]
+    fn a_resume_racing_publications_in_flight_gets_each_once() {
+        let now = Instant::now();
+        let history = crate::pubsub::history::HistoryConfig {
+            envelope: Some(Arc::new(envelope)),
+            ..Default::default()
+        };
+        let shared =
+            Shared::detached_with_history(EngineConfig::default(), history).expect("shared state");
+        let handle = Handle::from_shared(shared.clone());
+        let mut core = Core::new(0, shared, BenchProtocol::new(handle.clone()), now);
+        let mut wire = Wire::default();
+        let publisher = upgrade(&mut core, 1, "/pubsub/t", now);
+        let live = upgrade(&mut core, 2, "/pubsub/t?recover=1", now);
+        core.flush(&mut wire);
+        let epoch = handle.position("t").expect("a stream").epoch;
+        // Three publications: numbered now, still in the inbox.
+        let mut data: Vec<u8> = ["a", "b", "c"]
+            .iter()
+            .flat_map(|p| {
+                crate::proto::frame::encode_client_frame(OpCode::Text, p.as_bytes(), [1, 2, 3, 4])
+            })
+            .collect();
+        core.on_data(publisher, &mut data, now);
+        assert_eq!(handle.position("t").map(|p| p.offset), Some(3));
+        let resumed = upgrade(
+            &mut core,
+            3,
+            &format!("/pubsub/t?recover=1&since=1&epoch={epoch}"),
+            now,
+        );
+        core.on_commands(now);
+        core.on_data(
+            publisher,
+            &mut crate::proto::frame::encode_client_frame(OpCode::Text, b"d", [1, 2, 3, 4]),
+            now,
+        );
+        core.on_commands(now);
+        core.flush(&mut wire);
+        let pubs = |id| -> Vec<String> { texts(&wire, id).into_iter().skip(1).collect() };
+        let subscribed = texts(&wire, resumed)[0].clone();
+        assert!(
+            subscribed.contains(r#""offset":3,"recovered":true,"replayed":2"#),
+            "{subscribed}"
+        );
+        let want = |from: u64| -> Vec<String> {
+            (from..=4)
+                .map(|o| {
+                    format!(
+                        r#"{{"type":"pub","offset":{o},"data":"{}"}}"#,
+                        ["a", "b", "c", "d"][o as usize - 1]
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            pubs(resumed),
+            want(2),
+            "the resumed one: 2, 3 replayed, 4 live"
+        );
+        assert_eq!(pubs(live), want(1), "the one that was there");
+        assert_eq!(
+            texts(&wire, publisher),
+            vec!["a", "b", "c", "d"],
+            "the plain subscriber gets plain frames"
+        );
+    }
+
+    /// A publication a worker never got in its inbox (it was full) is taken from the ring
+    /// before the next one goes out; one no longer kept is counted as lost.
+    #[test]
+    fn a_gap_in_the_inbox_is_repaired_from_the_ring() {
+        let now = Instant::now();
+        let history = crate::pubsub::history::HistoryConfig {
+            envelope: Some(Arc::new(envelope)),
+            limits: crate::pubsub::history::Limits {
+                count: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let shared =
+            Shared::detached_with_history(EngineConfig::default(), history).expect("shared state");
+        let handle = Handle::from_shared(shared.clone());
+        let mut core = Core::new(0, shared.clone(), BenchProtocol::new(handle.clone()), now);
+        let mut wire = Wire::default();
+        let sub = upgrade(&mut core, 1, "/pubsub/t?recover=1", now);
+        handle.publish("t", OpCode::Text, b"1");
+        // Numbered and kept, but never handed to the worker (as when its inbox is full).
+        let skip = |text: &[u8]| {
+            let history = shared.history.as_ref().expect("history");
+            history
+                .lock("t")
+                .append("t", OpCode::Text, text, Instant::now());
+        };
+        skip(b"2");
+        handle.publish("t", OpCode::Text, b"3");
+        core.on_commands(now);
+        // Then four missed: only the last two of them are still kept (count 3 with 9).
+        for text in [b"4", b"5", b"6", b"7"] {
+            skip(text);
+        }
+        handle.publish("t", OpCode::Text, b"8");
+        core.on_commands(now);
+        core.flush(&mut wire);
+        let offsets: Vec<String> = texts(&wire, sub)
+            .into_iter()
+            .skip(1)
+            .map(|t| t[..t.find(r#","data""#).expect("data")].to_string())
+            .collect();
+        let want: Vec<String> = [1, 2, 3, 6, 7, 8]
+            .iter()
+            .map(|o| format!(r#"{{"type":"pub","offset":{o}"#))
+            .collect();
+        assert_eq!(offsets, want);
+        assert_eq!(shared.total(|s| &s.history_repaired), 3);
+        assert_eq!(shared.total(|s| &s.history_lost), 2);
+    }
 }

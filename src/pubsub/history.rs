@@ -709,4 +709,52 @@ mod tests {
             assert_eq!(Epoch::parse(bad), None, "{bad}");
         }
     }
+
+    #[test]
+    fn the_node_keeps_its_byte_cap_and_forgets_idle_empty_streams() {
+        let history = History::new(HistoryConfig {
+            limits: limits(1000, 1 << 20, 1_000),
+            max_bytes: 100,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for i in 0..50 {
+            history.lock("a").append("a", OpCode::Text, &[b'x'; 8], t0);
+            let _ = i;
+        }
+        // 10-byte frames, 100 bytes over the node: the topic growing gave up the oldest.
+        assert!(history.bytes() <= 100, "{}", history.bytes());
+        assert_eq!(history.lock("a").get("a").map(|s| s.last()), Some(50));
+        history.lock("b").append("b", OpCode::Text, b"y", t0);
+        assert_eq!(history.topics(), 2);
+        // Aged out; "a" still has a subscriber somewhere, "b" has none.
+        history.sweep(t0 + Duration::from_secs(2), |t| t == "a");
+        assert_eq!(history.topics(), 1);
+        assert_eq!(history.bytes(), 0);
+        let a = history.lock("a").get("a").map(|s| (s.last(), s.len()));
+        assert_eq!(a, Some((50, 0)), "kept, numbering and epoch with it");
+    }
+
+    #[test]
+    fn an_envelope_is_encoded_once_per_publication() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let history = History::new(HistoryConfig {
+            envelope: Some(Arc::new(
+                move |_t: &str, offset, _op, payload: &[u8], out: &mut Vec<u8>| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    out.extend_from_slice(format!("{offset}:").as_bytes());
+                    out.extend_from_slice(payload);
+                    OpCode::Text
+                },
+            )),
+            ..Default::default()
+        });
+        let (_, _, e) = history
+            .lock("t")
+            .append("t", OpCode::Binary, b"hi", Instant::now());
+        assert_eq!(e.offset, 1);
+        assert_eq!(&e.envelope.expect("an envelope")[2..], b"1:hi");
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+    }
 }

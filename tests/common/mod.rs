@@ -104,6 +104,37 @@ impl TestServer {
         }
     }
 
+    /// Starts `wsring serve`'s handler with its history (limits `limits`, its envelope) on
+    /// `backend` (2 workers, not pinned, port 0), the builder changed by `configure`
+    /// (e.g. a broker).
+    pub fn start_history(
+        backend: BackendChoice,
+        limits: wsring::api::HistoryLimits,
+        configure: impl FnOnce(wsring::engine::ServerBuilder) -> wsring::engine::ServerBuilder,
+    ) -> TestServer {
+        let config = EngineConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            threads: 2,
+            backend,
+            pin_threads: false,
+            ..Default::default()
+        };
+        let builder =
+            wsring::engine::ServerBuilder::from(config).history(wsring::api::HistoryConfig {
+                limits,
+                envelope: Some(Arc::new(wsring::cli::serve::envelope)),
+                ..Default::default()
+            });
+        let server = configure(builder)
+            .start(BenchProtocol::new)
+            .unwrap_or_else(|e| panic!("{backend:?} server must start: {e}"));
+        let addr = server.local_addr();
+        TestServer {
+            server: Some(server),
+            addr,
+        }
+    }
+
     /// The running server.
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("server is running")
