@@ -3,11 +3,17 @@
 //! backends: a subscriber that drops and resumes mid-stream gets every publication exactly
 //! once and in order; a resume from trimmed history, a stale epoch or a future offset says
 //! `recovered: false`; binary payloads travel as base64; the library's own calls
-//! (`Conn::subscribe_at`, `Handle::publish_recorded`, `Handle::position`); and a storm of
-//! thousands of clients resuming at once, every one checked, memory bounded.
+//! (`Conn::subscribe_at`, `Handle::publish_recorded`, `Handle::position`); a storm of
+//! thousands of clients resuming at once, every one checked, memory bounded; and, through
+//! a real `redis-server` that numbers the publications, a client that resumes on another
+//! node, and on a node that started after the publications.
 
 #[macro_use]
 mod common;
+#[cfg(feature = "redis")]
+mod support {
+    pub mod brokers;
+}
 
 use std::time::Duration;
 
@@ -412,10 +418,102 @@ fn the_library_api(backend: BackendChoice) {
     drop(server);
 }
 
+/// Two nodes joined by Redis (which numbers the publications): a client drops on one and
+/// resumes on the other, and on a third node started afterwards, with every publication
+/// once and in order; both nodes show the same offsets and epoch.
+#[cfg(feature = "redis")]
+fn resume_on_another_node_through_redis(backend: BackendChoice) {
+    use support::brokers::{BrokerServer, Kind};
+    use wsring::pubsub::broker::redis::{RedisBroker, RedisOptions};
+    let Some(redis) = BrokerServer::start(Kind::Redis) else {
+        return;
+    };
+    let url = redis.url();
+    let node = |backend: BackendChoice, id: u64| {
+        let broker =
+            RedisBroker::new(std::slice::from_ref(&url), RedisOptions::default()).expect("client");
+        TestServer::start_history(backend, limits(1_000), move |b| {
+            b.broker(std::sync::Arc::new(broker)).node_id(id)
+        })
+    };
+    let other = match backend {
+        BackendChoice::Epoll => BackendChoice::IoUring,
+        _ => BackendChoice::Epoll,
+    };
+    let (a, b) = (node(backend, 1), node(other, 2));
+    const N: usize = 300;
+    block_on(async {
+        let (mut x, first) = subscribe(a.addr, "t", None).await;
+        let (mut y, on_b) = subscribe(b.addr, "t", None).await;
+        assert_eq!(
+            first.epoch, on_b.epoch,
+            "one epoch, from Redis, on every node"
+        );
+        let epoch = first.epoch.clone();
+        let start = first.offset;
+        let addr = a.addr;
+        let publisher = tokio::spawn(async move {
+            let mut p = connect(addr, "/pubsub/t").await;
+            for i in 0..N {
+                p.send(WsMessage::text(format!("p{i}")))
+                    .await
+                    .expect("publish");
+                if i % 20 == 19 {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+            p
+        });
+        let mut last = start;
+        for _ in 0..100 {
+            let (offset, data) = within(WAIT, "on node a", next_pub(&mut x, "a")).await;
+            assert_eq!(offset, last + 1);
+            assert_eq!(data, format!("p{}", offset - start - 1));
+            last = offset;
+        }
+        drop(x);
+        // Resume on the other node.
+        let (mut x, s) = subscribe(b.addr, "t", Some((last, &epoch))).await;
+        assert!(s.recovered, "{s:?}");
+        assert_eq!(s.epoch, epoch);
+        while last < start + N as u64 {
+            let (offset, data) = within(WAIT, "on node b", next_pub(&mut x, "b")).await;
+            assert_eq!(offset, last + 1, "no gap, no repeat across nodes");
+            assert_eq!(data, format!("p{}", offset - start - 1));
+            last = offset;
+        }
+        // The subscriber that stayed on b saw the same numbers.
+        for want in start + 1..=start + N as u64 {
+            let (offset, data) = within(WAIT, "y on b", next_pub(&mut y, "y")).await;
+            assert_eq!((offset, data), (want, format!("p{}", want - start - 1)));
+        }
+        let _ = publisher.await;
+        // A node that was not there: its copy is loaded from Redis first.
+        let c = node(backend, 3);
+        let (mut z, s) = subscribe(c.addr, "t", Some((start + 250, &epoch))).await;
+        assert!(s.recovered, "{s:?}");
+        assert_eq!((s.offset, s.replayed), (start + N as u64, 50));
+        for want in start + 251..=start + N as u64 {
+            let (offset, _) = within(WAIT, "z on c", next_pub(&mut z, "z")).await;
+            assert_eq!(offset, want);
+        }
+        // A stale epoch is not recovered there either.
+        let (_, s) = subscribe(c.addr, "t", Some((start + 250, "0000000000000001"))).await;
+        assert!(!s.recovered);
+    });
+    assert_eq!(
+        redis.redis_command(&["XLEN", "wsring:s:t"]).trim(),
+        format!(":{N}"),
+        "the stream Redis keeps"
+    );
+}
+
 for_both_backends!(
     resume_mid_stream,
     not_recovered_when_history_cannot_cover_it,
     binary_payloads_travel_as_base64,
     reconnect_storm,
     the_library_api,
+    #[cfg(feature = "redis")]
+    resume_on_another_node_through_redis,
 );

@@ -98,16 +98,16 @@ impl Handle {
     /// waiting (a publisher faster than the fan-out is slowed down, memory stays bounded).
     /// Call it from your own threads, not from a handler (use [`core::Conn::publish`]).
     pub fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
-        // To the other nodes, if a broker is configured (never blocks).
-        self.shared.publish_to_broker(topic, opcode, payload);
         if let Some(history) = self.shared.history_of(topic) {
             self.shared
                 .wait_for_room(self.shared.directory.workers_with(topic, None));
             return self
                 .shared
-                .publish_sequenced(history, topic, opcode, payload, None)
+                .publish_history(history, topic, opcode, payload, None)
                 .1;
         }
+        // To the other nodes, if a broker is configured (never blocks).
+        self.shared.publish_to_broker(topic, opcode, payload);
         let workers = self.shared.directory.workers_with(topic, None);
         if workers == 0 {
             return 0;
@@ -135,13 +135,13 @@ impl Handle {
         if self.shared.is_full(workers) {
             return Err(TryError::Full);
         }
-        self.shared.publish_to_broker(topic, opcode, payload);
         if let Some(history) = self.shared.history_of(topic) {
             return Ok(self
                 .shared
-                .publish_sequenced(history, topic, opcode, payload, None)
+                .publish_history(history, topic, opcode, payload, None)
                 .1);
         }
+        self.shared.publish_to_broker(topic, opcode, payload);
         if workers == 0 {
             return Ok(0);
         }
@@ -162,8 +162,20 @@ impl Handle {
     /// # }
     /// ```
     pub async fn publish_async(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> usize {
-        self.shared.publish_to_broker(topic, opcode, payload);
         let workers = self.shared.directory.workers_with(topic, None);
+        if let Some(history) = self.shared.history_of(topic) {
+            // Kept even with no subscriber: a client that resumes wants it.
+            shared::Room {
+                shared: &self.shared,
+                workers,
+            }
+            .await;
+            return self
+                .shared
+                .publish_history(history, topic, opcode, payload, None)
+                .1;
+        }
+        self.shared.publish_to_broker(topic, opcode, payload);
         if workers == 0 {
             return 0;
         }
@@ -172,12 +184,6 @@ impl Handle {
             workers,
         }
         .await;
-        if let Some(history) = self.shared.history_of(topic) {
-            return self
-                .shared
-                .publish_sequenced(history, topic, opcode, payload, None)
-                .1;
-        }
         let frame = proto::encode_frame(opcode, payload);
         // Subscribers may have moved while it waited: hand it to those there now.
         let workers = self.shared.directory.workers_with(topic, None);
@@ -282,7 +288,8 @@ impl Handle {
 
     /// Publishes like [`Handle::publish`] and returns the publication's position in its
     /// topic's history: its offset and epoch (`None` for a topic without history on this
-    /// node). With a broker the offset is this node's numbering.
+    /// node, and with a broker that numbers publications, as Redis does: the broker
+    /// assigns it, and subscribers see it in the envelope).
     pub fn publish_recorded(
         &self,
         topic: &str,
@@ -290,14 +297,11 @@ impl Handle {
         payload: &[u8],
     ) -> Option<crate::pubsub::history::Position> {
         let history = self.shared.history_of(topic)?;
-        self.shared.publish_to_broker(topic, opcode, payload);
         self.shared
             .wait_for_room(self.shared.directory.workers_with(topic, None));
-        Some(
-            self.shared
-                .publish_sequenced(history, topic, opcode, payload, None)
-                .0,
-        )
+        self.shared
+            .publish_history(history, topic, opcode, payload, None)
+            .0
     }
 
     /// The position of `topic`'s history on this node: the last publication's offset and

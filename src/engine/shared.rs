@@ -5,7 +5,7 @@
 use super::*;
 use std::task::{Context, Poll, Waker};
 
-use crate::pubsub::history::{Entry, Epoch, History, HistoryConfig, Position, Subscription};
+use crate::pubsub::history::{Entry, Epoch, History, HistoryConfig, Subscription};
 
 /// Where a server is in its shutdown; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -32,6 +32,9 @@ pub enum Command {
     /// Subscribe one connection of this worker to a topic with history, resuming from a
     /// position ([`Handle::subscribe_at`]).
     SubscribeAt(ConnId, Arc<str>, Subscription),
+    /// The topic's history is loaded from the broker: the subscription of this connection
+    /// that waited for it goes ahead.
+    Unpark(ConnId, Arc<str>, Subscription),
     /// Close a connection of this worker with a code and reason.
     Close(ConnId, CloseCode, String),
     /// Queue this encoded frame on one connection of this worker ([`Handle::try_send`]).
@@ -54,6 +57,7 @@ impl Command {
                 e.frame.len() + e.envelope.as_ref().map_or(0, Bytes::len)
             }
             Command::SubscribeAt(..)
+            | Command::Unpark(..)
             | Command::Close(..)
             | Command::Subscribe(..)
             | Command::Unsubscribe(..)
@@ -77,7 +81,7 @@ pub(super) struct Inbox {
 }
 
 impl Inbox {
-    fn full(&self) -> bool {
+    pub(super) fn full(&self) -> bool {
         self.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT
     }
 
@@ -165,6 +169,7 @@ impl Shared {
             reply_queue_limit: config.send_queue_soft,
         });
         let socket_limit = socket_limit(config.max_connections, raise_nofile());
+        let backplane_numbers = backplane.as_ref().is_some_and(|b| b.numbers());
         Ok(Arc::new(Shared {
             socket_limit,
             config,
@@ -178,7 +183,11 @@ impl Shared {
             shutdown: AtomicU8::new(0),
             directory: crate::pubsub::Directory::new(threads),
             backplane,
-            history: history.map(History::new),
+            history: history.map(|h| {
+                let mut h = History::new(h);
+                h.broker_numbered = backplane_numbers;
+                h
+            }),
         }))
     }
 
@@ -215,50 +224,6 @@ impl Shared {
     /// The node's history, if `topic` keeps one.
     pub(crate) fn history_of(&self, topic: &str) -> Option<&History> {
         self.history.as_ref().filter(|h| h.applies(topic))
-    }
-
-    /// Publishes to a topic with history: under the topic's lock, assigns the next offset,
-    /// keeps the publication and hands it to every worker with subscribers (this one
-    /// included: a worker delivers a topic with history only from its inbox, so every
-    /// worker sees the offsets in order). `from`: the publishing worker, which must not
-    /// block; a worker whose inbox is full then does not get it (counted in
-    /// `forward_dropped`) and repairs the gap from the ring at the next publication.
-    /// Returns the publication's position, how many workers got it and how many did not
-    /// for a full inbox.
-    pub(crate) fn publish_sequenced(
-        &self,
-        history: &History,
-        topic: &str,
-        opcode: OpCode,
-        payload: &[u8],
-        from: Option<usize>,
-    ) -> (Position, usize, usize) {
-        let mut locked = history.lock(topic);
-        let (key, epoch, entry) = locked.append(topic, opcode, payload, Instant::now());
-        let position = Position {
-            offset: entry.offset,
-            epoch,
-        };
-        let workers = self.directory.workers_with(topic, None);
-        let bytes = entry.frame.len() + entry.envelope.as_ref().map_or(0, Bytes::len);
-        let (mut n, mut dropped) = (0, 0);
-        for (i, inbox) in self.inboxes.iter().enumerate() {
-            if workers & (1 << i) == 0 {
-                continue;
-            }
-            if let Some(from) = from
-                && inbox.full()
-            {
-                self.stats[from].forward_dropped.bump(1);
-                dropped += 1;
-                continue;
-            }
-            inbox.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
-            self.send_command(inbox, Command::Sequenced(key.clone(), epoch, entry.clone()));
-            n += 1;
-        }
-        drop(locked);
-        (position, n, dropped)
     }
 
     /// Hands a frame to every worker in the bitmask `workers`; returns how many took it.
@@ -301,7 +266,8 @@ impl Shared {
     /// directory was updated): the backplane, if any, subscribes or unsubscribes the node.
     pub(crate) fn interest_changed(&self, topic: &Arc<str>) {
         if let Some(bp) = &self.backplane {
-            bp.interest_changed(topic, &self.directory);
+            let change = bp.interest_changed(topic, &self.directory);
+            self.history_interest(topic, change);
         }
     }
 
@@ -324,24 +290,8 @@ impl Shared {
         let mut dropped = 0u64;
         for m in batch {
             if let Some(history) = self.history_of(&m.topic) {
-                // Kept and numbered on this node like a local publish (the broker's order
-                // is the order of its offsets here).
-                let mut locked = history.lock(&m.topic);
-                let (key, epoch, entry) =
-                    locked.append(&m.topic, m.opcode, &m.payload, Instant::now());
-                let workers = self.directory.workers_with(&m.topic, None);
-                for (i, inbox) in self.inboxes.iter().enumerate() {
-                    if workers & (1 << i) == 0 {
-                        continue;
-                    }
-                    if inbox.pending_bytes.load(Ordering::Acquire) > HANDLE_QUEUE_LIMIT {
-                        dropped += 1;
-                        continue;
-                    }
-                    let len = entry.frame.len() + entry.envelope.as_ref().map_or(0, Bytes::len);
-                    inbox.pending_bytes.fetch_add(len, Ordering::AcqRel);
-                    self.send_command(inbox, Command::Sequenced(key.clone(), epoch, entry.clone()));
-                }
+                // Numbered (by the broker, or here) and kept: see `engine/history.rs`.
+                dropped += self.deliver_with_history(history, m);
                 continue;
             }
             let workers = self.directory.workers_with(&m.topic, None);
@@ -525,6 +475,12 @@ impl crate::pubsub::broker::Sink for BrokerSink {
     fn deliver(&self, batch: &[crate::pubsub::broker::Incoming]) {
         if let Some(shared) = self.0.upgrade() {
             shared.deliver_from_broker(batch);
+        }
+    }
+
+    fn loaded(&self, stream: crate::pubsub::broker::Loaded) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.loaded(stream);
         }
     }
 }

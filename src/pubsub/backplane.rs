@@ -15,6 +15,17 @@ use super::Directory;
 use super::broker::{Broker, BrokerStats, NodeId, Sink};
 use crate::proto::OpCode;
 
+/// What [`Backplane::interest_changed`] told the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interest {
+    /// Nothing: the node's interest is what it was.
+    Unchanged,
+    /// The node subscribed to the topic.
+    Subscribed,
+    /// The node unsubscribed from it.
+    Unsubscribed,
+}
+
 /// A broker joined to this node (see the module docs).
 pub struct Backplane {
     broker: Arc<dyn Broker>,
@@ -72,18 +83,43 @@ impl Backplane {
 
     /// A worker's local subscriber count of `topic` went to or from zero: subscribe or
     /// unsubscribe this node on the broker to match the node-wide count.
-    pub fn interest_changed(&self, topic: &Arc<str>, directory: &Directory) {
+    pub fn interest_changed(&self, topic: &Arc<str>, directory: &Directory) -> Interest {
         let Ok(mut subscribed) = self.subscribed.lock() else {
-            return;
+            return Interest::Unchanged;
         };
         let wanted = directory.count(topic) > 0;
         if wanted {
             if subscribed.insert(topic.clone()) {
                 self.broker.subscribe(topic);
+                return Interest::Subscribed;
             }
         } else if subscribed.remove(topic) {
             self.broker.unsubscribe(topic);
+            return Interest::Unsubscribed;
         }
+        Interest::Unchanged
+    }
+
+    /// Whether the broker numbers publications to topics with history (see
+    /// [`Broker::numbers`]).
+    pub fn numbers(&self) -> bool {
+        self.broker.numbers()
+    }
+
+    /// Publishes to a topic with history for the broker to number ([`Broker::publish_numbered`]).
+    pub fn publish_numbered(
+        &self,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        limits: &crate::pubsub::history::Limits,
+    ) -> bool {
+        self.broker.publish_numbered(topic, opcode, payload, limits)
+    }
+
+    /// Asks for a topic's stream from the broker ([`Broker::load`]).
+    pub fn load(&self, topic: &str, limits: &crate::pubsub::history::Limits) {
+        self.broker.load(topic, limits);
     }
 
     /// Topics this node is subscribed to on the broker.

@@ -185,7 +185,24 @@ pub struct Stream {
     last: u64,
     entries: VecDeque<Entry>,
     bytes: usize,
+    /// Offsets up to this one may have holes (publications the broker never delivered
+    /// and a reload could not find): a resume from before it is not recovered.
+    lost_upto: u64,
+    /// With a broker that numbers publications: whether this copy follows the broker's
+    /// stream (loaded since the node subscribed). Always `true` without one.
+    pub(crate) synced: bool,
+    /// A reload from the broker was asked for and has not come back.
+    pub(crate) loading: bool,
+    /// Publications from the broker that arrived while not synced (or during a repair),
+    /// merged by offset when the load comes back. Bounded by [`PENDING_LIMIT`].
+    pub(crate) pending: Vec<(Epoch, u64, OpCode, Bytes)>,
+    /// Subscriptions waiting for the load: (worker, connection, subscription).
+    pub(crate) parked: Vec<(usize, crate::engine::ConnId, Subscription)>,
 }
+
+/// Most publications buffered while a stream loads from its broker; past it, the oldest
+/// go (and the reload finds them, or they are lost and reported so).
+pub(crate) const PENDING_LIMIT: usize = 10_000;
 
 impl Stream {
     /// An empty stream in a fresh epoch.
@@ -200,6 +217,32 @@ impl Stream {
             last: 0,
             entries: VecDeque::new(),
             bytes: 0,
+            lost_upto: 0,
+            synced: true,
+            loading: false,
+            pending: Vec::new(),
+            parked: Vec::new(),
+        }
+    }
+
+    /// Starts again in `epoch` after `last` (a broker's stream reset or loaded): what was
+    /// kept goes; returns the bytes freed.
+    pub(crate) fn restart(&mut self, epoch: Epoch, last: u64) -> usize {
+        let freed = self.bytes;
+        self.epoch = epoch;
+        self.last = last;
+        self.entries.clear();
+        self.bytes = 0;
+        self.lost_upto = last;
+        freed
+    }
+
+    /// Skips ahead to `offset - 1`: the publications in between are lost (a resume from
+    /// before `offset` is not recovered).
+    pub(crate) fn skip_to(&mut self, offset: u64) {
+        if offset > self.last + 1 {
+            self.last = offset - 1;
+            self.lost_upto = self.last;
         }
     }
 
@@ -343,7 +386,7 @@ impl Stream {
             .cloned()
             .collect();
         let first = replay.entries.first().map_or(self.last + 1, |e| e.offset);
-        replay.recovered = first == offset + 1;
+        replay.recovered = first == offset + 1 && offset >= self.lost_upto;
         replay
     }
 }
@@ -403,12 +446,26 @@ impl std::fmt::Debug for HistoryConfig {
 /// hands the publication to the workers).
 const SHARDS: usize = 16;
 
+/// What became of a publication the broker numbered ([`Locked::append_numbered`]).
+#[derive(Debug)]
+pub enum Numbered {
+    /// Kept: hand it to the workers.
+    Appended(Arc<str>, Epoch, Entry),
+    /// At or before the last offset kept: already seen.
+    Repeat,
+    /// After a hole: the ones in between must be loaded first.
+    Gap,
+}
+
 /// One lock shard: the streams of the topics that hash to it.
 type Shard = HashMap<Arc<str>, Stream>;
 
 /// A node's streams, one per topic with history.
 pub struct History {
     config: HistoryConfig,
+    /// The broker numbers publications (offsets the same on every node); the node's
+    /// streams are copies loaded from it and kept up by what it delivers.
+    pub(crate) broker_numbered: bool,
     shards: Box<[Mutex<Shard>]>,
     /// Bytes kept over all streams.
     bytes: AtomicUsize,
@@ -426,6 +483,7 @@ impl History {
     pub fn new(config: HistoryConfig) -> History {
         History {
             config,
+            broker_numbered: false,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             bytes: AtomicUsize::new(0),
         }
@@ -498,7 +556,13 @@ impl Locked<'_> {
             Some((k, _)) => k.clone(),
             None => Arc::from(topic),
         };
-        let stream = self.map.entry(key.clone()).or_default();
+        let numbered = self.history.broker_numbered;
+        let stream = self.map.entry(key.clone()).or_insert_with(|| {
+            let mut s = Stream::new();
+            // A copy of the broker's: not usable until loaded.
+            s.synced = !numbered;
+            s
+        });
         (key, stream)
     }
 
@@ -512,9 +576,49 @@ impl Locked<'_> {
         payload: &[u8],
         now: Instant,
     ) -> (Arc<str>, Epoch, Entry) {
+        let next = self.stream(topic).1.last() + 1;
+        self.push(topic, next, opcode, payload, now)
+    }
+
+    /// Keeps a publication the broker numbered (`offset` in `epoch`): appended if it is
+    /// the next one (a new epoch starts the stream again), or why not.
+    pub fn append_numbered(
+        &mut self,
+        topic: &str,
+        epoch: Epoch,
+        offset: u64,
+        opcode: OpCode,
+        payload: &[u8],
+        now: Instant,
+    ) -> Numbered {
+        let history = self.history;
+        let (_, stream) = self.stream(topic);
+        if epoch != stream.epoch() {
+            let freed = stream.restart(epoch, offset.saturating_sub(1));
+            history.bytes.fetch_sub(freed, Ordering::Relaxed);
+        }
+        let last = stream.last();
+        if offset <= last {
+            return Numbered::Repeat;
+        }
+        if offset > last + 1 {
+            return Numbered::Gap;
+        }
+        let (key, epoch, entry) = self.push(topic, offset, opcode, payload, now);
+        Numbered::Appended(key, epoch, entry)
+    }
+
+    /// Encodes and keeps publication `offset` (the stream's next) of `topic`.
+    fn push(
+        &mut self,
+        topic: &str,
+        offset: u64,
+        opcode: OpCode,
+        payload: &[u8],
+        now: Instant,
+    ) -> (Arc<str>, Epoch, Entry) {
         let history = self.history;
         let (key, stream) = self.stream(topic);
-        let offset = stream.last() + 1;
         let frame = encode_frame(opcode, payload);
         let envelope = history.config.envelope.as_ref().map(|wrap| {
             let mut buf = Vec::with_capacity(payload.len() + 48);
@@ -547,6 +651,18 @@ impl Locked<'_> {
             history.bytes.fetch_sub(before - after, Ordering::Relaxed);
         }
         (key, stream.epoch(), entry)
+    }
+
+    /// Starts `topic`'s stream again in `epoch` after `last` (a load from the broker).
+    pub fn restart(&mut self, topic: &str, epoch: Epoch, last: u64) {
+        let history = self.history;
+        let freed = self.stream(topic).1.restart(epoch, last);
+        history.bytes.fetch_sub(freed, Ordering::Relaxed);
+    }
+
+    /// Access to the stream of `topic` for the engine's bookkeeping, if it exists.
+    pub(crate) fn get_mut(&mut self, topic: &str) -> Option<&mut Stream> {
+        self.map.get_mut(topic)
     }
 }
 

@@ -25,7 +25,7 @@ pub mod broker;
 mod directory;
 pub mod history;
 
-pub use backplane::Backplane;
+pub use backplane::{Backplane, Interest};
 pub use directory::Directory;
 
 use std::collections::HashMap;

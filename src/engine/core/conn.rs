@@ -82,7 +82,9 @@ impl<D> Conn<'_, D> {
     /// limits: the history bounds them), live ones follow with no gap and no repeat.
     /// Returns where live delivery starts and whether the replay is complete (`None`: the
     /// topic keeps no history here, the connection is not open, or it is subscribed
-    /// already). To send something ahead of the replay, send it before calling, or
+    /// already; or, with a broker that numbers publications, the node's copy of the
+    /// topic's history is still loading: the subscription is made once it is, and
+    /// [`Handler::on_subscribed`](crate::api::Handler::on_subscribed) is called then). To send something ahead of the replay, send it before calling, or
     /// subscribe with [`Accept::subscribe_at`](crate::api::Accept::subscribe_at), whose
     /// [`Handler::on_subscribed`](crate::api::Handler::on_subscribed) runs first.
     pub fn subscribe_at(
@@ -90,9 +92,13 @@ impl<D> Conn<'_, D> {
         topic: &str,
         sub: crate::pubsub::history::Subscription,
     ) -> Option<crate::pubsub::history::Resumed> {
-        let (resumed, entries) = self.inner.join(self.id, topic, sub)?;
-        self.inner.queue_replay(self.id, &entries, sub.envelope);
-        Some(resumed)
+        match self.inner.join(self.id, topic, sub, false) {
+            super::history::Join::Joined(resumed, entries) => {
+                self.inner.queue_replay(self.id, &entries, sub.envelope);
+                Some(resumed)
+            }
+            super::history::Join::Parked | super::history::Join::No => None,
+        }
     }
 
     /// The position of `topic`'s history on this node (`None`: no history, or nothing

@@ -160,9 +160,13 @@ impl<H: Handler> Core<H> {
                     self.inner.on_sequenced(&topic, epoch, &entry);
                 }
                 Command::SubscribeAt(id, topic, sub) => {
-                    if !self.subscribe_at(id, &topic, sub) {
+                    if !self.subscribe_at(id, &topic, sub, false) {
                         self.inner.stats().handle_misses.bump(1);
                     }
+                }
+                Command::Unpark(id, topic, sub) => {
+                    // A connection gone meanwhile is no longer parked: nothing happens.
+                    self.subscribe_at(id, &topic, sub, true);
                 }
                 Command::Close(id, code, reason) => {
                     self.inner.close_conn(id, code, &reason);

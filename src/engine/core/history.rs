@@ -30,6 +30,20 @@ pub(super) struct Local {
     position: Position,
     /// Subscribers waiting for the publications before their start to go by.
     joining: Vec<Joiner>,
+    /// Subscribers waiting for the node's copy of the broker's stream to load
+    /// (`engine/history.rs`); they go ahead on `Command::Unpark`.
+    parked: Vec<ConnId>,
+}
+
+/// What a subscription to a topic with history came to.
+pub(super) enum Join {
+    /// Joined: what it got, and the publications to replay to it (oldest first).
+    Joined(Resumed, Vec<Entry>),
+    /// Waiting for the topic's history to load from the broker.
+    Parked,
+    /// Not made: the topic keeps no history, or the connection is not open or is
+    /// subscribed already.
+    No,
 }
 
 #[derive(Debug)]
@@ -49,41 +63,79 @@ impl<D> Inner<D> {
     pub(super) fn local_count(&self, key: &str) -> usize {
         self.registry.subscribers(key)
             + self.framed.subscribers(key)
-            + self.streams.get(key).map_or(0, |l| l.joining.len())
+            + self
+                .streams
+                .get(key)
+                .map_or(0, |l| l.joining.len() + l.parked.len())
     }
 
-    /// Subscribes `id` to a topic with history (see the module doc). `None` if the topic
-    /// keeps no history, the connection is not open, or it is subscribed already;
-    /// otherwise what it got and the publications to replay to it (oldest first).
+    /// Subscribes `id` to a topic with history (see the module doc). `unparked`: the
+    /// subscription waited for the topic's history to load and goes ahead now.
     pub(super) fn join(
         &mut self,
         id: ConnId,
         topic: &str,
         sub: Subscription,
-    ) -> Option<(Resumed, Vec<Entry>)> {
+        unparked: bool,
+    ) -> Join {
         self.flush_pending();
         let shared = self.shared.clone();
-        let history = shared.history_of(topic)?;
-        if !self.is_open(id) {
-            return None;
-        }
-        if slot_of(&mut self.slots, id)?
-            .topics()
-            .iter()
-            .any(|t| &**t == topic)
-        {
-            return None;
+        let Some(history) = shared.history_of(topic) else {
+            return Join::No;
+        };
+        if unparked {
+            // Still waiting (not closed or unsubscribed meanwhile)?
+            let Some(local) = self.streams.get_mut(topic) else {
+                return Join::No;
+            };
+            let Some(at) = local.parked.iter().position(|p| *p == id) else {
+                return Join::No;
+            };
+            local.parked.swap_remove(at);
+        } else {
+            if !self.is_open(id) {
+                return Join::No;
+            }
+            let subscribed = slot_of(&mut self.slots, id)
+                .is_none_or(|s| s.topics().iter().any(|t| &**t == topic));
+            if subscribed {
+                return Join::No;
+            }
         }
         let envelope = sub.envelope && history.config().envelope.is_some();
         let now = self.now;
         let mut locked = history.lock(topic);
         let (key, stream) = locked.stream(topic);
         let last = stream.position();
-        let replay = stream.since(sub.since, now, &history.config().limits);
         let count = self.local_count(&key);
+        if !stream.synced {
+            // A copy of the broker's stream that is not loaded yet: wait for it (counted
+            // in the directory, so the node subscribes and loads it).
+            stream.parked.push((self.index, id, sub));
+            self.streams
+                .entry(key.clone())
+                .or_insert(Local {
+                    position: last,
+                    joining: Vec::new(),
+                    parked: Vec::new(),
+                })
+                .parked
+                .push(id);
+            if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
+                slot.extra().topics.push(key.clone());
+            }
+            self.shared.directory.set(&key, self.index, count + 1);
+            drop(locked);
+            if count == 0 {
+                self.shared.interest_changed(&key);
+            }
+            return Join::Parked;
+        }
+        let replay = stream.since(sub.since, now, &history.config().limits);
         let local = self.streams.entry(key.clone()).or_insert(Local {
             position: last,
             joining: Vec::new(),
+            parked: Vec::new(),
         });
         if count == 0 {
             // Nothing is in flight to this worker for the topic: it starts here.
@@ -98,7 +150,7 @@ impl<D> Inner<D> {
                 after: last.offset,
             });
         }
-        if let Some(slot) = slot_of(&mut self.slots, id) {
+        if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
             slot.extra().topics.push(key.clone());
         }
         if at_once {
@@ -114,14 +166,14 @@ impl<D> Inner<D> {
         stats.history_resumes.bump(u64::from(sub.since.is_some()));
         stats.history_recovered.bump(u64::from(replay.recovered));
         let entries = replay.entries;
-        Some((
+        Join::Joined(
             Resumed {
                 position: last,
                 recovered: replay.recovered,
                 replayed: entries.len(),
             },
             entries,
-        ))
+        )
     }
 
     /// Queues a replay on `id`, outside the queue limits (it is bounded by the history's
@@ -223,6 +275,7 @@ impl<D> Inner<D> {
         self.framed.remove(key, id);
         if let Some(local) = self.streams.get_mut(key) {
             local.joining.retain(|j| j.id != id);
+            local.parked.retain(|p| *p != id);
         }
         let n = self.local_count(key);
         if n == 0 {

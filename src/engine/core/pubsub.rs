@@ -159,23 +159,23 @@ impl<D> Inner<D> {
     /// has subscribers. Encodes nothing when nobody is subscribed anywhere.
     pub(crate) fn publish(&mut self, topic: &str, opcode: OpCode, payload: &[u8]) -> PublishReport {
         self.stats().publishes.bump(1);
-        // Other nodes first in code, but nothing waits: the broker client sends it on its
-        // own thread while this worker fans out.
-        self.shared.publish_to_broker(topic, opcode, payload);
         let shared = self.shared.clone();
         if let Some(history) = shared.history_of(topic) {
             // Numbered, kept, and delivered here through this worker's own inbox, in
             // offset order with every other worker's publications (`core/history.rs`).
             self.flush_pending();
             let (position, handed, dropped) =
-                shared.publish_sequenced(history, topic, opcode, payload, Some(self.index));
+                shared.publish_history(history, topic, opcode, payload, Some(self.index));
             return PublishReport {
                 forwarded_workers: handed,
                 forward_dropped: dropped,
-                position: Some(position),
+                position,
                 ..PublishReport::default()
             };
         }
+        // Other nodes first in code, but nothing waits: the broker client sends it on its
+        // own thread while this worker fans out.
+        self.shared.publish_to_broker(topic, opcode, payload);
         let others = self.shared.directory.workers_with(topic, Some(self.index));
         let local = self.registry.key(topic);
         if local.is_none() && others == 0 {
@@ -197,7 +197,10 @@ impl<D> Inner<D> {
     pub(super) fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
         if self.shared.history_of(topic).is_some() {
             // Joins after what is in flight to this worker (`core/history.rs`).
-            return self.join(id, topic, Subscription::live()).is_some();
+            return !matches!(
+                self.join(id, topic, Subscription::live(), false),
+                super::history::Join::No
+            );
         }
         // Membership changes take effect between messages, in order.
         self.flush_pending();

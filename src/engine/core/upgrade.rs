@@ -203,7 +203,7 @@ impl<H: Handler> Core<H> {
             id,
         });
         for (topic, sub) in &accept.resume {
-            if !self.subscribe_at(id, topic, *sub) {
+            if !self.subscribe_at(id, topic, *sub, false) {
                 self.inner.subscribe(id, topic);
             }
         }
@@ -222,9 +222,18 @@ impl<H: Handler> Core<H> {
     /// Subscribes `id` to a topic with history from a position: the handler's
     /// `on_subscribed` first, then the replay. `false` if the topic keeps no history or the
     /// connection is not open or already subscribed.
-    pub(super) fn subscribe_at(&mut self, id: ConnId, topic: &str, sub: Subscription) -> bool {
-        let Some((resumed, entries)) = self.inner.join(id, topic, sub) else {
-            return false;
+    pub(super) fn subscribe_at(
+        &mut self,
+        id: ConnId,
+        topic: &str,
+        sub: Subscription,
+        unparked: bool,
+    ) -> bool {
+        let (resumed, entries) = match self.inner.join(id, topic, sub, unparked) {
+            super::history::Join::Joined(r, e) => (r, e),
+            // `on_subscribed` and the replay come with `Command::Unpark`.
+            super::history::Join::Parked => return true,
+            super::history::Join::No => return false,
         };
         self.handler.on_subscribed(
             &mut Conn {

@@ -112,6 +112,7 @@ fn run(rx: &Receiver<Op>) {
                                 topic: topic.clone(),
                                 opcode: d.opcode,
                                 payload: d.payload,
+                                number: None,
                             }]);
                         }
                         Err(_) => {

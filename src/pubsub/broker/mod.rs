@@ -55,6 +55,23 @@ pub struct Incoming {
     pub opcode: OpCode,
     /// The message as published.
     pub payload: Bytes,
+    /// For a publication to a topic with history that the broker numbered: its epoch and
+    /// offset (the same on every node).
+    pub number: Option<(crate::pubsub::history::Epoch, u64)>,
+}
+
+/// A topic's stream as a broker keeps it ([`Broker::load`]): its epoch, the last offset
+/// it gave out, and the publications it still keeps, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The stream's epoch.
+    pub epoch: crate::pubsub::history::Epoch,
+    /// The last offset given out (0: none yet).
+    pub last: u64,
+    /// `(offset, opcode, payload)` of each publication kept, oldest first.
+    pub entries: Vec<(u64, OpCode, Bytes)>,
 }
 
 /// Where a broker client delivers what other nodes published. The engine implements it
@@ -63,6 +80,12 @@ pub trait Sink: Send + Sync + 'static {
     /// Messages from other nodes, never this node's own, in the order the broker delivered
     /// them. Called on the broker client's thread; must not block for long.
     fn deliver(&self, batch: &[Incoming]);
+
+    /// A topic's stream, loaded because [`Broker::load`] asked for it (after the node
+    /// subscribed, so nothing published since is missing from it and what it delivers).
+    fn loaded(&self, stream: Loaded) {
+        let _ = stream;
+    }
 }
 
 /// A broker client. Every method but [`Broker::start`] and [`Broker::stop`] returns at
@@ -88,6 +111,34 @@ pub trait Broker: Send + Sync + 'static {
     /// for sending (the client's outgoing queue is full); counted in
     /// [`BrokerStats::out_failed`] either way, as is a message lost on a broken connection.
     fn publish(&self, topic: &str, opcode: OpCode, payload: &[u8]) -> bool;
+
+    /// Whether this broker numbers publications to topics with history
+    /// ([`Broker::publish_numbered`], [`Broker::load`]), so that offsets and epochs are
+    /// the same on every node. Without, each node numbers its own.
+    fn numbers(&self) -> bool {
+        false
+    }
+
+    /// Publishes a message to a topic with history, for the broker to number (offset and
+    /// epoch), keep (within `limits`) and deliver to every node, this one included.
+    /// `false` as [`Broker::publish`].
+    fn publish_numbered(
+        &self,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        limits: &crate::pubsub::history::Limits,
+    ) -> bool {
+        let _ = limits;
+        self.publish(topic, opcode, payload)
+    }
+
+    /// Asks for `topic`'s stream as the broker keeps it (kept within `limits`), delivered
+    /// to [`Sink::loaded`] once read, after what this node subscribed before (and again
+    /// after every reconnect, while subscribed).
+    fn load(&self, topic: &str, limits: &crate::pubsub::history::Limits) {
+        let _ = (topic, limits);
+    }
 
     /// The client's counters and state.
     fn stats(&self) -> &BrokerStats;
@@ -167,6 +218,10 @@ impl BrokerStats {
 enum Cmd {
     Subscribe(Arc<str>),
     Unsubscribe(Arc<str>),
+    /// Read this topic's stream (Redis only) and hand it to `Sink::loaded`; the stream's
+    /// keys live this many milliseconds.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Load(Arc<str>, u64),
 }
 
 /// A broker client's thread (shared by the Redis and NATS clients): built, holding the

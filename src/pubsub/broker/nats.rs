@@ -527,6 +527,7 @@ impl Task {
                                 topic: Arc::clone(&sub.topic),
                                 opcode: d.opcode,
                                 payload: d.payload,
+                                number: None,
                             }),
                         }
                     }
@@ -567,6 +568,8 @@ impl Task {
                         on_server(&stats, subs.len());
                     }
                 }
+                // Core NATS keeps no streams: each node numbers its own history.
+                Event::Cmd(Some(Cmd::Load(..))) => {}
                 Event::Publish(n) => {
                     if client.connection_state() != async_nats::connection::State::Connected {
                         stats.out_failed.fetch_add(n as u64, Ordering::Relaxed);

@@ -54,6 +54,7 @@ use super::{
 use crate::proto::OpCode;
 
 pub mod cluster;
+mod history;
 
 /// The Redis client's settings. [`RedisOptions::default`] gives the production values.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +133,8 @@ pub enum RedisConfigError {
 struct Outgoing {
     channel: Vec<u8>,
     payload: Bytes,
+    /// For a topic with history: published through the numbering script.
+    numbered: Option<history::Numbering>,
 }
 
 /// What the engine's side holds per shard.
@@ -313,6 +316,7 @@ impl Broker for RedisBroker {
                             addr: addrs.join(","),
                             seeds,
                             wanted: HashSet::new(),
+                            loads: HashMap::new(),
                             unsubscribing: HashMap::new(),
                             ever_up: false,
                             probe_seq: 0,
@@ -351,6 +355,7 @@ impl Broker for RedisBroker {
         let msg = Outgoing {
             channel,
             payload: wire::encode(node, opcode, payload),
+            numbered: None,
         };
         match self.shard(topic).publish.try_send(msg) {
             Ok(()) => true,
@@ -359,6 +364,45 @@ impl Broker for RedisBroker {
                 false
             }
         }
+    }
+
+    fn numbers(&self) -> bool {
+        // A cluster would need the history's keys and the channel in one slot.
+        !self.opts.cluster
+    }
+
+    fn publish_numbered(
+        &self,
+        topic: &str,
+        opcode: OpCode,
+        payload: &[u8],
+        limits: &crate::pubsub::history::Limits,
+    ) -> bool {
+        let node = self.node.load(Ordering::Relaxed);
+        let msg = Outgoing {
+            channel: channel_of(&self.opts.prefix, topic),
+            payload: wire::encode_for_numbering(node, opcode, payload),
+            numbered: Some(history::Numbering {
+                topic: Arc::from(topic),
+                cap: limits.count.max(1),
+                ttl_ms: u64::try_from(limits.ttl.as_millis()).unwrap_or(u64::MAX),
+            }),
+        };
+        match self.shard(topic).publish.try_send(msg) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.out_failed.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn load(&self, topic: &str, limits: &crate::pubsub::history::Limits) {
+        let ttl = u64::try_from(limits.ttl.as_millis()).unwrap_or(u64::MAX);
+        let _ = self
+            .shard(topic)
+            .cmds
+            .send(Cmd::Load(Arc::from(topic), ttl));
     }
 
     fn stats(&self) -> &BrokerStats {
@@ -587,6 +631,9 @@ struct ShardTask {
     addr: String,
     seeds: Vec<ConnectionInfo>,
     wanted: HashSet<Arc<str>>,
+    /// Topics with history the engine keeps a copy of: loaded again after a reconnect
+    /// (what was published while down is in the stream), with their keys' lifetime.
+    loads: HashMap<Arc<str>, u64>,
     /// Channels this session sent SUNSUBSCRIBE for, whose confirmations have not come
     /// back yet (a cluster only): any other SUNSUBSCRIBE is the server's, sent because the
     /// channel's slot left it.
@@ -637,6 +684,18 @@ impl ShardTask {
                 started.elapsed().as_micros().max(1) as u64,
                 Ordering::Relaxed,
             );
+            let loads: Vec<(Arc<str>, u64)> = self
+                .loads
+                .iter()
+                .map(|(t, ttl)| (t.clone(), *ttl))
+                .collect();
+            if let Err(e) = self.load_all(&conns, &loads).await {
+                tracing::warn!(shard = self.index, addr = %self.addr, "redis history reload failed: {e}");
+                if self.pause().await {
+                    return;
+                }
+                continue;
+            }
             let mut on_broker = all.len() as u64;
             stats.topics.fetch_add(on_broker, Ordering::Relaxed);
             if self.ever_up {
@@ -687,8 +746,39 @@ impl ShardTask {
     fn apply(&mut self, cmd: Cmd) -> Option<(Arc<str>, bool)> {
         match cmd {
             Cmd::Subscribe(t) => self.wanted.insert(Arc::clone(&t)).then_some((t, true)),
-            Cmd::Unsubscribe(t) => self.wanted.remove(&t).then_some((t, false)),
+            Cmd::Unsubscribe(t) => {
+                self.loads.remove(&t);
+                self.wanted.remove(&t).then_some((t, false))
+            }
+            Cmd::Load(t, ttl) => {
+                if self.wanted.contains(&t) {
+                    self.loads.insert(t, ttl);
+                }
+                None
+            }
         }
+    }
+
+    /// Reads the streams of `topics` (subscribed already) and hands each to the sink.
+    async fn load_all(&self, conns: &Conns, topics: &[(Arc<str>, u64)]) -> RedisResult<()> {
+        for (topic, ttl) in topics {
+            let channel = self.channel(topic);
+            let mut c = conns.nodes[conns.node_of(&channel)].publ.clone();
+            let timeout = self.shared.opts.command_timeout;
+            let read = history::load(&mut c, &self.shared.opts.prefix, topic, *ttl);
+            match tokio::time::timeout(timeout, read).await {
+                Ok(Ok(Ok(loaded))) => self.shared.sink.loaded(loaded),
+                Ok(Ok(Err(why))) => tracing::warn!("redis history load: {why}"),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "history load timed out",
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Subscribes (`on`) or unsubscribes `channels`, each on its server's subscriber
@@ -845,10 +935,23 @@ impl ShardTask {
             conns.nodes.iter().map(|_| (redis::pipe(), 0)).collect();
         for m in out.drain(..) {
             let (pipe, n) = &mut pipes[conns.node_of(&m.channel)];
-            pipe.cmd(verb)
-                .arg(&m.channel[..])
-                .arg(&m.payload[..])
-                .ignore();
+            match &m.numbered {
+                Some(numbering) => history::add_publication(
+                    pipe,
+                    &self.shared.opts.prefix,
+                    &numbering.topic,
+                    &m.channel,
+                    &m.payload,
+                    numbering,
+                    verb,
+                ),
+                None => {
+                    pipe.cmd(verb)
+                        .arg(&m.channel[..])
+                        .arg(&m.payload[..])
+                        .ignore();
+                }
+            }
             *n += 1;
         }
         let sends = pipes
@@ -919,9 +1022,14 @@ impl ShardTask {
         let mut touched: HashMap<Arc<str>, bool> = HashMap::new();
         let mut next = Some(first);
         let mut taken = 0;
+        let mut loads = Vec::new();
         while let Some(cmd) = next.take() {
             let topic = match &cmd {
                 Cmd::Subscribe(t) | Cmd::Unsubscribe(t) => Arc::clone(t),
+                Cmd::Load(t, ttl) => {
+                    loads.push((Arc::clone(t), *ttl));
+                    Arc::clone(t)
+                }
             };
             let before = self.wanted.contains(&topic);
             touched.entry(topic).or_insert(before);
@@ -953,7 +1061,9 @@ impl ShardTask {
             *on_broker += subs.len() as u64;
             stats.topics.fetch_add(subs.len() as u64, Ordering::Relaxed);
         }
-        Ok(())
+        // After the subscriptions: what is published from now on arrives on the channel.
+        loads.retain(|(t, _)| self.wanted.contains(t));
+        self.load_all(conns, &loads).await
     }
 
     /// Handles one push from a subscriber connection: a message for the batch, a probe, a
@@ -1024,13 +1134,16 @@ impl ShardTask {
             Err(_) => {
                 stats.decode_errors.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(d) if d.origin == self.shared.node => {
+            // A numbered publication comes back to its own node too: that is how it is
+            // delivered there, in the broker's order.
+            Ok(d) if d.origin == self.shared.node && d.number.is_none() => {
                 stats.own_skipped.fetch_add(1, Ordering::Relaxed);
             }
             Ok(d) => batch.push(Incoming {
                 topic: Arc::clone(topic),
                 opcode: d.opcode,
                 payload: d.payload,
+                number: d.number.map(|(e, o)| (crate::pubsub::history::Epoch(e), o)),
             }),
         }
         Ok(())
