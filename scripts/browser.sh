@@ -5,6 +5,10 @@
 # subprotocol the page offered (browsers fail the connection otherwise: close 1006), that
 # the echo comes back, and that the close is clean (1000). Run twice: with the default
 # (no --protocols: the client's first offer) and with `--protocols chat.v1`.
+# Then tests/browser/resume.html: the documented resuming client (docs/resume-client.js)
+# subscribes with recover=1 while the page publishes 300 messages, its socket is dropped
+# twice mid-stream, and every publication must arrive exactly once, in order, with each
+# resume recovered.
 #
 #   scripts/browser.sh [--backend io-uring|epoll]
 #
@@ -74,6 +78,49 @@ PY
     rm -f "$log"
 }
 
+# run_resume_page: the resuming client against a server with history (the default).
+run_resume_page() {
+    local log profile port
+    start_server "$backend"
+    port=${SERVER_ADDR##*:}
+    log=$(mktemp)
+    profile=$(mktemp -d)
+    timeout 60 "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+        --disable-background-networking --disable-component-update --disable-sync \
+        --allow-file-access-from-files \
+        --user-data-dir="$profile" --enable-logging=stderr --v=0 \
+        "file://$PWD/tests/browser/resume.html#$port" >"$log" 2>&1 &
+    local chrome=$!
+    for _ in $(seq 1 400); do
+        grep -q 'WSRING-RESULT' "$log" && break
+        sleep 0.1
+    done
+    kill "$chrome" 2>/dev/null || true
+    wait "$chrome" 2>/dev/null || true
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    rm -rf "$profile" "$SERVER_LOG"
+    python3 - "$log" "$backend" <<'PY'
+import json, re, sys
+log, backend = sys.argv[1:]
+result = None
+for line in open(log, errors="replace"):
+    m = re.search(r'WSRING-RESULT (\{.*?\})"', line)
+    if m:
+        result = json.loads(m.group(1))
+        break
+what = f"browser resume check ({backend})"
+print(f"{what}: {result}")
+ok = result and result.get("received") == 300 and result.get("inOrder") \
+    and result.get("subscriptions", 0) >= 3 and result.get("resumedRecovered")
+if not ok:
+    sys.exit(f"{what}: FAILED (300 publications once and in order over 2 resumes, each recovered); log: "
+             + open(log, errors="replace").read()[-2000:])
+PY
+    rm -f "$log"
+}
+
 run_page chat.v2
 run_page chat.v1 --protocols chat.v1
+run_resume_page
 echo "browser check ($backend): PASS"
