@@ -7,7 +7,9 @@
 #
 #   --scenarios  echo,echo-large,fanout,fanout-wide,idle,handshake (default: all six)
 #   --servers    wsring-io-uring,wsring-epoll,tokio-tungstenite,fastwebsockets,sockudo-ws
-#                (default: all five; the peers are built from benches/peers/)
+#                (default: all five; the peers are built from benches/peers/), and
+#                wsring-io-uring-nohistory, wsring-epoll-nohistory (--history-size 0:
+#                what per-topic history, on by default, costs)
 #   --rounds N   rounds per scenario (default 3); within a round every server runs once,
 #                the starting server rotating from round to round
 #   --duration S measurement seconds per run (default: the scenario's own, 5 s; idle 10 s)
@@ -129,6 +131,10 @@ server_command() {
     case "$1" in
         wsring-io-uring | wsring-epoll)
             echo "$root/target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend ${1#wsring-} --log-level warn" ;;
+        wsring-io-uring-nohistory | wsring-epoll-nohistory)
+            # The same without per-topic history (on by default): its cost, same run.
+            local backend=${1#wsring-}
+            echo "$root/target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend ${backend%-nohistory} --log-level warn --history-size 0" ;;
         tokio-tungstenite | fastwebsockets | sockudo-ws)
             echo "$root/benches/peers/target/release/peer-$1 --listen 127.0.0.1:0 --threads 1" ;;
         *) return 1 ;;

@@ -137,6 +137,9 @@ pub struct Inner<D> {
     streams: history::Streams,
     /// When worker 0 next sweeps the node's history.
     next_sweep: Instant,
+    /// A handler on this worker published to a topic with history in this turn: its own
+    /// inbox is taken before the turn's writes (see `Core::flush`).
+    own_sequenced: bool,
     /// The send queue's soft and hard limits (from the config, read once per room check
     /// of every subscriber of every publish).
     soft: usize,
@@ -293,6 +296,7 @@ impl<H: Handler> Core<H> {
                 framed: Registry::default(),
                 streams: history::Streams::default(),
                 next_sweep: now,
+                own_sequenced: false,
                 soft,
                 hard,
             },

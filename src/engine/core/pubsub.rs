@@ -166,6 +166,7 @@ impl<D> Inner<D> {
             self.flush_pending();
             let (position, handed, dropped) =
                 shared.publish_history(history, topic, opcode, payload, Some(self.index));
+            self.own_sequenced |= handed > 0;
             return PublishReport {
                 forwarded_workers: handed,
                 forward_dropped: dropped,
