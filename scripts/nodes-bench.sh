@@ -11,19 +11,26 @@
 # process it starts is stopped by its PID when it ends.
 #
 #   scripts/nodes-bench.sh [--subscribers 1000] [--duration 5] [--rounds 1] [--broker redis|nats]
+#                          [--no-history]
+#
+# The nodes keep per-topic history (wsring serve's default: with Redis, every publication
+# is numbered by a script on Redis and delivered through it, on its own node too);
+# --no-history runs them with --history-size 0 (plain pub/sub), to compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 subscribers=1000
 duration=5
 rounds=1
 broker=redis
+history=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --subscribers) subscribers=$2; shift 2 ;;
         --duration) duration=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --broker) broker=$2; shift 2 ;;
-        *) echo "usage: $0 [--subscribers N] [--duration S] [--rounds R] [--broker redis|nats]" >&2; exit 2 ;;
+        --no-history) history=(--history-size 0); shift ;;
+        *) echo "usage: $0 [--subscribers N] [--duration S] [--rounds R] [--broker redis|nats] [--no-history]" >&2; exit 2 ;;
     esac
 done
 
@@ -49,11 +56,11 @@ bpid=$!
 pids+=("$bpid")
 
 a=$(free_port); b=$(free_port); c=$(free_port)
-"$bin/wsring" serve --listen "127.0.0.1:$a" --threads 1 --no-pin --log-level warn --broker "$url" >/dev/null &
+"$bin/wsring" serve --listen "127.0.0.1:$a" --threads 1 --no-pin --log-level warn "${history[@]}" --broker "$url" >/dev/null &
 apid=$!; pids+=("$apid")
-"$bin/wsring" serve --listen "127.0.0.1:$b" --threads 1 --no-pin --log-level warn --broker "$url" >/dev/null &
+"$bin/wsring" serve --listen "127.0.0.1:$b" --threads 1 --no-pin --log-level warn "${history[@]}" --broker "$url" >/dev/null &
 pids+=($!)
-"$bin/wsring" serve --listen "127.0.0.1:$c" --threads 1 --no-pin --log-level warn >/dev/null &
+"$bin/wsring" serve --listen "127.0.0.1:$c" --threads 1 --no-pin --log-level warn "${history[@]}" >/dev/null &
 cpid=$!; pids+=("$cpid")
 for port in "$a" "$b" "$c"; do
     for _ in $(seq 1 100); do

@@ -444,6 +444,9 @@ fn resume_on_another_node_through_redis(backend: BackendChoice) {
     const N: usize = 300;
     block_on(async {
         let (mut x, first) = subscribe(a.addr, "t", None).await;
+        // The first subscriber on b is a plain one: it waits for b's copy of the history
+        // to load like any other, and gets plain frames, no `subscribed` message.
+        let mut plain = connect(b.addr, "/pubsub/t").await;
         let (mut y, on_b) = subscribe(b.addr, "t", None).await;
         assert_eq!(
             first.epoch, on_b.epoch,
@@ -488,6 +491,12 @@ fn resume_on_another_node_through_redis(backend: BackendChoice) {
             assert_eq!((offset, data), (want, format!("p{}", want - start - 1)));
         }
         let _ = publisher.await;
+        for i in 0..N {
+            match within(WAIT, "plain on b", next_data(&mut plain)).await {
+                WsMessage::Text(t) => assert_eq!(t.as_str(), format!("p{i}")),
+                other => panic!("plain frames only: {other:?}"),
+            }
+        }
         // A node that was not there: its copy is loaded from Redis first.
         let c = node(backend, 3);
         let (mut z, s) = subscribe(c.addr, "t", Some((start + 250, &epoch))).await;

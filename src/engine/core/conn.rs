@@ -92,7 +92,7 @@ impl<D> Conn<'_, D> {
         topic: &str,
         sub: crate::pubsub::history::Subscription,
     ) -> Option<crate::pubsub::history::Resumed> {
-        match self.inner.join(self.id, topic, sub, false) {
+        match self.inner.join(self.id, topic, sub, false, true) {
             super::history::Join::Joined(resumed, entries) => {
                 self.inner.queue_replay(self.id, &entries, sub.envelope);
                 Some(resumed)

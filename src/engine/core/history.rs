@@ -31,8 +31,10 @@ pub(super) struct Local {
     /// Subscribers waiting for the publications before their start to go by.
     joining: Vec<Joiner>,
     /// Subscribers waiting for the node's copy of the broker's stream to load
-    /// (`engine/history.rs`); they go ahead on `Command::Unpark`.
-    parked: Vec<ConnId>,
+    /// (`engine/history.rs`); they go ahead on `Command::Unpark`. The flag: made with a
+    /// position ([`Conn::subscribe_at`] and the like), whose `Handler::on_subscribed` is
+    /// then due; a plain subscription gets none.
+    parked: Vec<(ConnId, bool)>,
 }
 
 /// What a subscription to a topic with history came to.
@@ -70,13 +72,15 @@ impl<D> Inner<D> {
     }
 
     /// Subscribes `id` to a topic with history (see the module doc). `unparked`: the
-    /// subscription waited for the topic's history to load and goes ahead now.
+    /// subscription waited for the topic's history to load and goes ahead now. `hook`:
+    /// made with a position, so `on_subscribed` is due (kept while it is parked).
     pub(super) fn join(
         &mut self,
         id: ConnId,
         topic: &str,
         sub: Subscription,
         unparked: bool,
+        hook: bool,
     ) -> Join {
         self.flush_pending();
         let shared = self.shared.clone();
@@ -88,7 +92,7 @@ impl<D> Inner<D> {
             let Some(local) = self.streams.get_mut(topic) else {
                 return Join::No;
             };
-            let Some(at) = local.parked.iter().position(|p| *p == id) else {
+            let Some(at) = local.parked.iter().position(|p| p.0 == id) else {
                 return Join::No;
             };
             local.parked.swap_remove(at);
@@ -120,7 +124,7 @@ impl<D> Inner<D> {
                     parked: Vec::new(),
                 })
                 .parked
-                .push(id);
+                .push((id, hook));
             if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
                 slot.extra().topics.push(key.clone());
             }
@@ -275,13 +279,20 @@ impl<D> Inner<D> {
         self.framed.remove(key, id);
         if let Some(local) = self.streams.get_mut(key) {
             local.joining.retain(|j| j.id != id);
-            local.parked.retain(|p| *p != id);
+            local.parked.retain(|p| p.0 != id);
         }
         let n = self.local_count(key);
         if n == 0 {
             self.streams.remove(key);
         }
         n
+    }
+
+    /// Whether the parked subscription of `id` to `topic` is due an `on_subscribed`
+    /// (`None`: it is not parked any more).
+    pub(super) fn parked_hook(&self, topic: &str, id: ConnId) -> Option<bool> {
+        let local = self.streams.get(topic)?;
+        local.parked.iter().find(|p| p.0 == id).map(|p| p.1)
     }
 
     /// The position of `topic`'s stream (none: it keeps no history, or nothing was

@@ -199,7 +199,7 @@ impl<D> Inner<D> {
         if self.shared.history_of(topic).is_some() {
             // Joins after what is in flight to this worker (`core/history.rs`).
             return !matches!(
-                self.join(id, topic, Subscription::live(), false),
+                self.join(id, topic, Subscription::live(), false, false),
                 super::history::Join::No
             );
         }

@@ -229,20 +229,30 @@ impl<H: Handler> Core<H> {
         sub: Subscription,
         unparked: bool,
     ) -> bool {
-        let (resumed, entries) = match self.inner.join(id, topic, sub, unparked) {
+        let hook = if unparked {
+            match self.inner.parked_hook(topic, id) {
+                Some(hook) => hook,
+                None => return false, // closed or unsubscribed meanwhile
+            }
+        } else {
+            true
+        };
+        let (resumed, entries) = match self.inner.join(id, topic, sub, unparked, hook) {
             super::history::Join::Joined(r, e) => (r, e),
             // `on_subscribed` and the replay come with `Command::Unpark`.
             super::history::Join::Parked => return true,
             super::history::Join::No => return false,
         };
-        self.handler.on_subscribed(
-            &mut Conn {
-                inner: &mut self.inner,
-                id,
-            },
-            topic,
-            &resumed,
-        );
+        if hook {
+            self.handler.on_subscribed(
+                &mut Conn {
+                    inner: &mut self.inner,
+                    id,
+                },
+                topic,
+                &resumed,
+            );
+        }
         let envelope = sub.envelope;
         self.inner.queue_replay(id, &entries, envelope);
         true
