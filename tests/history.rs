@@ -517,6 +517,62 @@ fn resume_on_another_node_through_redis(backend: BackendChoice) {
     );
 }
 
+/// A publication Redis numbered but whose PUBLISH this node never got is repaired from the
+/// stream in Redis, once for the topic; one Redis no longer has either is skipped, and a
+/// resume from before it says `recovered: false`.
+#[cfg(feature = "redis")]
+fn a_gap_in_what_redis_delivers_is_repaired_once(backend: BackendChoice) {
+    use support::brokers::{BrokerServer, Kind};
+    use wsring::pubsub::broker::redis::{RedisBroker, RedisOptions};
+    use wsring::pubsub::broker::wire;
+    let Some(redis) = BrokerServer::start(Kind::Redis) else {
+        return;
+    };
+    let broker = RedisBroker::new(&[redis.url()], RedisOptions::default()).expect("client");
+    let node = TestServer::start_history(backend, limits(100), move |b| {
+        b.broker(std::sync::Arc::new(broker)).node_id(7)
+    });
+    let handle = node.server().handle();
+    let text = wsring::proto::OpCode::Text;
+    let metric = |name: &str| -> u64 {
+        handle
+            .metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    block_on(async {
+        let (mut ws, s) = subscribe(node.addr, "g", None).await;
+        assert_eq!(s.offset, 0);
+        handle.publish("g", text, b"m1");
+        assert_eq!(next_pub(&mut ws, "1").await, (1, "m1".into()));
+        let loads = metric("wsring_history_loads_total");
+        // Offset 2 numbered and kept in Redis, its PUBLISH lost.
+        redis.redis_command(&["INCR", "wsring:o:g"]);
+        let stored = wire::encode_for_numbering(99, text, b"m2");
+        redis.redis_command_bytes(&[b"XADD", b"wsring:s:g", b"2-0", b"m", &stored]);
+        handle.publish("g", text, b"m3");
+        assert_eq!(next_pub(&mut ws, "2, repaired").await, (2, "m2".into()));
+        assert_eq!(next_pub(&mut ws, "3").await, (3, "m3".into()));
+        assert_eq!(metric("wsring_history_loads_total"), loads + 1, "one load");
+        // Offset 4 given out and never kept anywhere.
+        redis.redis_command(&["INCR", "wsring:o:g"]);
+        handle.publish("g", text, b"m5");
+        assert_eq!(
+            next_pub(&mut ws, "5 after the hole").await,
+            (5, "m5".into())
+        );
+        assert_eq!(metric("wsring_history_loads_total"), loads + 2);
+        assert_eq!(metric("wsring_history_broker_lost_total"), 1);
+        let (_, r) = subscribe(node.addr, "g", Some((3, &s.epoch))).await;
+        assert!(!r.recovered, "4 is gone: {r:?}");
+        assert_eq!(r.replayed, 1, "5 is there");
+        let (_, r) = subscribe(node.addr, "g", Some((4, &s.epoch))).await;
+        assert!(r.recovered, "after the hole: {r:?}");
+    });
+}
+
 for_both_backends!(
     resume_mid_stream,
     not_recovered_when_history_cannot_cover_it,
@@ -525,4 +581,6 @@ for_both_backends!(
     the_library_api,
     #[cfg(feature = "redis")]
     resume_on_another_node_through_redis,
+    #[cfg(feature = "redis")]
+    a_gap_in_what_redis_delivers_is_repaired_once,
 );

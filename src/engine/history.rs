@@ -109,6 +109,7 @@ impl Shared {
                 hold(stream, epoch, offset, m);
                 drop(locked);
                 if let Some(bp) = &self.backplane {
+                    history.loads.fetch_add(1, Ordering::Relaxed);
                     bp.load(&m.topic, &history.config().limits);
                 }
                 0
@@ -169,6 +170,7 @@ impl Shared {
             stream.skip_to(loaded.last + 1);
         }
         if lost > 0 {
+            history.lost.fetch_add(lost, Ordering::Relaxed);
             tracing::debug!(%topic, lost, "history: publications the broker no longer keeps");
         }
         for (worker, id, sub) in parked {
@@ -198,6 +200,7 @@ impl Shared {
             }
             Interest::Subscribed => {
                 if let Some(bp) = &self.backplane {
+                    history.loads.fetch_add(1, Ordering::Relaxed);
                     bp.load(topic, &history.config().limits);
                 }
             }

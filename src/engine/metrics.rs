@@ -206,6 +206,23 @@ pub fn metrics(shared: &Shared) -> String {
         );
         let _ = writeln!(out, "# TYPE wsring_history_bytes gauge");
         let _ = writeln!(out, "wsring_history_bytes {}", h.bytes());
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            out,
+            "# HELP wsring_history_loads_total Topic streams loaded from the broker (first use, gap repairs, reconnects)."
+        );
+        let _ = writeln!(out, "# TYPE wsring_history_loads_total counter");
+        let _ = writeln!(out, "wsring_history_loads_total {}", h.loads.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP wsring_history_broker_lost_total Publications the broker numbered that it no longer had when a load looked for them."
+        );
+        let _ = writeln!(out, "# TYPE wsring_history_broker_lost_total counter");
+        let _ = writeln!(
+            out,
+            "wsring_history_broker_lost_total {}",
+            h.lost.load(Relaxed)
+        );
     }
     if let Some(bp) = &shared.backplane {
         broker_metrics(&mut out, bp);

@@ -469,6 +469,11 @@ pub struct History {
     shards: Box<[Mutex<Shard>]>,
     /// Bytes kept over all streams.
     bytes: AtomicUsize,
+    /// Loads of a topic's stream from the broker (first use and repairs).
+    pub loads: std::sync::atomic::AtomicU64,
+    /// Publications the broker numbered that neither it nor this node still had when a
+    /// load looked for them.
+    pub lost: std::sync::atomic::AtomicU64,
 }
 
 /// One shard of a node's streams, locked: assigning an offset, appending, and reading a
@@ -486,6 +491,8 @@ impl History {
             broker_numbered: false,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             bytes: AtomicUsize::new(0),
+            loads: Default::default(),
+            lost: Default::default(),
         }
     }
 

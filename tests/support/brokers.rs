@@ -228,16 +228,24 @@ impl BrokerServer {
     /// One Redis command over a fresh connection; the raw RESP reply (for checks such as
     /// `PUBSUB CHANNELS`).
     pub fn redis_command(&self, args: &[&str]) -> String {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.redis_command_bytes(&args)
+    }
+
+    /// [`BrokerServer::redis_command`] with binary arguments.
+    pub fn redis_command_bytes(&self, args: &[&[u8]]) -> String {
         assert_eq!(self.kind, Kind::Redis);
         let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2))
             .expect("connect to redis");
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .expect("set_read_timeout");
-        let mut req = format!("*{}\r\n", args.len());
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
         }
-        s.write_all(req.as_bytes()).expect("write to redis");
+        s.write_all(&req).expect("write to redis");
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
         // Read until the reply pauses (these replies are small and come in one piece).
