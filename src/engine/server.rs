@@ -73,6 +73,12 @@ pub enum TryError {
     /// A close frame (use [`Handle::close`]) or a control frame over 125 bytes.
     #[error("frame refused (a close, or a control frame over 125 bytes)")]
     Refused,
+    /// The id names a connection that has closed (its slot may hold another one now):
+    /// nothing was queued. A connection that closes while the call's command is on its
+    /// way is not reported here; its worker drops the command and counts it in
+    /// `wsring_handle_misses_total`.
+    #[error("the connection is gone (a stale id)")]
+    Stale,
 }
 
 /// `Send + Clone`: publishes, closes connections, reads counters and shuts the server
@@ -196,14 +202,15 @@ impl Handle {
     /// and then against the connection's send queue limits and policy like
     /// [`core::Conn::send`]. Returns at once.
     ///
-    /// The id is generation-checked by the worker: if that connection is gone (even if its
-    /// slot now holds another one) or closing, nothing is sent, and the worker counts it in
+    /// The id is generation-checked: a connection that has closed (even if its slot now
+    /// holds another one) is [`TryError::Stale`] at once. One that closes (or starts
+    /// closing) while the command is on its way gets nothing; its worker counts it in
     /// [`WorkerStats::handle_misses`] (`wsring_handle_misses_total`).
     ///
     /// # Errors
     /// [`TryError::Full`] when the worker's inbox is full (nothing queued),
-    /// [`TryError::NoSuchWorker`], or [`TryError::Refused`] for a close or a control frame
-    /// over 125 bytes.
+    /// [`TryError::Stale`], [`TryError::NoSuchWorker`], or [`TryError::Refused`] for a
+    /// close or a control frame over 125 bytes.
     pub fn try_send(
         &self,
         conn: GlobalConnId,
@@ -220,8 +227,8 @@ impl Handle {
     /// [`TryError::Full`] (runtime-agnostic, like [`Handle::publish_async`]).
     ///
     /// # Errors
-    /// [`TryError::NoSuchWorker`] or [`TryError::Refused`]; once a shutdown started, the
-    /// message is queued without waiting.
+    /// [`TryError::NoSuchWorker`], [`TryError::Stale`] or [`TryError::Refused`]; once a
+    /// shutdown started, the message is queued without waiting.
     pub async fn send_async(
         &self,
         conn: GlobalConnId,
@@ -248,21 +255,30 @@ impl Handle {
         opcode: OpCode,
         payload: &[u8],
     ) -> Result<Bytes, TryError> {
-        if conn.worker >= self.shared.inboxes.len() {
-            return Err(TryError::NoSuchWorker);
-        }
+        self.check(conn)?;
         if opcode == OpCode::Close || (opcode.is_control() && payload.len() > 125) {
             return Err(TryError::Refused);
         }
         Ok(proto::encode_frame(opcode, payload))
     }
 
+    /// `conn` names a worker of this server and a connection that has not closed.
+    fn check(&self, conn: GlobalConnId) -> Result<(), TryError> {
+        if conn.worker >= self.shared.inboxes.len() {
+            return Err(TryError::NoSuchWorker);
+        }
+        if !self.shared.may_be_live(conn.worker, conn.id) {
+            return Err(TryError::Stale);
+        }
+        Ok(())
+    }
+
     /// Subscribes one connection to `topic`, from any thread (done by its worker, in
-    /// order with the other commands; a stale or closing id is counted in
-    /// [`WorkerStats::handle_misses`] and changes nothing).
+    /// order with the other commands; an id that goes stale or closing on the way is
+    /// counted in [`WorkerStats::handle_misses`] and changes nothing).
     ///
     /// # Errors
-    /// [`TryError::NoSuchWorker`].
+    /// [`TryError::NoSuchWorker`], [`TryError::Stale`].
     pub fn subscribe(&self, conn: GlobalConnId, topic: &str) -> Result<(), TryError> {
         self.membership(conn, Command::Subscribe(conn.id, Arc::from(topic)))
     }
@@ -273,7 +289,7 @@ impl Handle {
     /// replay. On a topic without history it is [`Handle::subscribe`].
     ///
     /// # Errors
-    /// [`TryError::NoSuchWorker`].
+    /// [`TryError::NoSuchWorker`], [`TryError::Stale`].
     pub fn subscribe_at(
         &self,
         conn: GlobalConnId,
@@ -315,17 +331,14 @@ impl Handle {
     /// [`Handle::subscribe`]).
     ///
     /// # Errors
-    /// [`TryError::NoSuchWorker`].
+    /// [`TryError::NoSuchWorker`], [`TryError::Stale`].
     pub fn unsubscribe(&self, conn: GlobalConnId, topic: &str) -> Result<(), TryError> {
         self.membership(conn, Command::Unsubscribe(conn.id, Arc::from(topic)))
     }
 
     fn membership(&self, conn: GlobalConnId, cmd: Command) -> Result<(), TryError> {
-        let inbox = self
-            .shared
-            .inboxes
-            .get(conn.worker)
-            .ok_or(TryError::NoSuchWorker)?;
+        self.check(conn)?;
+        let inbox = &self.shared.inboxes[conn.worker];
         self.shared.send_command(inbox, cmd);
         Ok(())
     }
@@ -336,11 +349,11 @@ impl Handle {
     }
 
     /// Asks the connection's worker to close it with `code` and `reason`.
-    pub fn close(&self, conn: GlobalConnId, code: CloseCode, reason: &str) {
-        if let Some(inbox) = self.shared.inboxes.get(conn.worker) {
-            self.shared
-                .send_command(inbox, Command::Close(conn.id, code, reason.to_string()));
-        }
+    ///
+    /// # Errors
+    /// [`TryError::NoSuchWorker`], or [`TryError::Stale`] for a connection already gone.
+    pub fn close(&self, conn: GlobalConnId, code: CloseCode, reason: &str) -> Result<(), TryError> {
+        self.membership(conn, Command::Close(conn.id, code, reason.to_string()))
     }
 
     /// Subscribers of `topic` over all workers.

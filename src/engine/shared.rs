@@ -6,6 +6,7 @@ use super::*;
 use std::task::{Context, Poll, Waker};
 
 use crate::pubsub::history::{Entry, Epoch, History, HistoryConfig, Subscription};
+use std::sync::atomic::AtomicU32;
 
 /// Where a server is in its shutdown; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,6 +131,23 @@ pub struct Shared {
     pub(crate) backplane: Option<crate::pubsub::Backplane>,
     /// The node's per-topic history, if it keeps any.
     pub(crate) history: Option<History>,
+    /// Per worker, per slot: the generation of the open connection in it, with
+    /// [`LIVE`] set (0: none), so that a `Handle` call with a stale id fails at once
+    /// (`TryError::Stale`) instead of travelling to the worker for nothing.
+    live: Box<[Box<[AtomicU32]>]>,
+}
+
+/// The bit of a [`Shared::live`] entry that says an open connection holds the slot.
+const LIVE: u32 = 1 << 31;
+
+/// `n` zeroed atomics, allocated zeroed: the pages of slots never used are never touched
+/// (the table is sized for every socket the server may hold, 4 bytes each).
+fn zeroed_atomics(n: usize) -> Box<[AtomicU32]> {
+    let plain: Box<[u32]> = vec![0u32; n].into_boxed_slice();
+    // SAFETY: `AtomicU32` has the same size, alignment and bit validity as `u32` (std's
+    // documented guarantee), so a boxed slice of one is a boxed slice of the other; the
+    // allocation is handed over whole and freed with the same layout.
+    unsafe { Box::from_raw(Box::into_raw(plain) as *mut [AtomicU32]) }
 }
 
 impl Shared {
@@ -170,6 +188,9 @@ impl Shared {
         });
         let socket_limit = socket_limit(config.max_connections, raise_nofile());
         let backplane_numbers = backplane.as_ref().is_some_and(|b| b.numbers());
+        let live = (0..threads)
+            .map(|_| zeroed_atomics(socket_limit.min(1 << 24)))
+            .collect();
         Ok(Arc::new(Shared {
             socket_limit,
             config,
@@ -188,6 +209,7 @@ impl Shared {
                 h.broker_numbered = backplane_numbers;
                 h
             }),
+            live,
         }))
     }
 
@@ -328,6 +350,27 @@ impl Shared {
 
     pub(super) fn send_command(&self, inbox: &Inbox, cmd: Command) {
         push_commands(inbox, std::iter::once(cmd));
+    }
+
+    /// Records that worker `worker`'s slot holds the open connection `id` (`open`) or
+    /// none any more.
+    pub(crate) fn set_live(&self, worker: usize, id: ConnId, open: bool) {
+        if let Some(entry) = self.live.get(worker).and_then(|t| t.get(id.slot as usize)) {
+            entry.store(
+                if open { id.generation | LIVE } else { 0 },
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// Whether `id` may name an open connection of `worker`: `false` once it closed (even
+    /// if its slot holds another connection now). A connection closing while a command
+    /// to it travels is still caught by its worker's own check.
+    pub(crate) fn may_be_live(&self, worker: usize, id: ConnId) -> bool {
+        self.live
+            .get(worker)
+            .and_then(|t| t.get(id.slot as usize))
+            .is_none_or(|e| e.load(Ordering::Acquire) == id.generation | LIVE)
     }
 
     /// Takes worker `index`'s commands.

@@ -296,6 +296,9 @@ impl<H: Handler> Core<H> {
             pending.gone.store(true, Ordering::Release);
         }
         let topics = extra.map(|e| e.topics).unwrap_or_default();
+        if counted {
+            self.inner.shared.set_live(self.inner.index, id, false);
+        }
         self.inner.slots.remove(id.slot as usize);
         for topic in &topics {
             self.inner.remove_subscriber(topic, id);

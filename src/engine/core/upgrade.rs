@@ -188,6 +188,7 @@ impl<H: Handler> Core<H> {
         slot.flags.set(Flags::COUNTED, true);
         slot.flags.set(Flags::JUST_UPGRADED, true);
         slot.phase = Phase::Open;
+        self.inner.shared.set_live(self.inner.index, id, true);
         slot.extra().handshake = None;
         slot.tidy();
         slot.data = Some(accept.data);
