@@ -50,7 +50,7 @@ for backend in io-uring epoll; do
     scripts/soak.sh --backend "$backend" --duration 60
 done
 
-step "a real browser: headless Chromium offering subprotocols connects, echoes, closes 1000"
+step "a real browser: headless Chromium offering subprotocols (echo, close 1000), and the documented client resuming after drops"
 scripts/browser.sh --backend io-uring
 scripts/browser.sh --backend epoll
 

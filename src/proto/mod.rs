@@ -27,6 +27,7 @@
 pub mod arena;
 pub mod close;
 pub mod connection;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]
