@@ -169,6 +169,19 @@ struct ServeArgs {
     /// random at start). Nodes must not share one: each skips its own id's messages.
     #[arg(long, value_parser = wsring::cli::broker::parse_node_id, requires = "brokers")]
     node_id: Option<u64>,
+    /// permessage-deflate (RFC 7692) for clients that offer it (browsers do): negotiated
+    /// without context takeover either way, so an idle connection keeps no compressor.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    deflate: OnOff,
+    /// Messages shorter than this are sent uncompressed.
+    #[arg(long, default_value = "128B", value_parser = parse_size)]
+    deflate_threshold: u64,
+    /// The largest window the server compresses with, 9 to 15 (a client may ask for less).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(9..=15))]
+    deflate_window_bits: u8,
+    /// Compression level, 1 (fastest) to 9.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+    deflate_level: u8,
     /// Publications kept per topic for clients that resume (`/pubsub/<topic>?recover=1`,
     /// docs/history.md); 0 keeps no history (and `recover=1` is answered 400).
     #[arg(long, default_value_t = 1000)]
@@ -204,6 +217,12 @@ impl From<BackendArg> for BackendChoice {
             BackendArg::Epoll => BackendChoice::Epoll,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -326,6 +345,11 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
         reassembly_budget: usize::try_from(args.reassembly_budget).unwrap_or(usize::MAX),
         write_batch: usize::try_from(args.write_batch).unwrap_or(usize::MAX),
         allowed_origins: args.allowed_origins.clone(),
+        deflate: (args.deflate == OnOff::On).then(|| wsring::engine::DeflateConfig {
+            threshold: usize::try_from(args.deflate_threshold).unwrap_or(usize::MAX),
+            level: args.deflate_level,
+            window_bits: args.deflate_window_bits,
+        }),
     }
 }
 

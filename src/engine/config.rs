@@ -63,6 +63,36 @@ pub struct EngineConfig {
     /// Origins allowed to upgrade (exact match of the `Origin` header); empty allows all.
     /// Others get HTTP 403.
     pub allowed_origins: Vec<String>,
+    /// permessage-deflate (RFC 7692) for clients that offer it; `None` (the library's
+    /// default): never negotiated. See [`DeflateConfig`].
+    pub deflate: Option<DeflateConfig>,
+}
+
+/// permessage-deflate settings (`wsring serve --deflate on`, its default).
+///
+/// Both directions are negotiated without context takeover (see `proto::deflate`): a
+/// connection that negotiated it keeps no compressor or inflater between messages, so an
+/// idle one costs what any other does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeflateConfig {
+    /// Messages shorter than this are sent uncompressed.
+    pub threshold: usize,
+    /// Compression level, 1 (fastest) to 9.
+    pub level: u8,
+    /// The largest window the server compresses with, 9 to 15 (a client may ask for
+    /// less).
+    pub window_bits: u8,
+}
+
+impl Default for DeflateConfig {
+    /// 128 bytes, level 1, a 32 KiB window.
+    fn default() -> DeflateConfig {
+        DeflateConfig {
+            threshold: 128,
+            level: 1,
+            window_bits: 15,
+        }
+    }
 }
 
 /// A chainable way to fill an [`EngineConfig`] and start a [`Server`]:
@@ -163,6 +193,8 @@ setters!(
     write_batch: usize,
     /// Origins allowed to upgrade (empty: all).
     allowed_origins: Vec<String>,
+    /// permessage-deflate for clients that offer it (`None`: never).
+    deflate: Option<DeflateConfig>,
 );
 
 impl From<EngineConfig> for ServerBuilder {
@@ -342,6 +374,7 @@ impl Default for EngineConfig {
             reassembly_budget: 256 * 1024 * 1024,
             write_batch: DEFAULT_WRITE_BATCH,
             allowed_origins: Vec::new(),
+            deflate: None,
         }
     }
 }

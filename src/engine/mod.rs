@@ -49,7 +49,9 @@ pub mod internals {
 }
 
 pub(crate) use accept::AcceptBackoff;
-pub use config::{ConfigError, DEFAULT_WRITE_BATCH, EngineConfig, MAX_WORKERS, ServerBuilder};
+pub use config::{
+    ConfigError, DEFAULT_WRITE_BATCH, DeflateConfig, EngineConfig, MAX_WORKERS, ServerBuilder,
+};
 pub use server::{
     GlobalConnId, Handle, RESERVED_FDS, Server, StartError, TryError, raise_nofile, socket_limit,
 };

@@ -108,6 +108,9 @@ pub struct Shared {
     pub config: EngineConfig,
     /// Protocol settings handed to every connection.
     pub proto: Arc<proto::Config>,
+    /// The same with permessage-deflate, per window the server compresses with (index:
+    /// window bits), made on first use.
+    proto_deflate: [std::sync::OnceLock<Arc<proto::Config>>; 16],
     /// Per-worker counters.
     pub stats: Box<[WorkerStats]>,
     /// Upgraded connections open now.
@@ -185,6 +188,7 @@ impl Shared {
             send_timeout: config.send_timeout,
             // Pongs past the soft limit collapse into one owed pong.
             reply_queue_limit: config.send_queue_soft,
+            deflate: None,
         });
         let socket_limit = socket_limit(config.max_connections, raise_nofile());
         let backplane_numbers = backplane.as_ref().is_some_and(|b| b.numbers());
@@ -195,6 +199,7 @@ impl Shared {
             socket_limit,
             config,
             proto,
+            proto_deflate: std::array::from_fn(|_| std::sync::OnceLock::new()),
             stats: (0..threads).map(|_| WorkerStats::default()).collect(),
             open: AtomicUsize::new(0),
             sockets: AtomicUsize::new(0),
@@ -211,6 +216,28 @@ impl Shared {
             }),
             live,
         }))
+    }
+
+    /// The protocol settings of a connection that negotiated deflate with the server
+    /// compressing with `window_bits`.
+    pub(crate) fn proto_deflate(&self, window_bits: u8) -> Arc<proto::Config> {
+        let Some(d) = self.config.deflate else {
+            return self.proto.clone();
+        };
+        let bits = window_bits.clamp(9, 15);
+        self.proto_deflate[usize::from(bits)]
+            .get_or_init(|| {
+                Arc::new(proto::Config {
+                    allowed_rsv: 0b100,
+                    deflate: Some(proto::deflate::Params {
+                        threshold: d.threshold,
+                        level: d.level,
+                        window_bits: bits,
+                    }),
+                    ..(*self.proto).clone()
+                })
+            })
+            .clone()
     }
 
     /// Shared state for one worker that no thread runs: for driving a [`core::Core`]

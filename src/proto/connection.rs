@@ -82,6 +82,12 @@ pub struct Config {
     /// (RFC 6455 §5.5.3 allows answering only the most recent ping). A peer flooding
     /// pings without reading then costs one pong, not one per ping.
     pub reply_queue_limit: usize,
+    /// permessage-deflate, when the connection negotiated it (RFC 7692): RSV1 marks a
+    /// compressed message (`allowed_rsv` must then include RSV1); messages received
+    /// compressed are inflated (bounded by `max_message_size`, counted by output), and
+    /// messages sent with [`Connection::send`] / [`Connection::send_bytes`] at or above the
+    /// threshold are compressed. `None`: no extension.
+    pub deflate: Option<super::deflate::Params>,
 }
 
 impl Default for Config {
@@ -95,6 +101,7 @@ impl Default for Config {
             message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
             send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             reply_queue_limit: DEFAULT_REPLY_QUEUE_LIMIT,
+            deflate: None,
         }
     }
 }
@@ -190,6 +197,9 @@ pub struct Decoder {
     fin: bool,
     /// Opcode of the open data message (Text or Binary), if any.
     message: Option<OpCode>,
+    /// The open data message is compressed (RSV1 on its first frame): its text is
+    /// checked once inflated.
+    compressed: bool,
     /// UTF-8 state of an open text message.
     utf8: Utf8Validator,
 }
@@ -219,6 +229,7 @@ impl Decoder {
             frame: None,
             fin: false,
             message: None,
+            compressed: false,
             utf8: Utf8Validator::new(),
         }
     }
@@ -726,6 +737,10 @@ impl Connection {
                 if d.message.is_none() {
                     return Err(ProtocolError::UnexpectedContinuation);
                 }
+                if h.rsv1 {
+                    // RFC 7692 §6.1: RSV1 only on a message's first frame.
+                    return Err(ProtocolError::ReservedBits(0b100));
+                }
             }
             OpCode::Text | OpCode::Binary => {
                 if d.message.is_some() {
@@ -733,8 +748,14 @@ impl Connection {
                 }
                 d.message = Some(h.opcode);
                 d.message_len = 0;
+                d.compressed = h.rsv1;
             }
-            OpCode::Close | OpCode::Ping | OpCode::Pong => {}
+            OpCode::Close | OpCode::Ping | OpCode::Pong => {
+                if h.rsv1 {
+                    // A control frame is never compressed (RFC 7692 §6.1).
+                    return Err(ProtocolError::ReservedBits(0b100));
+                }
+            }
         }
         if !h.opcode.is_control() {
             let total = d.message_len.saturating_add(h.payload_len);
@@ -778,14 +799,16 @@ impl Connection {
         }
         let d = &mut b.decoder;
         let text = d.message == Some(OpCode::Text);
-        if text {
+        let compressed = d.compressed;
+        if text && !compressed {
             d.utf8.feed(chunk)?;
         }
         d.message_len += chunk.len() as u64;
         let last = done && d.fin;
         if last {
             d.message = None;
-            if text {
+            d.compressed = false;
+            if text && !compressed {
                 d.utf8.finish()?;
             }
         }
@@ -798,6 +821,12 @@ impl Connection {
             return Ok(());
         }
         let payload = if last && b.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
+            if compressed {
+                // Inflated straight out of the read buffer.
+                let plain = self.inflate(chunk)?;
+                b.events.push_back(message_event(text, plain)?);
+                return Ok(());
+            }
             // The whole message is in this read: one copy, straight out of the read buffer.
             super::arena::copy(&[chunk])
         } else {
@@ -828,6 +857,11 @@ impl Connection {
             if p.control.is_empty() {
                 b.partial = None;
             }
+            if compressed {
+                let plain = self.inflate(&message)?;
+                b.events.push_back(message_event(text, plain)?);
+                return Ok(());
+            }
             Bytes::from(message)
         };
         b.events.push_back(if text {
@@ -836,6 +870,18 @@ impl Connection {
             Event::Binary(payload)
         });
         Ok(())
+    }
+
+    /// Inflates a received compressed message within the size limit (1009 beyond, counted
+    /// by what comes out: a decompression bomb stops there).
+    fn inflate(&self, compressed: &[u8]) -> Result<Bytes, ProtocolError> {
+        let limit = usize::try_from(self.config.max_message_size).unwrap_or(usize::MAX);
+        super::deflate::inflate(compressed, limit).map_err(|e| match e {
+            super::deflate::InflateError::TooBig(_) => {
+                ProtocolError::MessageTooBig(self.config.max_message_size.saturating_add(1))
+            }
+            super::deflate::InflateError::Corrupt => ProtocolError::BadDeflate,
+        })
     }
 
     fn control_frame(
@@ -944,9 +990,22 @@ impl Connection {
     /// [`SendError::Closing`] once the connection is closing;
     /// [`SendError::ControlTooLong`] for a control frame over 125 bytes.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        if let Some(z) = self.compressible(opcode, payload.len()) {
+            let frame = compressed_frame(opcode, payload, &z);
+            self.open_queue()?.queue(frame);
+            return Ok(());
+        }
         self.message_queue(opcode, payload.len())?
             .queue_encoded(opcode, payload);
         Ok(())
+    }
+
+    /// The deflate parameters if a message of `opcode` and `len` bytes is to be sent
+    /// compressed.
+    fn compressible(&self, opcode: OpCode, len: usize) -> Option<super::deflate::Params> {
+        self.config
+            .deflate
+            .filter(|z| !opcode.is_control() && len >= z.threshold)
     }
 
     /// Like [`Connection::send`] for a payload the caller owns: a large one is written
@@ -956,6 +1015,11 @@ impl Connection {
     /// # Errors
     /// As [`Connection::send`].
     pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        if let Some(z) = self.compressible(opcode, payload.len()) {
+            let frame = compressed_frame(opcode, &payload, &z);
+            self.open_queue()?.queue(frame);
+            return Ok(());
+        }
         self.message_queue(opcode, payload.len())?
             .queue_payload(opcode, payload);
         Ok(())
@@ -1220,6 +1284,28 @@ impl Connection {
 }
 
 /// Whether `event` ends the connection (nothing follows it).
+/// A received message as its event, a text one checked as UTF-8 (a compressed text
+/// message is checked once inflated, 1007 if it is not).
+fn message_event(text: bool, payload: Bytes) -> Result<Event, ProtocolError> {
+    if !text {
+        return Ok(Event::Binary(payload));
+    }
+    if simdutf8::basic::from_utf8(&payload).is_err() {
+        return Err(ProtocolError::InvalidUtf8);
+    }
+    Ok(Event::Text(payload))
+}
+
+/// One frame with RSV1 set around `payload` compressed (RFC 7692 §6.1).
+fn compressed_frame(opcode: OpCode, payload: &[u8], params: &super::deflate::Params) -> Bytes {
+    let z = super::deflate::compress(payload, params);
+    let mut header = FrameHeader::whole(opcode, None, z.len() as u64);
+    header.rsv1 = true;
+    let mut h = [0u8; MAX_HEADER_LEN];
+    let n = header.encode(&mut h);
+    super::arena::copy(&[h.get(..n).unwrap_or_default(), &z])
+}
+
 fn is_terminal(event: &Event) -> bool {
     matches!(
         event,

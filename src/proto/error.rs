@@ -41,6 +41,9 @@ pub enum ProtocolError {
     /// §8.1: a text message (or close reason) that is not UTF-8.
     #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
+    /// RFC 7692: a compressed message that is not valid deflate data (close 1007).
+    #[error("a compressed message is not valid deflate data")]
+    BadDeflate,
     /// A frame or message above the configured limit.
     #[error("message of {0} bytes exceeds the limit")]
     MessageTooBig(u64),
@@ -54,7 +57,7 @@ impl ProtocolError {
     /// The close code this error is answered with. The one mapping from error to wire.
     pub fn close_code(self) -> CloseCode {
         match self {
-            ProtocolError::InvalidUtf8 => CloseCode::Invalid,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadDeflate => CloseCode::Invalid,
             ProtocolError::MessageTooBig(_) => CloseCode::Size,
             ProtocolError::MessageTimeout => CloseCode::Policy,
             ProtocolError::UnmaskedFrame

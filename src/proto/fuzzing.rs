@@ -171,6 +171,9 @@ pub fn frames(data: &[u8]) {
         message_timeout: (config_byte & 0b1_0000 == 0).then_some(Duration::from_secs(60)),
         send_timeout: (config_byte & 0b1000 == 0).then_some(Duration::from_secs(30)),
         reply_queue_limit: if seed & 1 == 0 { 256 } else { 1 << 20 },
+        // RSV1 allowed stands for "some extension": payloads are delivered as sent, which
+        // the checker's model expects (deflate has its own tests).
+        deflate: None,
     };
     let split_mode = config_byte >> 5;
     let mut rng = Rng((u64::from(seed) << 8) | u64::from(config_byte) | (1 << 40));

@@ -177,10 +177,26 @@ impl<H: Handler> Core<H> {
             shared.stats[self.inner.index].rejected_full.bump(1);
             return self.respond_error(id, HandshakeError::Full);
         }
+        // permessage-deflate, if the server offers it and the client asked for it (a
+        // malformed offer declines the extension, not the connection).
+        let deflate = shared.config.deflate.and_then(|d| {
+            let policy = crate::proto::deflate::Policy {
+                window_bits: d.window_bits,
+                client_no_context_takeover: true,
+            };
+            crate::proto::deflate::negotiate(&upgrade.extensions, &policy)
+        });
+        let extension = deflate.map(|a| a.response());
         let mut out = Vec::with_capacity(160);
-        let headers = header_refs(&accept.headers);
+        let mut headers = header_refs(&accept.headers);
+        if let Some(ext) = &extension {
+            headers.push(("Sec-WebSocket-Extensions", ext.as_str()));
+        }
         handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
-        let proto = shared.proto.clone();
+        let proto = match deflate {
+            Some(a) => shared.proto_deflate(a.server_window_bits),
+            None => shared.proto.clone(),
+        };
         shared.stats[self.inner.index].upgraded.bump(1);
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
