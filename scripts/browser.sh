@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A real browser as the client: headless Chromium opens tests/browser/subprotocols.html,
 # which connects to `wsring serve`'s /echo offering subprotocols (['chat.v2','chat.v1'],
-# as a page does), sends a message and closes. Checks that the connection opens with a
-# subprotocol the page offered (browsers fail the connection otherwise: close 1006), that
-# the echo comes back, and that the close is clean (1000). Run twice: with the default
+# as a page does), sends a short and a long message and closes. Checks that the
+# connection opens with a subprotocol the page offered (browsers fail the connection
+# otherwise: close 1006) and with permessage-deflate (which Chromium offers: the long
+# echo comes back compressed), that both echoes come back, and that the close is clean
+# (1000). Run twice: with the default
 # (no --protocols: the client's first offer) and with `--protocols chat.v1`.
 # Then tests/browser/resume.html: the documented resuming client (docs/resume-client.js)
 # subscribes with recover=1 while the page publishes 300 messages, its socket is dropped
@@ -69,11 +71,15 @@ for line in open(log, errors="replace"):
         seen[m.group(1)] = json.loads(m.group(2))
 what = f"browser check ({backend}, serve {flags or 'without --protocols'})"
 opened = seen.get("OPEN", {}).get("protocol")
+extensions = seen.get("OPEN", {}).get("extensions", "")
 echo = seen.get("ECHO", {}).get("data")
+big = seen.get("BIG", {})
 close = seen.get("CLOSE", {})
-print(f"{what}: opened with {opened!r}, echo {echo!r}, close {close}")
-if opened != expected or echo != "hello from chromium" or close.get("code") != 1000 or not close.get("clean"):
-    sys.exit(f"{what}: FAILED (expected protocol {expected!r}, the echo, a clean 1000); log: " + open(log, errors="replace").read()[-2000:])
+print(f"{what}: opened with {opened!r}, extensions {extensions!r}, echo {echo!r}, big echo {big}, close {close}")
+if opened != expected or echo != "hello from chromium" or not big.get("same") \
+        or not extensions.startswith("permessage-deflate") \
+        or close.get("code") != 1000 or not close.get("clean"):
+    sys.exit(f"{what}: FAILED (expected protocol {expected!r}, permessage-deflate, both echoes, a clean 1000); log: " + open(log, errors="replace").read()[-2000:])
 PY
     rm -f "$log"
 }

@@ -193,6 +193,46 @@ pub fn metrics(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "# TYPE wsring_topics gauge");
     let _ = writeln!(out, "wsring_topics {}", shared.directory.topics());
+    if shared.config.deflate.is_some() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let z = &crate::proto::deflate::COUNTERS;
+        for (name, help, v) in [
+            (
+                "deflate_compressions",
+                "Messages sent compressed (permessage-deflate).",
+                &z.compressions,
+            ),
+            (
+                "deflate_compressed_in_bytes",
+                "Bytes of those messages before compression.",
+                &z.compressed_in,
+            ),
+            (
+                "deflate_compressed_out_bytes",
+                "Bytes of those messages after compression.",
+                &z.compressed_out,
+            ),
+            (
+                "deflate_decompressions",
+                "Compressed messages received and inflated.",
+                &z.decompressions,
+            ),
+            (
+                "deflate_inflated_in_bytes",
+                "Bytes of those messages as received.",
+                &z.inflated_in,
+            ),
+            (
+                "deflate_inflated_out_bytes",
+                "Bytes of those messages once inflated.",
+                &z.inflated_out,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP wsring_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE wsring_{name}_total counter");
+            let _ = writeln!(out, "wsring_{name}_total {}", v.load(Relaxed));
+        }
+    }
     if let Some(h) = &shared.history {
         let _ = writeln!(
             out,

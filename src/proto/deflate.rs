@@ -219,6 +219,38 @@ pub fn negotiate<S: AsRef<str>>(offers: &[S], policy: &Policy) -> Option<Agreed>
         .find_map(|o| accept(&o, policy))
 }
 
+/// Process-wide counters of the codec, for `/metrics` (relaxed: a compression costs
+/// microseconds, an atomic add nothing in comparison).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages compressed.
+    pub compressions: std::sync::atomic::AtomicU64,
+    /// Their bytes before compression.
+    pub compressed_in: std::sync::atomic::AtomicU64,
+    /// Their bytes after.
+    pub compressed_out: std::sync::atomic::AtomicU64,
+    /// Messages inflated.
+    pub decompressions: std::sync::atomic::AtomicU64,
+    /// Their bytes as received.
+    pub inflated_in: std::sync::atomic::AtomicU64,
+    /// Their bytes once inflated.
+    pub inflated_out: std::sync::atomic::AtomicU64,
+}
+
+/// The codec's counters.
+pub static COUNTERS: Counters = Counters {
+    compressions: std::sync::atomic::AtomicU64::new(0),
+    compressed_in: std::sync::atomic::AtomicU64::new(0),
+    compressed_out: std::sync::atomic::AtomicU64::new(0),
+    decompressions: std::sync::atomic::AtomicU64::new(0),
+    inflated_in: std::sync::atomic::AtomicU64::new(0),
+    inflated_out: std::sync::atomic::AtomicU64::new(0),
+};
+
+fn count(a: &std::sync::atomic::AtomicU64, n: usize) {
+    a.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// What a connection that negotiated deflate does with its messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Params {
@@ -270,6 +302,14 @@ pub enum InflateError {
 /// # Errors
 /// [`InflateError`].
 pub fn inflate(compressed: &[u8], limit: usize) -> Result<Bytes, InflateError> {
+    let out = inflate_inner(compressed, limit)?;
+    count(&COUNTERS.decompressions, 1);
+    count(&COUNTERS.inflated_in, compressed.len());
+    count(&COUNTERS.inflated_out, out.len());
+    Ok(out)
+}
+
+fn inflate_inner(compressed: &[u8], limit: usize) -> Result<Bytes, InflateError> {
     CODEC.with(|c| {
         let mut c = c.borrow_mut();
         let d = c
@@ -320,6 +360,14 @@ pub fn inflate(compressed: &[u8], limit: usize) -> Result<Bytes, InflateError> {
 /// Compresses one message for sending (no context: every receiver can take the same
 /// bytes), as the payload of a frame with RSV1 set.
 pub fn compress(payload: &[u8], params: &Params) -> Bytes {
+    let out = compress_inner(payload, params);
+    count(&COUNTERS.compressions, 1);
+    count(&COUNTERS.compressed_in, payload.len());
+    count(&COUNTERS.compressed_out, out.len());
+    out
+}
+
+fn compress_inner(payload: &[u8], params: &Params) -> Bytes {
     CODEC.with(|c| {
         let mut c = c.borrow_mut();
         let c = &mut *c;
