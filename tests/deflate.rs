@@ -253,9 +253,57 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// A broadcast reaches deflate subscribers compressed and plain ones plain, from one
+/// publication (compressed once per worker: `pubsub::Twin`).
+fn a_broadcast_reaches_each_subscriber_in_its_own_form(backend: BackendChoice) {
+    let s = server(backend);
+    block_on(async {
+        let path = "/pubsub/prices";
+        let sub = |ext: Option<&'static str>| {
+            let mut request = upgrade_request(path);
+            if let Some(e) = ext {
+                request = request.replace(
+                    "\r\n\r\n",
+                    &format!("\r\nSec-WebSocket-Extensions: {e}\r\n\r\n"),
+                );
+            }
+            let addr = s.addr;
+            async move {
+                let mut c = RawClient::connect(addr).await;
+                c.send(request.as_bytes()).await;
+                assert_eq!(c.read_head().await.status, 101);
+                c
+            }
+        };
+        let mut z1 = sub(Some("permessage-deflate")).await;
+        let mut z2 = sub(Some("permessage-deflate")).await;
+        let mut plain = sub(None).await;
+        let big = json(3_000);
+        // The plain one publishes (it is a subscriber too).
+        plain.send(&frame(true, TEXT, big.as_bytes())).await;
+        plain.send(&frame(true, TEXT, b"tiny")).await;
+        for c in [&mut z1, &mut z2] {
+            let f = c.read_frame().await;
+            assert_eq!(f.b0, 0xC1, "compressed");
+            assert_eq!(inflate(&f.payload), big.as_bytes());
+            let f = c.read_frame().await;
+            assert_eq!(
+                (f.b0, f.payload.as_slice()),
+                (0x81, &b"tiny"[..]),
+                "below the threshold"
+            );
+        }
+        let f = plain.read_frame().await;
+        assert_eq!((f.b0, f.payload.as_slice()), (0x81, big.as_bytes()));
+        let f = plain.read_frame().await;
+        assert_eq!(f.payload, b"tiny");
+    });
+}
+
 for_both_backends!(
     negotiation,
     compressed_echo_both_ways,
     bad_inputs_get_their_close_codes,
     a_bomb_is_stopped_by_its_output,
+    a_broadcast_reaches_each_subscriber_in_its_own_form,
 );

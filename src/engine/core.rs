@@ -276,6 +276,18 @@ impl<H: Handler> Core<H> {
         // reallocation instead would leave the old array's pages resident until the
         // allocator next returns memory, which an idle server may never do.
         let presize = presize_slots(&shared.config);
+        let deflate = shared
+            .config
+            .deflate
+            .map(|d| crate::proto::deflate::Params {
+                threshold: d.threshold,
+                level: d.level,
+                window_bits: d.window_bits.clamp(9, 15),
+            });
+        let mut registry = Registry::default();
+        registry.set_deflate(deflate);
+        let mut framed = Registry::default();
+        framed.set_deflate(deflate);
         Core {
             handler,
             inner: Inner {
@@ -292,8 +304,8 @@ impl<H: Handler> Core<H> {
                 limits,
                 draining: None,
                 now,
-                registry: Registry::default(),
-                framed: Registry::default(),
+                registry,
+                framed,
                 streams: history::Streams::default(),
                 next_sweep: now,
                 own_sequenced: false,

@@ -111,7 +111,80 @@ pub enum Room {
     Fits {
         /// Past the soft limit.
         over_soft: bool,
+        /// The connection takes broadcasts compressed (permessage-deflate, with the
+        /// window the registry compresses with): it gets the run's compressed twin.
+        deflate: bool,
     },
+}
+
+/// A published frame's compressed form (permessage-deflate), made at most once, when the
+/// first subscriber that takes it asks ([`Subscribers::queue_with_policy`]).
+pub struct Twin<'a> {
+    frame: &'a Bytes,
+    params: Option<crate::proto::deflate::Params>,
+    made: Option<Bytes>,
+}
+
+impl<'a> Twin<'a> {
+    /// The twin of `frame` under `params` (`None`: no deflate here, it is `frame`).
+    pub fn new(frame: &'a Bytes, params: Option<crate::proto::deflate::Params>) -> Twin<'a> {
+        Twin {
+            frame,
+            params,
+            made: None,
+        }
+    }
+
+    /// The frame compressed (compressed once, then shared); the plain frame when it is
+    /// below the threshold or not a data frame.
+    pub fn get(&mut self) -> &Bytes {
+        let (frame, params) = (self.frame, self.params);
+        self.made.get_or_insert_with(|| match params {
+            Some(p) => compressed_twin(frame, &p),
+            None => frame.clone(),
+        })
+    }
+}
+
+/// `frame` (one encoded server frame) compressed into a frame with RSV1 when it is a data
+/// frame at or above the threshold; otherwise `frame` itself.
+fn compressed_twin(frame: &[u8], params: &crate::proto::deflate::Params) -> Bytes {
+    let mut out = BytesMut::new();
+    append_twin(&mut out, frame, params);
+    out.freeze()
+}
+
+/// Appends `frame`'s compressed twin (or `frame`) to `out`.
+fn append_twin(out: &mut BytesMut, frame: &[u8], params: &crate::proto::deflate::Params) {
+    let (Some(&b0), Some(&b1)) = (frame.first(), frame.get(1)) else {
+        out.extend_from_slice(frame);
+        return;
+    };
+    let header_len = match b1 & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let opcode = match b0 & 0x0f {
+        1 => OpCode::Text,
+        2 => OpCode::Binary,
+        _ => {
+            out.extend_from_slice(frame);
+            return;
+        }
+    };
+    let payload = frame.get(header_len..).unwrap_or_default();
+    if b0 & 0x70 != 0 || payload.len() < params.threshold {
+        out.extend_from_slice(frame);
+        return;
+    }
+    let z = crate::proto::deflate::compress(payload, params);
+    let mut header = crate::proto::FrameHeader::whole(opcode, None, z.len() as u64);
+    header.rsv1 = true;
+    let mut h = [0u8; crate::proto::frame::MAX_HEADER_LEN];
+    let n = header.encode(&mut h);
+    out.extend_from_slice(h.get(..n).unwrap_or_default());
+    out.extend_from_slice(&z);
 }
 
 /// What the registry needs of the connections a worker holds. The engine implements it
@@ -125,12 +198,21 @@ pub trait Subscribers {
     fn room(&self, id: Self::Id, len: usize, ahead: usize) -> Room;
 
     /// Queues a run of frames that [`Subscribers::room`] accepted, shared (a reference
-    /// when large, a copy when small); `false` if the connection is closing or gone.
-    fn queue_run(&mut self, id: Self::Id, run: &Bytes) -> bool;
+    /// when large, a copy when small): `twin` (the same frames compressed) for a
+    /// connection that takes broadcasts compressed, when there is one; `false` if the
+    /// connection is closing or gone.
+    fn queue_run(&mut self, id: Self::Id, run: &Bytes, twin: Option<&Bytes>) -> bool;
 
     /// Queues one frame published to `topic` through the connection's limits and policy
-    /// (close with 1013, drop, or conflate per topic).
-    fn queue_with_policy(&mut self, id: Self::Id, frame: &Bytes, topic: &Arc<str>) -> SendStatus;
+    /// (close with 1013, drop, or conflate per topic); a connection that takes broadcasts
+    /// compressed takes `twin.get()`.
+    fn queue_with_policy(
+        &mut self,
+        id: Self::Id,
+        frame: &Bytes,
+        twin: &mut Twin<'_>,
+        topic: &Arc<str>,
+    ) -> SendStatus;
 }
 
 /// A frame to publish.
@@ -176,6 +258,9 @@ struct Pending {
     /// The encoded frames; reused from turn to turn (reclaimed in place once the
     /// subscribers' copies have been written).
     batch: BytesMut,
+    /// The same frames, those at or above the threshold compressed, when the topic has
+    /// subscribers that take them (decided at the run's first frame).
+    deflated: Option<BytesMut>,
 }
 
 /// One worker's topics and their local subscribers, and the turn's pending run.
@@ -183,6 +268,9 @@ struct Pending {
 pub struct Registry<K> {
     topics: HashMap<Arc<str>, IndexSet<K>>,
     pending: Pending,
+    /// How broadcasts are compressed for subscribers that negotiated permessage-deflate
+    /// (once per publication on this worker: compress-once); `None`: never.
+    deflate: Option<crate::proto::deflate::Params>,
 }
 
 impl<K> Default for Registry<K> {
@@ -190,7 +278,15 @@ impl<K> Default for Registry<K> {
         Registry {
             topics: HashMap::new(),
             pending: Pending::default(),
+            deflate: None,
         }
+    }
+}
+
+impl<K> Registry<K> {
+    /// Compresses broadcasts with `params` for the subscribers that take them.
+    pub fn set_deflate(&mut self, params: Option<crate::proto::deflate::Params>) {
+        self.deflate = params;
     }
 }
 
@@ -282,6 +378,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
             return report;
         };
         let mut fits = true;
+        let mut deflate = false;
         for &id in members {
             match subs.room(id, len, ahead) {
                 Room::Closed => report.dropped += 1,
@@ -289,9 +386,13 @@ impl<K: Copy + Eq + Hash> Registry<K> {
                     fits = false;
                     break;
                 }
-                Room::Fits { over_soft } => {
+                Room::Fits {
+                    over_soft,
+                    deflate: d,
+                } => {
                     report.queued += 1;
                     report.backpressured += usize::from(over_soft);
+                    deflate |= d;
                 }
             }
         }
@@ -299,11 +400,27 @@ impl<K: Copy + Eq + Hash> Registry<K> {
             self.flush_pending(subs);
             return self.publish_now(topic, &frame.to_bytes(), subs);
         }
+        let deflate = deflate && self.deflate.is_some();
+        if self.pending.topic.is_some() && deflate != self.pending.deflated.is_some() {
+            // A run is all plain or all twinned.
+            self.flush_pending(subs);
+        }
+        let start = self.pending.batch.len();
         match frame {
             Frame::Message(opcode, payload) => {
                 encode_frame_into(&mut self.pending.batch, opcode, payload)
             }
             Frame::Encoded(f) => self.pending.batch.extend_from_slice(f),
+        }
+        if let (true, Some(params)) = (deflate, self.deflate) {
+            // Compress-once: this worker's one compressed copy, shared by every subscriber
+            // that negotiated deflate.
+            let twin = self.pending.deflated.get_or_insert_with(BytesMut::new);
+            append_twin(
+                twin,
+                self.pending.batch.get(start..).unwrap_or_default(),
+                &params,
+            );
         }
         if self.pending.topic.is_none() {
             self.pending.topic = Some(topic.clone());
@@ -320,9 +437,10 @@ impl<K: Copy + Eq + Hash> Registry<K> {
             return;
         }
         let run = self.pending.batch.split().freeze();
+        let twin = self.pending.deflated.take().map(BytesMut::freeze);
         if let Some(members) = self.topics.get(&topic) {
             for &id in members {
-                subs.queue_run(id, &run);
+                subs.queue_run(id, &run, twin.as_ref());
             }
         }
     }
@@ -339,8 +457,9 @@ impl<K: Copy + Eq + Hash> Registry<K> {
         let Some(members) = self.topics.get(topic) else {
             return report;
         };
+        let mut twin = Twin::new(frame, self.deflate);
         for &id in members {
-            match subs.queue_with_policy(id, frame, topic) {
+            match subs.queue_with_policy(id, frame, &mut twin, topic) {
                 SendStatus::Queued => report.queued += 1,
                 SendStatus::Backpressure => {
                     report.queued += 1;

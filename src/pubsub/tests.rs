@@ -13,6 +13,8 @@ struct Fake {
     closed: bool,
     /// What `queue_with_policy` answers when the frame does not fit.
     full_answer: Option<SendStatus>,
+    /// Takes broadcasts compressed.
+    deflate: bool,
 }
 
 struct Fakes {
@@ -50,13 +52,18 @@ impl Subscribers for Fakes {
         } else {
             Room::Fits {
                 over_soft: queued + len > self.soft,
+                deflate: c.deflate,
             }
         }
     }
 
-    fn queue_run(&mut self, id: u32, run: &Bytes) -> bool {
+    fn queue_run(&mut self, id: u32, run: &Bytes, twin: Option<&Bytes>) -> bool {
         match self.conns.get_mut(&id).filter(|c| !c.closed) {
             Some(c) => {
+                let run = match twin {
+                    Some(t) if c.deflate => t,
+                    _ => run,
+                };
                 c.queued += run.len();
                 c.entries.push(run.clone());
                 true
@@ -65,14 +72,21 @@ impl Subscribers for Fakes {
         }
     }
 
-    fn queue_with_policy(&mut self, id: u32, frame: &Bytes, _topic: &Arc<str>) -> SendStatus {
+    fn queue_with_policy(
+        &mut self,
+        id: u32,
+        frame: &Bytes,
+        twin: &mut Twin<'_>,
+        _topic: &Arc<str>,
+    ) -> SendStatus {
         self.policy_calls += 1;
         let room = self.room(id, frame.len(), 0);
         let c = self.conn(id);
+        let frame = if c.deflate { twin.get() } else { frame };
         match room {
             Room::Closed => SendStatus::Closed,
             Room::Full => c.full_answer.unwrap_or(SendStatus::Dropped),
-            Room::Fits { over_soft } => {
+            Room::Fits { over_soft, .. } => {
                 c.queued += frame.len();
                 c.entries.push(frame.clone());
                 if over_soft {
@@ -245,5 +259,103 @@ fn an_encoded_frame_from_another_worker_joins_the_run_as_it_is() {
     assert_eq!(
         payloads(&subs.conn(0).entries[0]),
         vec![b"from elsewhere".to_vec(), b"local".to_vec()]
+    );
+}
+
+/// Frames of `bytes` with their RSV1 bit and payload inflated when set.
+fn inflated_payloads(bytes: &[u8]) -> Vec<(bool, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Ok(crate::proto::frame::Parsed::Complete { header, header_len }) =
+        FrameHeader::parse(rest, 0b100)
+    {
+        let end = header_len + header.payload_len as usize;
+        let payload = &rest[header_len..end];
+        out.push(if header.rsv1 {
+            let plain = crate::proto::deflate::inflate(payload, 1 << 20).expect("inflates");
+            (true, plain.to_vec())
+        } else {
+            (false, payload.to_vec())
+        });
+        rest = &rest[end..];
+    }
+    assert!(rest.is_empty(), "a partial frame");
+    out
+}
+
+#[test]
+fn a_broadcast_is_compressed_once_for_every_deflate_subscriber() {
+    let (mut r, t) = registry_with("t", &[0, 1, 2, 3]);
+    r.set_deflate(Some(crate::proto::deflate::Params {
+        threshold: 64,
+        level: 1,
+        window_bits: 15,
+    }));
+    let mut subs = Fakes::new(4, 1 << 20, 4 << 20);
+    subs.conn(1).deflate = true;
+    subs.conn(3).deflate = true;
+    let big = vec![b'x'; 500];
+    for msg in [&big[..], b"small", &big[..]] {
+        r.publish(&t, Frame::Message(OpCode::Text, msg), &mut subs);
+    }
+    r.flush_pending(&mut subs);
+    let want = vec![big.clone(), b"small".to_vec(), big.clone()];
+    for id in [0, 2] {
+        let got = inflated_payloads(&subs.conn(id).entries[0]);
+        assert!(got.iter().all(|(z, _)| !z), "plain for {id}");
+        assert_eq!(got.into_iter().map(|g| g.1).collect::<Vec<_>>(), want);
+    }
+    for id in [1, 3] {
+        let got = inflated_payloads(&subs.conn(id).entries[0]);
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            vec![true, false, true],
+            "compressed at or above the threshold only"
+        );
+        assert_eq!(got.into_iter().map(|g| g.1).collect::<Vec<_>>(), want);
+    }
+    // One compressed copy, shared by both.
+    assert_eq!(
+        subs.conn(1).entries[0].as_ptr(),
+        subs.conn(3).entries[0].as_ptr()
+    );
+    assert!(subs.conn(1).entries[0].len() < subs.conn(0).entries[0].len() / 4);
+
+    // Without a deflate subscriber nothing is compressed: a plain run only.
+    let (mut r, t) = registry_with("u", &[0, 2]);
+    r.set_deflate(Some(crate::proto::deflate::Params {
+        threshold: 64,
+        level: 1,
+        window_bits: 15,
+    }));
+    r.publish(&t, Frame::Message(OpCode::Text, &big), &mut subs);
+    assert!(r.pending.deflated.is_none());
+    r.flush_pending(&mut subs);
+}
+
+#[test]
+fn the_policy_path_compresses_a_frame_once_too() {
+    let (mut r, t) = registry_with("t", &[0, 1, 2]);
+    r.set_deflate(Some(crate::proto::deflate::Params {
+        threshold: 64,
+        level: 1,
+        window_bits: 15,
+    }));
+    let mut subs = Fakes::new(3, 1 << 20, 4 << 20);
+    subs.conn(1).deflate = true;
+    subs.conn(2).deflate = true;
+    // Larger than a run takes: through each connection's policy.
+    let large = vec![b'y'; 20 * 1024];
+    r.publish(&t, Frame::Message(OpCode::Binary, &large), &mut subs);
+    assert_eq!(subs.policy_calls, 3);
+    assert_eq!(
+        subs.conn(1).entries[0].as_ptr(),
+        subs.conn(2).entries[0].as_ptr()
+    );
+    let got = inflated_payloads(&subs.conn(2).entries[0]);
+    assert_eq!(got, vec![(true, large.clone())]);
+    assert_eq!(
+        inflated_payloads(&subs.conn(0).entries[0]),
+        vec![(false, large)]
     );
 }

@@ -58,7 +58,7 @@ impl<D> Inner<D> {
                     return SendStatus::Dropped;
                 }
             },
-            Room::Fits { over_soft } => {
+            Room::Fits { over_soft, .. } => {
                 let sent = match frame {
                     Out::Shared(f) => slot.conn.send_shared(f),
                     Out::Owned(f) => slot.conn.send_frame(f),
@@ -280,8 +280,12 @@ impl<D> Subscribers for Inner<D> {
             .map_or(Room::Closed, |s| s.room(len, ahead, self.soft, self.hard))
     }
 
-    fn queue_run(&mut self, id: ConnId, run: &Bytes) -> bool {
+    fn queue_run(&mut self, id: ConnId, run: &Bytes, twin: Option<&Bytes>) -> bool {
         let queued = slot_of(&mut self.slots, id).is_some_and(|slot| {
+            let run = match twin {
+                Some(t) if slot.flags.has(Flags::DEFLATE) => t,
+                _ => run,
+            };
             !slot.flags.has(Flags::DEAD)
                 && !slot.flags.has(Flags::CLOSING)
                 && slot.conn.send_shared(run).is_ok()
@@ -292,7 +296,21 @@ impl<D> Subscribers for Inner<D> {
         queued
     }
 
-    fn queue_with_policy(&mut self, id: ConnId, frame: &Bytes, topic: &Arc<str>) -> SendStatus {
+    fn queue_with_policy(
+        &mut self,
+        id: ConnId,
+        frame: &Bytes,
+        twin: &mut crate::pubsub::Twin<'_>,
+        topic: &Arc<str>,
+    ) -> SendStatus {
+        let deflate = self
+            .slots
+            .get(id.slot as usize)
+            .is_some_and(|s| s.flags.has(Flags::DEFLATE));
+        if deflate {
+            let twin = twin.get().clone();
+            return self.queue_frame(id, Out::Shared(&twin), Some(topic));
+        }
         self.queue_frame(id, Out::Shared(frame), Some(topic))
     }
 }

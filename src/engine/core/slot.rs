@@ -64,6 +64,9 @@ impl Flags {
     /// An HTTP answer is out and the FIN sent: waiting for the peer's EOF (or the linger
     /// deadline) before closing.
     pub(super) const LINGERING: u16 = 1 << 12;
+    /// Negotiated permessage-deflate with the server's own window: takes the compressed
+    /// twin of every broadcast (compressed once per worker, `pubsub::Twin`).
+    pub(super) const DEFLATE: u16 = 1 << 13;
 
     /// Whether reading should be off (the handler's pause, the budget's or the queue's).
     pub(super) fn reading_paused(self) -> bool {
@@ -226,6 +229,7 @@ impl<D> Slot<D> {
         } else {
             Room::Fits {
                 over_soft: queued + len > soft,
+                deflate: self.flags.has(Flags::DEFLATE),
             }
         }
     }

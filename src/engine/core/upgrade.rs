@@ -204,6 +204,18 @@ impl<H: Handler> Core<H> {
         slot.flags.set(Flags::COUNTED, true);
         slot.flags.set(Flags::JUST_UPGRADED, true);
         slot.phase = Phase::Open;
+        // Broadcasts are compressed once per worker with the server's own window: a
+        // client that asked for a smaller one gets them plain (still valid).
+        let own_window = self
+            .inner
+            .shared
+            .config
+            .deflate
+            .map(|d| d.window_bits.clamp(9, 15));
+        slot.flags.set(
+            Flags::DEFLATE,
+            deflate.is_some_and(|a| Some(a.server_window_bits) == own_window),
+        );
         self.inner.shared.set_live(self.inner.index, id, true);
         slot.extra().handshake = None;
         slot.tidy();
