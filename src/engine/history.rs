@@ -17,19 +17,32 @@ use crate::pubsub::Interest;
 use crate::pubsub::broker::{Incoming, Loaded};
 use crate::pubsub::history::{Entry, Epoch, History, Numbered, PENDING_LIMIT, Position, Stream};
 
+/// Who hands a numbered publication to the workers, which decides what a full inbox
+/// means for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Publisher {
+    /// A handler on this worker: it must not block; a full inbox is skipped (counted in
+    /// the worker's `forward_dropped`) and repaired from the ring later.
+    Worker(usize),
+    /// The broker client's thread: it must not block either (the broker would drop the
+    /// node); a full inbox is skipped (counted in `in_dropped`).
+    Broker,
+    /// A `Handle` on another thread, which waited for room before.
+    Handle,
+}
+
 impl Shared {
     /// Publishes to a topic with history: to the broker if it numbers publications (which
     /// then delivers it here too, so no position is known yet), else numbered here (and
     /// the plain message to the broker, if any). Returns the position (if numbered here),
-    /// the workers it was handed to and those skipped for a full inbox (`from`: the
-    /// publishing worker, which must not block; `None` waited for room).
+    /// the workers it was handed to and those skipped for a full inbox.
     pub(crate) fn publish_history(
         &self,
         history: &History,
         topic: &str,
         opcode: OpCode,
         payload: &[u8],
-        from: Option<usize>,
+        from: Publisher,
     ) -> (Option<Position>, usize, usize) {
         if history.broker_numbered
             && let Some(bp) = &self.backplane
@@ -50,14 +63,14 @@ impl Shared {
     }
 
     /// Hands a numbered publication to every worker with subscribers of its topic (the
-    /// caller holds the topic's lock, so every worker gets the offsets in order). `from`:
-    /// see [`Shared::publish_history`]. Returns (handed, skipped).
+    /// caller holds the topic's lock, so every worker gets the offsets in order). Returns
+    /// (handed, skipped for a full inbox).
     fn hand_out(
         &self,
         key: &Arc<str>,
         epoch: Epoch,
         entry: &Entry,
-        from: Option<usize>,
+        from: Publisher,
     ) -> (usize, usize) {
         let workers = self.directory.workers_with(key, None);
         let bytes = entry.frame.len() + entry.envelope.as_ref().map_or(0, Bytes::len);
@@ -68,9 +81,11 @@ impl Shared {
             }
             // A publishing worker and the broker thread must not block: a full inbox
             // does not get it, and its worker repairs the gap from the ring.
-            if from.is_some() && inbox.full() {
+            if from != Publisher::Handle && inbox.full() {
                 dropped += 1;
-                if let Some(stats) = from.and_then(|f| self.stats.get(f)) {
+                if let Publisher::Worker(w) = from
+                    && let Some(stats) = self.stats.get(w)
+                {
                     stats.forward_dropped.bump(1);
                 }
                 continue;
@@ -90,7 +105,7 @@ impl Shared {
         let mut locked = history.lock(&m.topic);
         let Some((epoch, offset)) = m.number.filter(|_| history.broker_numbered) else {
             let (key, epoch, entry) = locked.append(&m.topic, m.opcode, &m.payload, now);
-            return self.hand_out(&key, epoch, &entry, Some(usize::MAX)).1 as u64;
+            return self.hand_out(&key, epoch, &entry, Publisher::Broker).1 as u64;
         };
         let (_, stream) = locked.stream(&m.topic);
         if !stream.synced || stream.loading {
@@ -99,7 +114,7 @@ impl Shared {
         }
         match locked.append_numbered(&m.topic, epoch, offset, m.opcode, &m.payload, now) {
             Numbered::Appended(key, epoch, entry) => {
-                self.hand_out(&key, epoch, &entry, Some(usize::MAX)).1 as u64
+                self.hand_out(&key, epoch, &entry, Publisher::Broker).1 as u64
             }
             Numbered::Repeat => 0,
             Numbered::Gap => {
@@ -160,7 +175,7 @@ impl Shared {
             if let Numbered::Appended(key, epoch, entry) = numbered
                 && was_synced
             {
-                self.hand_out(&key, epoch, &entry, Some(usize::MAX));
+                self.hand_out(&key, epoch, &entry, Publisher::Broker);
             }
         }
         // The broker gave out offsets it no longer keeps: live delivery starts after them.

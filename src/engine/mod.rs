@@ -28,7 +28,7 @@ mod config;
 pub(crate) mod core;
 pub(crate) mod epoll;
 pub mod handler;
-mod history;
+pub(crate) mod history;
 pub mod metrics;
 mod server;
 mod shared;

@@ -3,6 +3,7 @@
 //! shutdown from any thread, blocking, non-blocking or async), and the descriptor limits.
 
 use super::*;
+use history::Publisher;
 
 /// Why a server did not start.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,7 @@ impl Handle {
                 .wait_for_room(self.shared.directory.workers_with(topic, None));
             return self
                 .shared
-                .publish_history(history, topic, opcode, payload, None)
+                .publish_history(history, topic, opcode, payload, Publisher::Handle)
                 .1;
         }
         // To the other nodes, if a broker is configured (never blocks).
@@ -144,7 +145,7 @@ impl Handle {
         if let Some(history) = self.shared.history_of(topic) {
             return Ok(self
                 .shared
-                .publish_history(history, topic, opcode, payload, None)
+                .publish_history(history, topic, opcode, payload, Publisher::Handle)
                 .1);
         }
         self.shared.publish_to_broker(topic, opcode, payload);
@@ -178,7 +179,7 @@ impl Handle {
             .await;
             return self
                 .shared
-                .publish_history(history, topic, opcode, payload, None)
+                .publish_history(history, topic, opcode, payload, Publisher::Handle)
                 .1;
         }
         self.shared.publish_to_broker(topic, opcode, payload);
@@ -316,7 +317,7 @@ impl Handle {
         self.shared
             .wait_for_room(self.shared.directory.workers_with(topic, None));
         self.shared
-            .publish_history(history, topic, opcode, payload, None)
+            .publish_history(history, topic, opcode, payload, Publisher::Handle)
             .0
     }
 

@@ -164,8 +164,13 @@ impl<D> Inner<D> {
             // Numbered, kept, and delivered here through this worker's own inbox, in
             // offset order with every other worker's publications (`core/history.rs`).
             self.flush_pending();
-            let (position, handed, dropped) =
-                shared.publish_history(history, topic, opcode, payload, Some(self.index));
+            let (position, handed, dropped) = shared.publish_history(
+                history,
+                topic,
+                opcode,
+                payload,
+                crate::engine::history::Publisher::Worker(self.index),
+            );
             self.own_sequenced |= handed > 0;
             return PublishReport {
                 forwarded_workers: handed,
