@@ -135,7 +135,19 @@ impl<D> Inner<D> {
             }
             return Join::Parked;
         }
-        let replay = stream.since(sub.since, now, &history.config().limits);
+        // With a broker that numbers publications, a client that saw further on another
+        // node than this node's copy has reached is not "from the future": it has
+        // everything up to its position, so it misses nothing if it gets what comes after
+        // it (it waits in `joining` until then). Numbered here, such a position is bogus.
+        let ahead = sub
+            .since
+            .filter(|p| history.broker_numbered && p.epoch == last.epoch && p.offset > last.offset);
+        let mut replay = stream.since(sub.since, now, &history.config().limits);
+        if ahead.is_some() {
+            replay.recovered = true;
+            replay.entries.clear();
+        }
+        let start = ahead.unwrap_or(last);
         let local = self.streams.entry(key.clone()).or_insert(Local {
             position: last,
             joining: Vec::new(),
@@ -146,12 +158,12 @@ impl<D> Inner<D> {
             local.position = last;
             local.joining.clear();
         }
-        let at_once = local.position == last;
+        let at_once = local.position == last && ahead.is_none();
         if !at_once {
             local.joining.push(Joiner {
                 id,
                 envelope,
-                after: last.offset,
+                after: start.offset,
             });
         }
         if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
@@ -172,7 +184,7 @@ impl<D> Inner<D> {
         let entries = replay.entries;
         Join::Joined(
             Resumed {
-                position: last,
+                position: start,
                 recovered: replay.recovered,
                 replayed: entries.len(),
             },
