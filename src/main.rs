@@ -464,14 +464,34 @@ mod tests {
     #[test]
     fn the_flags_defaults_are_the_engines_defaults() {
         // The CLI spells its defaults as strings for --help; they must say what
-        // EngineConfig::default() says, so that `wsring serve` and an embedder agree.
+        // EngineConfig::default() says, so that `wsring serve` and an embedder agree. The
+        // one intended difference: permessage-deflate is on in `wsring serve` (with the
+        // engine's own DeflateConfig defaults) and off in the library.
         let Command::Serve(args) = Cli::try_parse_from(["wsring", "serve"])
             .expect("parses")
             .command
         else {
             panic!("not serve");
         };
-        assert_eq!(engine_config(&args), EngineConfig::default());
+        let serve = engine_config(&args);
+        assert_eq!(
+            serve.deflate,
+            Some(wsring::engine::DeflateConfig::default())
+        );
+        assert_eq!(
+            EngineConfig {
+                deflate: None,
+                ..serve
+            },
+            EngineConfig::default()
+        );
+        let Command::Serve(off) = Cli::try_parse_from(["wsring", "serve", "--deflate", "off"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(engine_config(&off), EngineConfig::default());
     }
 
     #[test]
