@@ -357,13 +357,7 @@ impl Broker for RedisBroker {
             payload: wire::encode(node, opcode, payload),
             numbered: None,
         };
-        match self.shard(topic).publish.try_send(msg) {
-            Ok(()) => true,
-            Err(_) => {
-                self.stats.out_failed.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
+        self.enqueue(topic, msg)
     }
 
     fn numbers(&self) -> bool {
@@ -388,13 +382,7 @@ impl Broker for RedisBroker {
                 ttl_ms: u64::try_from(limits.ttl.as_millis()).unwrap_or(u64::MAX),
             }),
         };
-        match self.shard(topic).publish.try_send(msg) {
-            Ok(()) => true,
-            Err(_) => {
-                self.stats.out_failed.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
+        self.enqueue(topic, msg)
     }
 
     fn load(&self, topic: &str, limits: &crate::pubsub::history::Limits) {
@@ -416,6 +404,20 @@ impl Broker for RedisBroker {
     fn stop(&self) {
         self.thread.stop();
         self.stats.set_state(BrokerState::Stopped);
+    }
+}
+
+impl RedisBroker {
+    /// Hands a publication to its shard's bounded queue; a full queue counts it in
+    /// `out_failed` (never blocking the engine).
+    fn enqueue(&self, topic: &str, msg: Outgoing) -> bool {
+        match self.shard(topic).publish.try_send(msg) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.out_failed.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
     }
 }
 
