@@ -17,6 +17,8 @@
 //! `scripts/deflate-bench.sh` runs it against `wsring serve`, deflate on and off, in
 //! turn. Without `--target` it starts an in-process server (one worker).
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,16 +60,6 @@ fn opts() -> Opts {
         }
     }
     o
-}
-
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no memory preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks as f64 / hz)
 }
 
 /// Connects and upgrades; returns the stream and whether deflate was agreed.
@@ -233,7 +225,7 @@ async fn run(addr: SocketAddr, o: &Opts) -> serde_json::Value {
     });
     let publish = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let cpu0 = o.server_pid.and_then(cpu_seconds);
+        let cpu0 = o.server_pid.and_then(support::cpu_seconds);
         let f0 = totals.frames.load(Ordering::Relaxed);
         let started = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / o.rate.max(1)));
@@ -253,7 +245,7 @@ async fn run(addr: SocketAddr, o: &Opts) -> serde_json::Value {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let wall = started.elapsed().as_secs_f64();
-        let cpu = match (cpu0, o.server_pid.and_then(cpu_seconds)) {
+        let cpu = match (cpu0, o.server_pid.and_then(support::cpu_seconds)) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
@@ -284,15 +276,7 @@ fn main() {
     let addr = match o.target {
         Some(a) => a,
         None => {
-            let config = wsring::EngineConfig {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                threads: 1,
-                pin_threads: false,
-                deflate: Some(wsring::engine::DeflateConfig::default()),
-                ..Default::default()
-            };
-            let server = wsring::Server::start(config, wsring::cli::serve::BenchProtocol::new)
-                .expect("server");
+            let server = support::serve_in_process();
             let a = server.local_addr();
             _own = server;
             a

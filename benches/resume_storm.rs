@@ -16,6 +16,8 @@
 //! thread: on this 2-core host they, not the server, bound the rate (compare the server's
 //! CPU seconds with the wall time).
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -56,17 +58,6 @@ fn opts() -> Opts {
         }
     }
     o
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no memory preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks as f64 / hz)
 }
 
 async fn open(addr: SocketAddr, path: &str) -> Ws {
@@ -113,7 +104,7 @@ async fn round(addr: SocketAddr, o: &Opts, n: usize) -> serde_json::Value {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu0 = o.server_pid.and_then(cpu_seconds);
+    let cpu0 = o.server_pid.and_then(support::cpu_seconds);
     let started = Instant::now();
     let resume = format!("{path}&since={since}&epoch={epoch}");
     let mut tasks = Vec::with_capacity(o.clients);
@@ -140,7 +131,7 @@ async fn round(addr: SocketAddr, o: &Opts, n: usize) -> serde_json::Value {
         sockets.push(ws);
     }
     let wall = started.elapsed();
-    let cpu = match (cpu0, o.server_pid.and_then(cpu_seconds)) {
+    let cpu = match (cpu0, o.server_pid.and_then(support::cpu_seconds)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
@@ -170,19 +161,7 @@ fn main() {
     let addr = match o.target {
         Some(a) => a,
         None => {
-            let config = wsring::EngineConfig {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                threads: 1,
-                pin_threads: false,
-                ..Default::default()
-            };
-            let server = wsring::engine::ServerBuilder::from(config)
-                .history(wsring::api::HistoryConfig {
-                    envelope: Some(std::sync::Arc::new(wsring::cli::serve::envelope)),
-                    ..Default::default()
-                })
-                .start(wsring::cli::serve::BenchProtocol::new)
-                .expect("server");
+            let server = support::serve_in_process();
             let a = server.local_addr();
             _own = server;
             a
