@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared by scripts/idle.sh, scripts/churn.sh and scripts/soak.sh (sourced, not run).
+# Shared by scripts/idle.sh, churn.sh, soak.sh, browser.sh, history-bench.sh and
+# deflate-bench.sh (sourced, not run).
 
 # start_server BACKEND [FLAG...]: builds the release binaries, starts `wsring serve` on a
 # free port pinned to CPU 0 with one worker (and the extra flags), and sets SERVER_PID and

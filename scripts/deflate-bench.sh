@@ -23,6 +23,8 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--subscribers N,M] [--rate R] [--seconds S] [--rounds R]" >&2; exit 2 ;;
     esac
 done
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 cargo build --release --quiet --bins
 bench=$(cargo bench --bench deflate_fanout --no-run 2>&1 | grep -o 'target/release/deps/deflate_fanout-[0-9a-f]*' | head -n1)
 [ -x "$bench" ] || { echo "deflate-bench: the bench did not build" >&2; exit 1; }
@@ -32,17 +34,9 @@ for round in $(seq 1 "$rounds"); do
     for backend in io-uring epoll; do
         for n in "${counts[@]}"; do
             for deflate in on off; do
-                log=$(mktemp)
-                taskset -c 0 target/release/wsring serve --listen 127.0.0.1:0 --threads 1 \
-                    --backend "$backend" --log-level warn >"$log" 2>&1 &
-                pid=$!
-                addr=""
-                for _ in $(seq 1 100); do
-                    addr=$(grep -o 'ws://[0-9.:]*' "$log" | head -n1 | sed 's#ws://##') || true
-                    [ -n "$addr" ] && break
-                    sleep 0.1
-                done
-                [ -n "$addr" ] || { echo "deflate-bench: server did not start" >&2; kill "$pid"; exit 1; }
+                start_server "$backend"
+                pid=$SERVER_PID
+                addr=$SERVER_ADDR
                 timeout 300 taskset -c 1 "$bench" --target "$addr" --server-pid "$pid" \
                     --subscribers "$n" --deflate "$deflate" --rate "$rate" --seconds "$seconds" |
                     python3 -c "import json,sys
@@ -50,7 +44,7 @@ for l in sys.stdin:
     d = json.loads(l); d['backend'] = '$backend'; d['round'] = $round; print(json.dumps(d))"
                 kill "$pid" 2>/dev/null || true
                 wait "$pid" 2>/dev/null || true
-                rm -f "$log"
+                rm -f "$SERVER_LOG"
             done
         done
     done

@@ -27,24 +27,16 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--clients N] [--missed M] [--rounds R] [--no-fanout]" >&2; exit 2 ;;
     esac
 done
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 cargo build --release --quiet --bins
 bench=$(cargo bench --bench resume_storm --no-run 2>&1 | grep -o 'target/release/deps/resume_storm-[0-9a-f]*' | head -n1)
 [ -x "$bench" ] || { echo "history-bench: resume_storm did not build" >&2; exit 1; }
 
 for backend in io-uring epoll; do
-    log=$(mktemp)
-    taskset -c 0 target/release/wsring serve --listen 127.0.0.1:0 --threads 1 \
-        --backend "$backend" --log-level warn >"$log" 2>&1 &
-    pid=$!
-    # shellcheck disable=SC2064  # expand now: this server and this file
-    trap "kill $pid 2>/dev/null || true; rm -f '$log'" EXIT
-    addr=""
-    for _ in $(seq 1 100); do
-        addr=$(grep -o 'ws://[0-9.:]*' "$log" | head -n1 | sed 's#ws://##') || true
-        [ -n "$addr" ] && break
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { echo "history-bench: server did not start" >&2; cat "$log" >&2; exit 1; }
+    start_server "$backend"
+    pid=$SERVER_PID
+    addr=$SERVER_ADDR
     timeout 600 taskset -c 1 "$bench" --target "$addr" --server-pid "$pid" \
         --clients "$clients" --missed "$missed" --rounds "$rounds" |
         python3 -c "import json,sys
@@ -52,8 +44,7 @@ for l in sys.stdin:
     d = json.loads(l); d['backend'] = '$backend'; print(json.dumps(d))"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
-    rm -f "$log"
-    trap - EXIT
+    rm -f "$SERVER_LOG"
 done
 
 if [ "$fanout" = 1 ]; then
