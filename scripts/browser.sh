@@ -37,23 +37,23 @@ fi
 # shellcheck source=scripts/common.sh
 . scripts/common.sh
 
-# run_page EXPECTED_PROTOCOL [SERVE FLAG...]: one server, one page load.
-run_page() {
-    local expected=$1 log profile port
-    shift
-    start_server "$backend" "$@"
-    port=${SERVER_ADDR##*:}
-    log=$(mktemp)
+# load_page PAGE MARKER TENTHS LOG: headless Chromium opens tests/browser/PAGE#PORT of the
+# server start_server started, until MARKER shows on the console (at most TENTHS tenths of
+# a second), with the console in LOG; then Chromium and the server are stopped by PID.
+load_page() {
+    local page=$1 marker=$2 tenths=$3 log=$4 profile
     profile=$(mktemp -d)
     # The flags keep Chromium off the network (this machine has none) and out of any
-    # profile; the page reports on the console, which --enable-logging prints.
+    # profile; the page reports on the console, which --enable-logging prints. A page may
+    # load scripts beside it (resume.html loads docs/resume-client.js).
     timeout 60 "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \
+        --allow-file-access-from-files \
         --user-data-dir="$profile" --enable-logging=stderr --v=0 \
-        "file://$PWD/tests/browser/subprotocols.html#$port" >"$log" 2>&1 &
+        "file://$PWD/tests/browser/$page#${SERVER_ADDR##*:}" >"$log" 2>&1 &
     local chrome=$!
-    for _ in $(seq 1 300); do
-        grep -q 'WSRING-CLOSE' "$log" && break
+    for _ in $(seq 1 "$tenths"); do
+        grep -q "$marker" "$log" && break
         sleep 0.1
     done
     kill "$chrome" 2>/dev/null || true
@@ -61,6 +61,15 @@ run_page() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     rm -rf "$profile" "$SERVER_LOG"
+}
+
+# run_page EXPECTED_PROTOCOL [SERVE FLAG...]: one server, one page load.
+run_page() {
+    local expected=$1 log
+    shift
+    start_server "$backend" "$@"
+    log=$(mktemp)
+    load_page subprotocols.html WSRING-CLOSE 300 "$log"
     python3 - "$log" "$expected" "$backend" "$*" <<'PY'
 import json, re, sys
 log, expected, backend, flags = sys.argv[1:]
@@ -86,26 +95,10 @@ PY
 
 # run_resume_page: the resuming client against a server with history (the default).
 run_resume_page() {
-    local log profile port
+    local log
     start_server "$backend"
-    port=${SERVER_ADDR##*:}
     log=$(mktemp)
-    profile=$(mktemp -d)
-    timeout 60 "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
-        --disable-background-networking --disable-component-update --disable-sync \
-        --allow-file-access-from-files \
-        --user-data-dir="$profile" --enable-logging=stderr --v=0 \
-        "file://$PWD/tests/browser/resume.html#$port" >"$log" 2>&1 &
-    local chrome=$!
-    for _ in $(seq 1 400); do
-        grep -q 'WSRING-RESULT' "$log" && break
-        sleep 0.1
-    done
-    kill "$chrome" 2>/dev/null || true
-    wait "$chrome" 2>/dev/null || true
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    rm -rf "$profile" "$SERVER_LOG"
+    load_page resume.html WSRING-RESULT 400 "$log"
     python3 - "$log" "$backend" <<'PY'
 import json, re, sys
 log, backend = sys.argv[1:]
