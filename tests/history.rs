@@ -362,14 +362,7 @@ fn the_library_api(backend: BackendChoice) {
             );
         }
     }
-    let config = wsring::engine::EngineConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        threads: 2,
-        backend,
-        pin_threads: false,
-        ..Default::default()
-    };
-    let server = wsring::engine::ServerBuilder::from(config)
+    let server = wsring::engine::ServerBuilder::from(test_config(backend))
         .history(wsring::api::HistoryConfig {
             limits: limits(100),
             ..Default::default()

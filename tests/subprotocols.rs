@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{Error, Message};
 use wsring::cli::serve::{BenchProtocol, MAX_TOPIC_BYTES};
-use wsring::engine::{BackendChoice, EngineConfig, Server};
+use wsring::engine::{BackendChoice, Server};
 
 /// A browser's offer, in its order of preference.
 const OFFER: &str = "chat.v2, chat.v1";
@@ -27,13 +27,7 @@ struct ProtocolServer {
 
 impl ProtocolServer {
     fn start(backend: BackendChoice, protocols: &[&str]) -> ProtocolServer {
-        let config = EngineConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            threads: 2,
-            backend,
-            pin_threads: false,
-            ..Default::default()
-        };
+        let config = test_config(backend);
         let protocols: std::sync::Arc<[String]> = protocols.iter().map(|p| p.to_string()).collect();
         let server = Server::start(config, move |handle| {
             BenchProtocol::new(handle).with_protocols(protocols.clone())

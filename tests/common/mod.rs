@@ -37,6 +37,17 @@ pub const PONG: u8 = 0xA;
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 pub const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
+/// The test defaults: 127.0.0.1 on a free port, 2 workers, not pinned, on `backend`.
+pub fn test_config(backend: BackendChoice) -> EngineConfig {
+    EngineConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        threads: 2,
+        backend,
+        pin_threads: false,
+        ..Default::default()
+    }
+}
+
 /// A server started in-process for one test, on 127.0.0.1 with a free port. Dropping it
 /// aborts and joins the server, so a failing test does not leave workers behind.
 pub struct TestServer {
@@ -54,13 +65,7 @@ impl TestServer {
     /// Starts a server on `backend` with the test defaults (2 workers, not pinned, port 0)
     /// changed by `configure`.
     pub fn start_with(backend: BackendChoice, configure: impl FnOnce(&mut EngineConfig)) -> Self {
-        let mut config = EngineConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            threads: 2,
-            backend,
-            pin_threads: false,
-            ..Default::default()
-        };
+        let mut config = test_config(backend);
         configure(&mut config);
         let server = Server::start(config, BenchProtocol::new)
             .unwrap_or_else(|e| panic!("{backend:?} server must start: {e}"));
@@ -85,23 +90,10 @@ impl TestServer {
         broker: Arc<dyn wsring::pubsub::broker::Broker>,
         node: u64,
     ) -> TestServer {
-        let config = EngineConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            threads: 2,
-            backend,
-            pin_threads: false,
-            ..Default::default()
-        };
-        let server = wsring::engine::ServerBuilder::from(config)
+        let builder = wsring::engine::ServerBuilder::from(test_config(backend))
             .broker(broker)
-            .node_id(node)
-            .start(BenchProtocol::new)
-            .unwrap_or_else(|e| panic!("{backend:?} node must start: {e}"));
-        let addr = server.local_addr();
-        TestServer {
-            server: Some(server),
-            addr,
-        }
+            .node_id(node);
+        TestServer::built(backend, builder)
     }
 
     /// Starts `wsring serve`'s handler with its history (limits `limits`, its envelope) on
@@ -112,20 +104,19 @@ impl TestServer {
         limits: wsring::api::HistoryLimits,
         configure: impl FnOnce(wsring::engine::ServerBuilder) -> wsring::engine::ServerBuilder,
     ) -> TestServer {
-        let config = EngineConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            threads: 2,
-            backend,
-            pin_threads: false,
-            ..Default::default()
-        };
-        let builder =
-            wsring::engine::ServerBuilder::from(config).history(wsring::api::HistoryConfig {
+        let builder = wsring::engine::ServerBuilder::from(test_config(backend)).history(
+            wsring::api::HistoryConfig {
                 limits,
                 envelope: Some(Arc::new(wsring::cli::serve::envelope)),
                 ..Default::default()
-            });
-        let server = configure(builder)
+            },
+        );
+        TestServer::built(backend, configure(builder))
+    }
+
+    /// Starts the bench-protocol handler from `builder`.
+    fn built(backend: BackendChoice, builder: wsring::engine::ServerBuilder) -> TestServer {
+        let server = builder
             .start(BenchProtocol::new)
             .unwrap_or_else(|e| panic!("{backend:?} server must start: {e}"));
         let addr = server.local_addr();
