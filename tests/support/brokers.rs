@@ -237,7 +237,8 @@ impl BrokerServer {
         assert_eq!(self.kind, Kind::Redis);
         let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2))
             .expect("connect to redis");
-        s.set_read_timeout(Some(Duration::from_millis(300)))
+        // A loaded machine may take its time to answer: wait up to 5 s for a whole reply.
+        s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("set_read_timeout");
         let mut req = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
@@ -248,16 +249,38 @@ impl BrokerServer {
         s.write_all(&req).expect("write to redis");
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
-        // Read until the reply pauses (these replies are small and come in one piece).
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
+        while !resp_complete(&out) {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
             }
-            out.extend_from_slice(&buf[..n]);
-            s.set_read_timeout(Some(Duration::from_millis(50)))
-                .expect("set_read_timeout");
+            if out.first() == Some(&b'*') {
+                // An array (not parsed here): once it began, take what comes without a pause.
+                s.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("set_read_timeout");
+            }
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Whether `out` holds a whole RESP reply: a simple string, error or integer up to its
+/// CRLF, a bulk string up to its announced length (arrays are read until they pause).
+fn resp_complete(out: &[u8]) -> bool {
+    let Some(end) = out.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    match out.first() {
+        Some(b'+' | b'-' | b':') => true,
+        Some(b'$') => match std::str::from_utf8(&out[1..end])
+            .ok()
+            .and_then(|n| n.parse::<i64>().ok())
+        {
+            Some(n) if n < 0 => true,
+            Some(n) => out.len() >= end + 2 + n as usize + 2,
+            None => true,
+        },
+        _ => false,
     }
 }
 
