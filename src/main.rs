@@ -182,6 +182,11 @@ struct ServeArgs {
     /// Compression level, 1 (fastest) to 9.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
     deflate_level: u8,
+    /// Let clients keep their compression context between messages (better ratios for
+    /// what they send, unless they ask otherwise), at about 40 KiB of inflater per such
+    /// connection for its life. Off: clients are asked to reset it after every message.
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    deflate_client_context: OnOff,
     /// Publications kept per topic for clients that resume (`/pubsub/<topic>?recover=1`,
     /// docs/history.md); 0 keeps no history (and `recover=1` is answered 400).
     #[arg(long, default_value_t = 1000)]
@@ -349,6 +354,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
             threshold: usize::try_from(args.deflate_threshold).unwrap_or(usize::MAX),
             level: args.deflate_level,
             window_bits: args.deflate_window_bits,
+            client_context_takeover: args.deflate_client_context == OnOff::On,
         }),
     }
 }

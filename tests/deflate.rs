@@ -3,8 +3,9 @@
 //! negotiation in the 101, compressed echoes both ways, the threshold, fragmented
 //! compressed messages, every bad input's close code (RSV1 on a continuation or a control
 //! frame 1002, invalid deflate data 1007, invalid UTF-8 once inflated 1007, a
-//! decompression bomb 1009 with memory bounded by the output limit), and no extension for
-//! a malformed offer or a server without deflate.
+//! decompression bomb 1009 with memory bounded by the output limit, and in a first
+//! fragment without waiting for the rest), client context takeover when the server allows
+//! it, and no extension for a malformed offer or a server without deflate.
 
 #[macro_use]
 mod common;
@@ -241,6 +242,140 @@ fn a_bomb_is_stopped_by_its_output(backend: BackendChoice) {
     );
 }
 
+/// A compressed message in fragments is inflated as they come: a bomb in its first
+/// fragment is stopped (1009) without waiting for a last one that never comes.
+fn a_fragmented_bomb_is_stopped_at_its_first_fragment(backend: BackendChoice) {
+    let s = TestServer::start_with(backend, |c| {
+        c.deflate = Some(DeflateConfig::default());
+        c.max_message_size = 1 << 20;
+    });
+    let bomb = deflate(&vec![0u8; 8 << 20]);
+    block_on(async {
+        let (mut c, _) = upgrade(s.addr, Some("permessage-deflate")).await;
+        // RSV1, binary, not final; no continuation follows.
+        c.send(&raw_frame(0x42, true, &bomb)).await;
+        c.expect_close(1009).await;
+        // Within the limit, the same split message inflates whole.
+        let big = json(5_000);
+        let z = deflate(big.as_bytes());
+        let (mut c, _) = upgrade(s.addr, Some("permessage-deflate")).await;
+        for (i, piece) in z.chunks(7).enumerate() {
+            let b0 = if i == 0 { 0x41 } else { 0x00 };
+            c.send(&raw_frame(b0, true, piece)).await;
+        }
+        c.send(&raw_frame(0x80, true, b"")).await;
+        let f = c.read_frame().await;
+        assert_eq!(f.b0, 0xC1);
+        assert_eq!(inflate(&f.payload), big.as_bytes());
+    });
+}
+
+/// A client compressor that keeps its context between messages (no reset: what it sent
+/// before is its dictionary), as a client does without `client_no_context_takeover`.
+struct KeptDeflater(flate2::Compress);
+
+impl KeptDeflater {
+    fn new() -> KeptDeflater {
+        KeptDeflater(flate2::Compress::new(flate2::Compression::new(6), false))
+    }
+
+    fn message(&mut self, data: &[u8]) -> Vec<u8> {
+        let z = &mut self.0;
+        let start = z.total_in();
+        let mut out = Vec::with_capacity(data.len() + 64);
+        loop {
+            let at = (z.total_in() - start) as usize;
+            z.compress_vec(&data[at..], &mut out, flate2::FlushCompress::Sync)
+                .expect("compress");
+            if out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity());
+        }
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        out
+    }
+}
+
+/// With client context takeover allowed, a client that keeps its context is understood
+/// (its later messages refer back to earlier ones), whole and in fragments with control
+/// frames between; by default the server asks for no client context.
+fn client_context_takeover_when_allowed(backend: BackendChoice) {
+    let s = TestServer::start_with(backend, |c| {
+        c.deflate = Some(DeflateConfig {
+            client_context_takeover: true,
+            ..DeflateConfig::default()
+        })
+    });
+    block_on(async {
+        let (mut c, head) =
+            upgrade(s.addr, Some("permessage-deflate; client_max_window_bits")).await;
+        assert_eq!(
+            head.header("sec-websocket-extensions"),
+            Some("permessage-deflate; server_no_context_takeover")
+        );
+        let mut z = KeptDeflater::new();
+        let big = json(3_000);
+        let first = z.message(big.as_bytes());
+        let second = z.message(big.as_bytes());
+        assert!(
+            second.len() * 4 < first.len(),
+            "the second refers back to the first: {} vs {}",
+            second.len(),
+            first.len()
+        );
+        c.send(&raw_frame(0xC1, true, &first)).await;
+        c.send(&raw_frame(0xC1, true, &second)).await;
+        // A plain message between does not touch the context.
+        c.send(&frame(true, TEXT, b"plain")).await;
+        // Split in three around a ping, still referring back.
+        let third = z.message(big.as_bytes());
+        let (a, rest) = third.split_at(1);
+        c.send(&raw_frame(0x41, true, a)).await;
+        c.send(&frame(true, PING, b"p")).await;
+        c.send(&raw_frame(0x00, true, rest)).await;
+        c.send(&raw_frame(0x80, true, b"")).await;
+        let fourth = z.message(json(200).as_bytes());
+        c.send(&raw_frame(0xC1, true, &fourth)).await;
+        // The pong may come before echoes of messages read with it: data frames in order.
+        let want = [
+            big.clone(),
+            big.clone(),
+            "plain".into(),
+            big.clone(),
+            json(200),
+        ];
+        let (mut echoes, mut pongs) = (Vec::new(), 0);
+        while echoes.len() < want.len() {
+            let f = c.read_frame().await;
+            match f.b0 {
+                0x8A => pongs += 1,
+                0xC1 => echoes.push(String::from_utf8(inflate(&f.payload)).expect("text")),
+                0x81 => echoes.push(String::from_utf8(f.payload).expect("text")),
+                other => panic!("unexpected frame {other:#x}"),
+            }
+        }
+        assert_eq!(echoes, want);
+        if pongs == 0 {
+            assert_eq!(c.read_frame().await.b0, 0x8A, "the pong");
+        }
+        // A client that asks for no context still gets that.
+        let (_, head) = upgrade(
+            s.addr,
+            Some("permessage-deflate; client_no_context_takeover"),
+        )
+        .await;
+        assert_eq!(head.header("sec-websocket-extensions"), Some(EXT));
+    });
+    // The default asks every client to reset its context.
+    let d = server(backend);
+    block_on(async {
+        let (_, head) = upgrade(d.addr, Some("permessage-deflate")).await;
+        assert_eq!(head.header("sec-websocket-extensions"), Some(EXT));
+    });
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -305,5 +440,7 @@ for_both_backends!(
     compressed_echo_both_ways,
     bad_inputs_get_their_close_codes,
     a_bomb_is_stopped_by_its_output,
+    a_fragmented_bomb_is_stopped_at_its_first_fragment,
+    client_context_takeover_when_allowed,
     a_broadcast_reaches_each_subscriber_in_its_own_form,
 );

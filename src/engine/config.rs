@@ -82,15 +82,22 @@ pub struct DeflateConfig {
     /// The largest window the server compresses with, 9 to 15 (a client may ask for
     /// less).
     pub window_bits: u8,
+    /// Let clients keep their compression context between messages (client context
+    /// takeover: better ratios for what clients send) when they do not ask otherwise.
+    /// Off by default: the server then answers `client_no_context_takeover`, and keeps no
+    /// inflater for an idle connection; on, every such connection keeps one for its life
+    /// (about 40 KiB, [`crate::proto::deflate::INFLATER_COST`]).
+    pub client_context_takeover: bool,
 }
 
 impl Default for DeflateConfig {
-    /// 128 bytes, level 1, a 32 KiB window.
+    /// 128 bytes, level 1, a 32 KiB window, no client context takeover.
     fn default() -> DeflateConfig {
         DeflateConfig {
             threshold: 128,
             level: 1,
             window_bits: 15,
+            client_context_takeover: false,
         }
     }
 }

@@ -283,6 +283,7 @@ impl<H: Handler> Core<H> {
                 threshold: d.threshold,
                 level: d.level,
                 window_bits: d.window_bits.clamp(9, 15),
+                client_context_takeover: false,
             });
         let mut registry = Registry::default();
         registry.set_deflate(deflate);

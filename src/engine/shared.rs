@@ -110,7 +110,7 @@ pub struct Shared {
     pub proto: Arc<proto::Config>,
     /// The same with permessage-deflate, per window the server compresses with (index:
     /// window bits), made on first use.
-    proto_deflate: [std::sync::OnceLock<Arc<proto::Config>>; 16],
+    proto_deflate: [std::sync::OnceLock<Arc<proto::Config>>; 32],
     /// Per-worker counters.
     pub stats: Box<[WorkerStats]>,
     /// Upgraded connections open now.
@@ -219,13 +219,18 @@ impl Shared {
     }
 
     /// The protocol settings of a connection that negotiated deflate with the server
-    /// compressing with `window_bits`.
-    pub(crate) fn proto_deflate(&self, window_bits: u8) -> Arc<proto::Config> {
+    /// compressing with `window_bits`, the client keeping its context or not (one shared
+    /// `Arc` per combination).
+    pub(crate) fn proto_deflate(
+        &self,
+        window_bits: u8,
+        client_context_takeover: bool,
+    ) -> Arc<proto::Config> {
         let Some(d) = self.config.deflate else {
             return self.proto.clone();
         };
         let bits = window_bits.clamp(9, 15);
-        self.proto_deflate[usize::from(bits)]
+        self.proto_deflate[usize::from(bits) | usize::from(client_context_takeover) << 4]
             .get_or_init(|| {
                 Arc::new(proto::Config {
                     allowed_rsv: 0b100,
@@ -233,6 +238,7 @@ impl Shared {
                         threshold: d.threshold,
                         level: d.level,
                         window_bits: bits,
+                        client_context_takeover,
                     }),
                     ..(*self.proto).clone()
                 })

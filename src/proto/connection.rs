@@ -243,14 +243,23 @@ struct Partial {
     message: Vec<u8>,
     /// A control payload split over reads.
     control: Vec<u8>,
-    /// `message.capacity()` as last added to this thread's reassembly total.
+    /// The inflater of a compressed message that arrives in pieces (`message` then holds
+    /// what came out so far), or of a connection whose client keeps its context.
+    inflater: Option<Box<super::deflate::Inflater>>,
+    /// `message.capacity()`, plus [`super::deflate::INFLATER_COST`] while `inflater`
+    /// exists, as last added to this thread's reassembly total.
     counted: usize,
 }
 
 impl Partial {
-    /// Brings this thread's reassembly total up to date with `message`'s capacity.
+    /// Brings this thread's reassembly total up to date with `message`'s capacity (and
+    /// the inflater's cost).
     fn recount(&mut self) {
-        let now = self.message.capacity();
+        let now = self.message.capacity()
+            + self
+                .inflater
+                .as_ref()
+                .map_or(0, |_| super::deflate::INFLATER_COST);
         if now != self.counted {
             reassembly_adjust(self.counted, now);
             self.counted = now;
@@ -790,7 +799,7 @@ impl Connection {
             p.control.extend_from_slice(chunk);
             if done {
                 let payload = std::mem::take(&mut p.control);
-                if p.message.is_empty() {
+                if p.message.is_empty() && p.inflater.is_none() {
                     b.partial = None;
                 }
                 return self.control_frame(b, op, &payload);
@@ -820,13 +829,10 @@ impl Connection {
             }
             return Ok(());
         }
+        if compressed {
+            return self.compressed_payload(b, chunk, last, text);
+        }
         let payload = if last && b.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
-            if compressed {
-                // Inflated straight out of the read buffer.
-                let plain = self.inflate(chunk)?;
-                b.events.push_back(message_event(text, plain)?);
-                return Ok(());
-            }
             // The whole message is in this read: one copy, straight out of the read buffer.
             super::arena::copy(&[chunk])
         } else {
@@ -854,13 +860,8 @@ impl Connection {
             }
             let message = std::mem::take(&mut p.message);
             p.recount();
-            if p.control.is_empty() {
+            if p.control.is_empty() && p.inflater.is_none() {
                 b.partial = None;
-            }
-            if compressed {
-                let plain = self.inflate(&message)?;
-                b.events.push_back(message_event(text, plain)?);
-                return Ok(());
             }
             Bytes::from(message)
         };
@@ -872,16 +873,61 @@ impl Connection {
         Ok(())
     }
 
-    /// Inflates a received compressed message within the size limit (1009 beyond, counted
-    /// by what comes out: a decompression bomb stops there).
-    fn inflate(&self, compressed: &[u8]) -> Result<Bytes, ProtocolError> {
+    /// A piece of a compressed message's payload (RFC 7692): inflated at once, within the
+    /// size limit (1009 beyond, counted by what comes out: a decompression bomb stops as
+    /// soon as it passes the limit), into the message being reassembled.
+    ///
+    /// A message whole in this read, from a client that resets its context, is inflated
+    /// straight out of the read buffer by the thread's one-shot codec. Otherwise the
+    /// connection's own [`super::deflate::Inflater`] takes each piece as it comes: it
+    /// lives while the message is open, or for the connection's life when the client
+    /// keeps its context (client context takeover), and its cost is counted in the
+    /// reassembly budget meanwhile.
+    fn compressed_payload(
+        &mut self,
+        b: &mut Busy,
+        chunk: &[u8],
+        last: bool,
+        text: bool,
+    ) -> Result<(), ProtocolError> {
         let limit = usize::try_from(self.config.max_message_size).unwrap_or(usize::MAX);
-        super::deflate::inflate(compressed, limit).map_err(|e| match e {
-            super::deflate::InflateError::TooBig(_) => {
-                ProtocolError::MessageTooBig(self.config.max_message_size.saturating_add(1))
-            }
+        let too_big =
+            || ProtocolError::MessageTooBig(self.config.max_message_size.saturating_add(1));
+        let map = |e| match e {
+            super::deflate::InflateError::TooBig(_) => too_big(),
             super::deflate::InflateError::Corrupt => ProtocolError::BadDeflate,
-        })
+        };
+        let keep = self
+            .config
+            .deflate
+            .is_some_and(|d| d.client_context_takeover);
+        if last && !keep && b.partial.as_ref().is_none_or(|p| p.inflater.is_none()) {
+            let plain = super::deflate::inflate(chunk, limit).map_err(map)?;
+            b.events.push_back(message_event(text, plain)?);
+            return Ok(());
+        }
+        let p = b.partial.get_or_insert_with(Box::default);
+        let z = p.inflater.get_or_insert_with(Box::default);
+        let mut result = z.feed(chunk, &mut p.message, limit);
+        if last && result.is_ok() {
+            result = z.finish(&mut p.message, limit, keep);
+        }
+        if !keep && (last || result.is_err()) {
+            p.inflater = None;
+        }
+        p.recount();
+        result.map_err(map)?;
+        if !last {
+            return Ok(());
+        }
+        let message = std::mem::take(&mut p.message);
+        p.recount();
+        if p.control.is_empty() && p.inflater.is_none() {
+            b.partial = None;
+        }
+        b.events
+            .push_back(message_event(text, Bytes::from(message))?);
+        Ok(())
     }
 
     fn control_frame(
@@ -1274,7 +1320,12 @@ impl Connection {
         self.busy.as_ref().map_or(0, |b| {
             std::mem::size_of::<Busy>()
                 + b.partial.as_ref().map_or(0, |p| {
-                    std::mem::size_of::<Partial>() + p.message.capacity() + p.control.capacity()
+                    std::mem::size_of::<Partial>()
+                        + p.message.capacity()
+                        + p.control.capacity()
+                        + p.inflater
+                            .as_ref()
+                            .map_or(0, |_| super::deflate::INFLATER_COST)
                 })
                 + b.events.capacity() * std::mem::size_of::<Event>()
                 + b.transmit.capacity() * std::mem::size_of::<Bytes>()

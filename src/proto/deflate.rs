@@ -12,7 +12,9 @@
 //!   compressor.
 //! - `client_no_context_takeover` by default (§7.1.1.2 lets a server add it unasked): the
 //!   client resets its compressor after every message, so the server keeps no inflater (a
-//!   32 KiB window) per idle connection.
+//!   32 KiB window) per idle connection. [`Policy::client_no_context_takeover`] `false`
+//!   leaves that to the client; a connection whose client keeps its context then keeps an
+//!   [`Inflater`] for its life.
 //! - `server_max_window_bits`: the offer's value if it has one (at most the server's own
 //!   limit), else the server's limit when it is below 15. An offer asking for 8 is declined:
 //!   zlib's raw deflate cannot write a 256-byte window (it uses 512 instead), so a client
@@ -22,7 +24,9 @@
 //!
 //! The codec ([`inflate`], [`compress`]) keeps one inflater and one compressor per
 //! thread, reset for every message (no context takeover either way), so a connection that
-//! negotiated deflate holds no codec state at all. The choice of libraries was measured
+//! negotiated deflate holds no codec state while idle. A compressed message that arrives in
+//! pieces is inflated piece by piece by an [`Inflater`] of the connection's own, which
+//! lives only until the message is complete. The choice of libraries was measured
 //! (`benches/deflate.rs`, 1-4 KB JSON): libdeflater compresses (one-shot, 2.97x at level 1
 //! at 209 MiB/s, where zlib-rs gives 2.01x at 257 MiB/s and miniz_oxide 2.68x at 140 MiB/s;
 //! at level 6 all three give about 3.1x, libdeflater fastest), ending each message with a
@@ -261,6 +265,9 @@ pub struct Params {
     pub level: u8,
     /// The window the server compresses with (from the negotiation).
     pub window_bits: u8,
+    /// The client keeps its compression context between messages (it agreed no
+    /// `client_no_context_takeover`): the connection keeps an [`Inflater`] for its life.
+    pub client_context_takeover: bool,
 }
 
 /// The per-thread codec: an inflater and the compressors (made on first use).
@@ -317,44 +324,150 @@ fn inflate_inner(compressed: &[u8], limit: usize) -> Result<Bytes, InflateError>
             .get_or_insert_with(|| flate2::Decompress::new(false));
         d.reset(false);
         let mut out: Vec<u8> = Vec::with_capacity((compressed.len() * 3).min(limit).max(64));
-        for input in [compressed, &TAIL[..]] {
-            let mut at = 0;
-            loop {
-                if out.len() == out.capacity() {
-                    if out.len() > limit {
-                        return Err(InflateError::TooBig(limit));
-                    }
-                    let more = out
-                        .capacity()
-                        .max(4096)
-                        .min(limit + 1 - out.len().min(limit));
-                    out.reserve(more.max(1));
-                }
-                let before_in = d.total_in();
-                let before_out = d.total_out();
-                let rest = input.get(at..).unwrap_or_default();
-                let status = d
-                    .decompress_vec(rest, &mut out, flate2::FlushDecompress::Sync)
-                    .map_err(|_| InflateError::Corrupt)?;
-                at += (d.total_in() - before_in) as usize;
-                if out.len() > limit {
-                    return Err(InflateError::TooBig(limit));
-                }
-                let progressed = d.total_in() != before_in || d.total_out() != before_out;
-                if status == flate2::Status::StreamEnd {
-                    // A final block (RFC 7692 §7.2.3.5): what follows it is ignored.
-                    return Ok(Bytes::from(out));
-                }
-                if at >= input.len() && out.len() < out.capacity() {
-                    break;
-                }
-                if !progressed && out.len() < out.capacity() {
-                    break;
-                }
-            }
+        if !run_inflate(d, compressed, &mut out, limit)? {
+            run_inflate(d, &TAIL, &mut out, limit)?;
         }
         Ok(Bytes::from(out))
     })
+}
+
+/// Inflates all of `input` into `out` (grown as needed, never past `limit` bytes).
+/// Returns whether the stream ended (a final block, RFC 7692 §7.2.3.5: what follows it in
+/// the message is ignored).
+fn run_inflate(
+    d: &mut flate2::Decompress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<bool, InflateError> {
+    let mut at = 0;
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() > limit {
+                return Err(InflateError::TooBig(limit));
+            }
+            let more = out
+                .capacity()
+                .max(4096)
+                .min(limit + 1 - out.len().min(limit));
+            out.reserve_exact(more.max(1));
+        }
+        let before_in = d.total_in();
+        let before_out = d.total_out();
+        let rest = input.get(at..).unwrap_or_default();
+        let status = d
+            .decompress_vec(rest, out, flate2::FlushDecompress::Sync)
+            .map_err(|_| InflateError::Corrupt)?;
+        at += (d.total_in() - before_in) as usize;
+        if out.len() > limit {
+            return Err(InflateError::TooBig(limit));
+        }
+        if status == flate2::Status::StreamEnd {
+            return Ok(true);
+        }
+        let progressed = d.total_in() != before_in || d.total_out() != before_out;
+        if (at >= input.len() || !progressed) && out.len() < out.capacity() {
+            return Ok(false);
+        }
+    }
+}
+
+/// What one connection's [`Inflater`] costs beyond its message: zlib-rs's inflate state
+/// (about 7 KiB) and its 32 KiB window. Counted in the worker's reassembly budget while it
+/// exists, so that peers holding compressed messages open are bounded like any other.
+pub const INFLATER_COST: usize = 40 << 10;
+
+/// An inflater owned by one connection, for what the per-thread one-shot [`inflate`]
+/// cannot do: a compressed message that arrives in pieces (split over frames or reads) is
+/// inflated as each piece comes, into the message being reassembled, so a bomb stops at
+/// the limit as soon as it is reached, not when its last frame arrives; and a client that
+/// keeps its compression context between messages (client context takeover) needs the
+/// window of what it sent before. It exists only while a message is in flight, or for the
+/// life of a connection that agreed client context takeover.
+pub struct Inflater {
+    d: flate2::Decompress,
+    /// The current message's stream ended with a final block: the rest is ignored.
+    ended: bool,
+    /// Compressed bytes taken for the current message.
+    taken: usize,
+    /// Bytes that came out for the current message.
+    given: usize,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Inflater {
+    fn default() -> Inflater {
+        Inflater::new()
+    }
+}
+
+impl Inflater {
+    /// A fresh inflater (a 32 KiB window, which reads any smaller one).
+    pub fn new() -> Inflater {
+        Inflater {
+            d: flate2::Decompress::new(false),
+            ended: false,
+            taken: 0,
+            given: 0,
+        }
+    }
+
+    /// Inflates the next piece of the current message, appending to `out` (which must hold
+    /// only this message's output), never past `limit` bytes.
+    ///
+    /// # Errors
+    /// [`InflateError`].
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), InflateError> {
+        if self.ended {
+            return Ok(());
+        }
+        let before = out.len();
+        self.ended = run_inflate(&mut self.d, input, out, limit)?;
+        self.taken += input.len();
+        self.given += out.len() - before;
+        Ok(())
+    }
+
+    /// Ends the current message (the sync-flush tail RFC 7692 §7.2.2 has the receiver put
+    /// back). With `keep` the window stays for the next message (client context
+    /// takeover); without, or after a final block, the next message starts afresh.
+    ///
+    /// # Errors
+    /// [`InflateError`].
+    pub fn finish(
+        &mut self,
+        out: &mut Vec<u8>,
+        limit: usize,
+        keep: bool,
+    ) -> Result<(), InflateError> {
+        if !self.ended {
+            let before = out.len();
+            self.ended = run_inflate(&mut self.d, &TAIL, out, limit)?;
+            self.given += out.len() - before;
+        }
+        count(&COUNTERS.decompressions, 1);
+        count(&COUNTERS.inflated_in, self.taken);
+        count(&COUNTERS.inflated_out, self.given);
+        if self.ended || !keep {
+            self.d.reset(false);
+        }
+        self.ended = false;
+        self.taken = 0;
+        self.given = 0;
+        Ok(())
+    }
 }
 
 /// Compresses one message for sending (no context: every receiver can take the same
@@ -553,6 +666,7 @@ mod tests {
             threshold: 0,
             level: 1,
             window_bits,
+            client_context_takeover: false,
         }
     }
 
@@ -607,5 +721,44 @@ mod tests {
             0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f, 0x00,
         ];
         assert_eq!(inflate(&stored, 100).as_deref(), Ok(&b"Hello"[..]));
+    }
+
+    #[test]
+    fn an_inflater_takes_a_message_piece_by_piece_and_keeps_context_when_asked() {
+        // RFC 7692 §7.2.3.2: "Hello" twice with context takeover; the second is 5 bytes
+        // that refer back to the first.
+        let first = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let second = [0xf2, 0x00, 0x11, 0x00, 0x00];
+        let mut z = Inflater::new();
+        let mut out = Vec::new();
+        for piece in first.chunks(2) {
+            z.feed(piece, &mut out, 100).expect("inflates");
+        }
+        z.finish(&mut out, 100, true).expect("ends");
+        assert_eq!(out, b"Hello");
+        out.clear();
+        z.feed(&second, &mut out, 100).expect("inflates");
+        z.finish(&mut out, 100, true).expect("ends");
+        assert_eq!(out, b"Hello", "from the kept window");
+        // Without keeping, the second cannot be read on its own.
+        let mut z = Inflater::new();
+        out.clear();
+        z.feed(&first, &mut out, 100).expect("inflates");
+        z.finish(&mut out, 100, false).expect("ends");
+        out.clear();
+        let fresh = z
+            .feed(&second, &mut out, 100)
+            .and_then(|()| z.finish(&mut out, 100, false));
+        assert!(fresh.is_err() || out != b"Hello", "{fresh:?} {out:?}");
+        // A bomb stops at the limit within its first piece.
+        let bomb = compress(&vec![0u8; 4 << 20], &params(15));
+        let mut z = Inflater::new();
+        let mut out = Vec::new();
+        let (head, _) = bomb.split_at(bomb.len() / 2);
+        assert_eq!(
+            z.feed(head, &mut out, 1 << 16),
+            Err(InflateError::TooBig(1 << 16))
+        );
+        assert!(out.len() <= (1 << 16) + 1, "{}", out.len());
     }
 }

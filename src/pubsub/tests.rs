@@ -290,6 +290,7 @@ fn a_broadcast_is_compressed_once_for_every_deflate_subscriber() {
         threshold: 64,
         level: 1,
         window_bits: 15,
+        client_context_takeover: false,
     }));
     let mut subs = Fakes::new(4, 1 << 20, 4 << 20);
     subs.conn(1).deflate = true;
@@ -327,6 +328,7 @@ fn a_broadcast_is_compressed_once_for_every_deflate_subscriber() {
         threshold: 64,
         level: 1,
         window_bits: 15,
+        client_context_takeover: false,
     }));
     r.publish(&t, Frame::Message(OpCode::Text, &big), &mut subs);
     assert!(r.pending.deflated.is_none());
@@ -340,6 +342,7 @@ fn the_policy_path_compresses_a_frame_once_too() {
         threshold: 64,
         level: 1,
         window_bits: 15,
+        client_context_takeover: false,
     }));
     let mut subs = Fakes::new(3, 1 << 20, 4 << 20);
     subs.conn(1).deflate = true;

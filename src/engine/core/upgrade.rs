@@ -182,7 +182,7 @@ impl<H: Handler> Core<H> {
         let deflate = shared.config.deflate.and_then(|d| {
             let policy = crate::proto::deflate::Policy {
                 window_bits: d.window_bits,
-                client_no_context_takeover: true,
+                client_no_context_takeover: !d.client_context_takeover,
             };
             crate::proto::deflate::negotiate(&upgrade.extensions, &policy)
         });
@@ -194,7 +194,7 @@ impl<H: Handler> Core<H> {
         }
         handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
         let proto = match deflate {
-            Some(a) => shared.proto_deflate(a.server_window_bits),
+            Some(a) => shared.proto_deflate(a.server_window_bits, !a.client_no_context_takeover),
             None => shared.proto.clone(),
         };
         shared.stats[self.inner.index].upgraded.bump(1);
