@@ -5,9 +5,13 @@
 #
 #   scripts/bench.sh [--scenarios a,b] [--servers x,y] [--rounds N] [--duration S] [--quick]
 #
-#   --scenarios  echo,echo-large,fanout,fanout-wide,idle,handshake (default: all six)
-#   --servers    wsring-io-uring,wsring-epoll,tokio-tungstenite,fastwebsockets,sockudo-ws
-#                (default: all five; the peers are built from benches/peers/), and
+#   --scenarios  echo,echo-large,fanout,fanout-wide,idle,handshake (default: these six),
+#                echo-deflate, fanout-deflate (1 KiB JSON-like messages with
+#                permessage-deflate offered: `wsring-load --deflate`; servers without it
+#                run them plain, the deflate_agreed column says which)
+#   --servers    wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,fastwebsockets,sockudo-ws
+#                (default: all six; the Rust peers are built from benches/peers/, Bun
+#                (uWebSockets) is installed with npm into benches/peers/bun/), and
 #                wsring-io-uring-nohistory, wsring-epoll-nohistory (--history-size 0:
 #                what per-topic history, on by default, costs)
 #   --rounds N   rounds per scenario (default 3); within a round every server runs once,
@@ -26,12 +30,12 @@
 # appended to bench-results/<timestamp>.jsonl;
 # the server's output and the load tool's stderr of every run go to
 # bench-results/<timestamp>-logs/.
-# Needs: cargo, taskset, timeout, python3. Run as root to widen the local port range.
+# Needs: cargo, taskset, timeout, python3 (and npm for Bun). Run as root to widen the local port range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # Prints the markdown tables for a results file.
 report() {
@@ -54,7 +58,8 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 units = {"echo": "msg/s", "echo-large": "msg/s", "fanout": "deliveries/s",
-         "fanout-wide": "deliveries/s", "idle": "-", "handshake": "upgrades/s"}
+         "fanout-wide": "deliveries/s", "idle": "-", "handshake": "upgrades/s",
+         "echo-deflate": "msg/s", "fanout-deflate": "deliveries/s"}
 for scenario, servers in scenarios.items():
     ref = servers.get("wsring-io-uring")
     ref_rate = med(ref, "rate_per_s") if ref else None
@@ -65,6 +70,8 @@ for scenario, servers in scenarios.items():
     if scenario == "idle":
         head = ["server", "connections", "RSS bytes/conn (median)", "spread (min-max)",
                 "kernel Slab bytes/conn (median)"]
+    if scenario.endswith("-deflate"):
+        head += ["deflate agreed (median)", "compressed received (median)"]
     head += ["losses+gaps+corrupt", "errors", "closed by server", "CPU 1 (load) busy %", "CPU 0 (server) busy %", "runs not ok"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -96,12 +103,14 @@ for scenario, servers in scenarios.items():
                      ratio(ref_rate, rate), fmt(cpu, 2), ratio(ref_cpu, cpu),
                      fmt(cpu * rate / 1e4) if cpu and rate else "-",
                      us("p50_us"), us("p99_us"), us("max_us")]
+        if scenario.endswith("-deflate"):
+            cells += [fmt(med(ok, "deflate_agreed")), fmt(med(ok, "compressed_received"))]
         print("| " + " | ".join(cells + tail) + " |")
 EOF
 }
 
 scenarios="echo,echo-large,fanout,fanout-wide,idle,handshake"
-servers="wsring-io-uring,wsring-epoll,tokio-tungstenite,fastwebsockets,sockudo-ws"
+servers="wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,fastwebsockets,sockudo-ws"
 rounds=3
 duration=""
 while [ $# -gt 0 ]; do
@@ -121,14 +130,22 @@ IFS=, read -r -a server_list <<<"$servers"
 
 for scenario in "${scenario_list[@]}"; do
     case "$scenario" in
-        echo | echo-large | fanout | fanout-wide | idle | handshake) ;;
+        echo | echo-large | fanout | fanout-wide | idle | handshake | echo-deflate | fanout-deflate) ;;
         *) echo "bench: unknown scenario: $scenario" >&2; exit 2 ;;
     esac
 done
 
-# Prints the command line that starts server $1 on a free port with one worker thread.
+# Prints the command line that starts server $1 on a free port with one worker thread, for
+# scenario $2.
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 server_command() {
     case "$1" in
+        bun)
+            # Bun compresses what it is asked to: asked to only in the deflate scenarios.
+            local flags=""
+            case "${2:-}" in *-deflate) flags=--deflate ;; esac
+            echo "$BUN $root/benches/peers/bun/server.js --listen 127.0.0.1:0 $flags" ;;
         wsring-io-uring | wsring-epoll)
             echo "$root/target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend ${1#wsring-} --log-level warn" ;;
         wsring-io-uring-nohistory | wsring-epoll-nohistory)
@@ -147,6 +164,7 @@ done
 echo "bench: building release binaries" >&2
 cargo build --release --bins --quiet
 (cd benches/peers && cargo build --release --quiet)
+case ",$servers," in *,bun,*) ensure_bun ;; esac
 
 # Fanout-wide and idle open 10,000-15,000 sockets; the default range (32768-60999) leaves
 # little room once TIME_WAIT sockets of earlier runs are counted.
@@ -226,13 +244,19 @@ run=0
 for scenario in "${scenario_list[@]}"; do
     procs=1
     case "$scenario" in fanout-wide | idle) procs=2 ;; esac
+    # The deflate scenarios are echo and fanout with 1 KiB compressible messages.
+    scenario_args=(--scenario "$scenario")
+    case "$scenario" in
+        echo-deflate) scenario_args=(--scenario echo --size 1024 --deflate) ;;
+        fanout-deflate) scenario_args=(--scenario fanout --size 1024 --deflate) ;;
+    esac
     measure=${duration:-5}
     [ -z "$duration" ] && [ "$scenario" = idle ] && measure=10
     for ((round = 1; round <= rounds; round++)); do
         for ((k = 0; k < ${#server_list[@]}; k++)); do
             server=${server_list[$(((k + round - 1) % ${#server_list[@]}))]}
             run=$((run + 1))
-            read -r -a cmd <<<"$(server_command "$server")"
+            read -r -a cmd <<<"$(server_command "$server" "$scenario")"
             taskset -c 0 "${cmd[@]}" >"$work/server.out" 2>"$work/server.err" &
             server_pid=$!
             addr=""
@@ -251,7 +275,7 @@ for scenario in "${scenario_list[@]}"; do
                 echo "bench: $server did not start" >&2
                 rc=125
             else
-                load=("$root/target/release/wsring-load" --target "$addr" --scenario "$scenario"
+                load=("$root/target/release/wsring-load" --target "$addr" "${scenario_args[@]}"
                     --procs "$procs" --server-pid "$server_pid")
                 [ -n "$duration" ] && load+=(--duration "$duration")
                 # One /proc/stat sample of both CPUs a second while the load runs.

@@ -8,8 +8,8 @@
 //   bun server.js [--listen HOST:PORT] [--deflate]
 //
 // `--listen` (port 0 picks a free port; default 127.0.0.1:9001). `--deflate` turns on
-// `perMessageDeflate` (a shared compressor, uWS's default for Bun): publish compresses for
-// each deflate subscriber. Prints `listening on ws://ADDR` once bound. One JavaScript
+// `perMessageDeflate` (a shared compressor, uWS's default for Bun) and asks every send and
+// publish to compress: a publication is compressed for each deflate subscriber. Prints `listening on ws://ADDR` once bound. One JavaScript
 // thread, as Bun runs.
 const args = process.argv.slice(2);
 let listen = "127.0.0.1:9001";
@@ -56,8 +56,10 @@ const server = Bun.serve({
       if (ws.data.topic !== null) ws.subscribe(ws.data.topic);
     },
     message(ws, message) {
-      if (ws.data.topic !== null) server.publish(ws.data.topic, message);
-      else ws.send(message);
+      // Bun compresses only what it is asked to (the second argument of send, the third
+      // of publish): with --deflate, everything, for the subscribers that negotiated it.
+      if (ws.data.topic !== null) server.publish(ws.data.topic, message, deflate);
+      else ws.send(message, deflate);
     },
   },
 });
