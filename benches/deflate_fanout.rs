@@ -129,6 +129,7 @@ struct Totals {
     bytes: AtomicU64,
     compressed: AtomicU64,
     checked: AtomicU64,
+    closed: AtomicU64,
 }
 
 async fn subscriber(mut s: TcpStream, mut buf: Vec<u8>, check: bool, totals: Arc<Totals>) {
@@ -139,6 +140,12 @@ async fn subscriber(mut s: TcpStream, mut buf: Vec<u8>, check: bool, totals: Arc
                 break;
             }
             let b0 = buf[0];
+            if b0 & 0x0f == 0x8 {
+                // Closed by the server (a subscriber that fell behind, under the close
+                // policy): counted, and this subscriber is done.
+                totals.closed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             totals.frames.fetch_add(1, Ordering::Relaxed);
             totals.bytes.fetch_add((h + len) as u64, Ordering::Relaxed);
             if b0 & 0x40 != 0 {
@@ -263,6 +270,7 @@ async fn run(addr: SocketAddr, o: &Opts) -> serde_json::Value {
         "expected": sent * o.subscribers as u64,
         "compressed_frames": totals.compressed.load(Ordering::Relaxed),
         "checked_by_the_first": totals.checked.load(Ordering::Relaxed),
+        "closed_by_server": totals.closed.load(Ordering::Relaxed),
         "wire_bytes_per_delivery": totals.bytes.load(Ordering::Relaxed) as f64 / frames.max(1) as f64,
         "wall_s": wall,
         "server_cpu_s": cpu,

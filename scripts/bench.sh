@@ -9,8 +9,9 @@
 #                echo-deflate, fanout-deflate (1 KiB JSON-like messages with
 #                permessage-deflate offered: `wsring-load --deflate`; servers without it
 #                run them plain, the deflate_agreed column says which)
-#   --servers    wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,fastwebsockets,sockudo-ws
-#                (default: all six; the Rust peers are built from benches/peers/, Bun
+#   --servers    wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,
+#                tokio-tungstenite-broadcast,fastwebsockets,sockudo-ws (default: all
+#                seven; the Rust peers are built from benches/peers/, Bun
 #                (uWebSockets) is installed with npm into benches/peers/bun/), and
 #                wsring-io-uring-nohistory, wsring-epoll-nohistory (--history-size 0:
 #                what per-topic history, on by default, costs)
@@ -110,7 +111,7 @@ EOF
 }
 
 scenarios="echo,echo-large,fanout,fanout-wide,idle,handshake"
-servers="wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,fastwebsockets,sockudo-ws"
+servers="wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,tokio-tungstenite-broadcast,fastwebsockets,sockudo-ws"
 rounds=3
 duration=""
 while [ $# -gt 0 ]; do
@@ -152,7 +153,7 @@ server_command() {
             # The same without per-topic history (on by default): its cost, same run.
             local backend=${1#wsring-}
             echo "$root/target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend ${backend%-nohistory} --log-level warn --history-size 0" ;;
-        tokio-tungstenite | fastwebsockets | sockudo-ws)
+        tokio-tungstenite | tokio-tungstenite-broadcast | fastwebsockets | sockudo-ws)
             echo "$root/benches/peers/target/release/peer-$1 --listen 127.0.0.1:0 --threads 1" ;;
         *) return 1 ;;
     esac
