@@ -15,6 +15,12 @@
 //! the kernel's Slab from /proc/meminfo), releases the children, and prints one JSON line
 //! of results at the end (and a progress line on stderr every second).
 //!
+//! Idle memory is measured from a cold server by default, as a server's first connections
+//! arrive: its RSS before any connection (the base), after a first fill of a third of the
+//! connections, and after all of them; the JSON has the RSS per connection over the base
+//! and the slope between the two fills. `--warm-up` measures the old way instead (traffic
+//! first, then one fill), which hides memory a first fill leaves resident.
+//!
 //! One file (about 1,200 lines): a standalone program whose modes share the client, the
 //! barrier and the measurement code; nothing else links it.
 
@@ -91,7 +97,7 @@ struct Args {
     /// PID of the server, to report its CPU seconds per million messages and its RSS.
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Pub/sub topic (fanout).
+    /// Pub/sub topic (fanout, and idle, whose connections subscribe to it).
     #[arg(long, default_value = "bench")]
     topic: String,
     /// Send text frames instead of binary.
@@ -104,6 +110,13 @@ struct Args {
     /// report counts the connections that agreed and the compressed messages received.
     #[arg(long)]
     deflate: bool,
+    /// Idle: warm the server up first (traffic through 4 connections, then a pause) and
+    /// open all connections at once: the marginal cost of a connection once per-worker
+    /// buffers are touched. By default the idle figures are from a cold server: the base,
+    /// the RSS per connection after the whole fill, and the slope between a first fill of
+    /// a third and the whole.
+    #[arg(long)]
+    warm_up: bool,
     /// Internal: run as child `i` of `n` (spawned by the parent).
     #[arg(long, hide = true, num_args = 2)]
     child: Option<Vec<usize>>,
@@ -974,11 +987,40 @@ fn check_fill(body: &[u8], seq: u64) -> bool {
 // ---------------------------------------------------------------------------------------
 // Child process: opens its share of connections, reports READY, waits for GO, runs.
 
+/// Opens connections until `n` have been opened by `client` and none is still upgrading
+/// (or the deadline passes).
+fn open_upto(client: &mut Client, events: &mut [libc::epoll_event], n: usize, deadline: Instant) {
+    loop {
+        let in_progress = client
+            .conns
+            .iter()
+            .filter(|c| matches!(c.st, St::Connecting | St::Upgrading))
+            .count();
+        if (client.opened >= n && in_progress == 0) || Instant::now() > deadline {
+            break;
+        }
+        // At most 256 handshakes in progress: a burst beyond the listen backlog only
+        // makes SYN retries.
+        let mut budget = 256usize.saturating_sub(in_progress);
+        while client.opened < n && budget > 0 {
+            // `open` counts the attempt in `opened`, failed or not.
+            if client.open(false).is_err() {
+                client.c.errors += 1;
+            }
+            budget -= 1;
+        }
+        client.flush_all();
+        client.turn(events, 10);
+    }
+}
+
 fn child(args: &Args, index: usize, procs: usize) -> ExitCode {
     let shape = shape(args);
     let per = |total: usize| total / procs + usize::from(index < total % procs);
     let path = match shape.mode {
-        Mode::Fanout => format!("/pubsub/{}", args.topic),
+        // Idle connections are subscribers, as a pub/sub server's idle clients are: their
+        // topic membership is part of what they cost.
+        Mode::Fanout | Mode::Idle => format!("/pubsub/{}", args.topic),
         _ => "/echo".to_string(),
     };
     let targets: Vec<SocketAddr> = std::iter::once(args.target)
@@ -1042,35 +1084,23 @@ fn child(args: &Args, index: usize, procs: usize) -> ExitCode {
 
     // Open this child's share of connections (the publisher is in child 0).
     let n = per(shape.connections);
-    let mut opened = 0;
     let publisher = if shape.mode == Mode::Fanout && index == 0 {
         client.open(true).ok()
     } else {
         None
     };
     let connect_deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let in_progress = client
-            .conns
-            .iter()
-            .filter(|c| matches!(c.st, St::Connecting | St::Upgrading))
-            .count();
-        if (opened >= n && in_progress == 0) || Instant::now() > connect_deadline {
-            break;
-        }
-        // At most 256 handshakes in progress: a burst beyond the listen backlog only
-        // makes SYN retries.
-        let mut budget = 256usize.saturating_sub(in_progress);
-        while opened < n && budget > 0 {
-            if client.open(false).is_err() {
-                client.c.errors += 1;
-            }
-            opened += 1;
-            budget -= 1;
-        }
-        client.flush_all();
-        client.turn(&mut events, 10);
+    if shape.mode == Mode::Idle && !args.warm_up {
+        // Cold idle: a first fill of a third, reported, then (when the parent has measured
+        // the server) the rest, so the parent sees the slope between two fills.
+        let first = per(shape.connections / 3);
+        open_upto(&mut client, &mut events, first, connect_deadline);
+        let _ = writeln!(out, "FILL {}", client.open_count());
+        let _ = out.flush();
+        let mut line = String::new();
+        let _ = stdin.lock().read_line(&mut line);
     }
+    open_upto(&mut client, &mut events, n, connect_deadline);
     let _ = writeln!(
         out,
         "READY {} {:.3}",
@@ -1223,7 +1253,7 @@ fn parent(args: &Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if shape.mode == Mode::Idle {
+    if shape.mode == Mode::Idle && args.warm_up {
         // Warm-up: push traffic through one connection first, so the server's per-worker
         // buffers (receive buffer ring, completion queue, allocator arenas) are already
         // touched when the baseline is taken; the idle figure is then the marginal cost of
@@ -1247,7 +1277,7 @@ fn parent(args: &Args) -> ExitCode {
             eprintln!("wsring-load: warm-up against {} failed", args.target);
         }
     }
-    if shape.mode == Mode::Idle {
+    if shape.mode == Mode::Idle && args.warm_up {
         // Let freed warm-up memory settle (allocators return pages after a delay).
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -1274,6 +1304,31 @@ fn parent(args: &Args) -> ExitCode {
         .iter_mut()
         .map(|c| BufReader::new(c.stdout.take().expect("piped stdout")))
         .collect();
+    // Cold idle: every child reports its first fill; the server is measured there, then
+    // the children open the rest.
+    let mut first_fill = None;
+    if shape.mode == Mode::Idle && !args.warm_up {
+        let mut filled = 0u64;
+        for r in readers.iter_mut() {
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            filled += line
+                .strip_prefix("FILL ")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        first_fill = args
+            .server_pid
+            .and_then(sample_server)
+            .map(|s| (filled, s.rss_kb));
+        for c in children.iter_mut() {
+            if let Some(stdin) = c.stdin.as_mut() {
+                let _ = writeln!(stdin, "MORE");
+                let _ = stdin.flush();
+            }
+        }
+    }
     let mut ready_open = 0u64;
     for r in readers.iter_mut() {
         let mut line = String::new();
@@ -1403,8 +1458,20 @@ fn parent(args: &Args) -> ExitCode {
                 (c.rss_kb as f64 - b.rss_kb as f64) * 1024.0 / ready_open as f64
             });
         let slab_delta = (slab_connected as f64 - slab_before as f64) * 1024.0 / ready_open as f64;
+        // The slope between the first fill and the whole: what each further connection
+        // costs, the fixed cost of the first ones left out.
+        let slope = match (first_fill, connected.as_ref()) {
+            (Some((n1, kb1)), Some(c)) if ready_open > n1 => format!(
+                r#","first_fill_connections":{n1},"rss_kb_first_fill":{kb1},"rss_slope_bytes_per_conn":{:.1}"#,
+                (c.rss_kb as f64 - kb1 as f64) * 1024.0 / (ready_open - n1) as f64
+            ),
+            _ => String::new(),
+        };
         format!(
-            r#","idle_connections":{ready_open},"rss_bytes_per_conn":{rss_delta:.1},"slab_bytes_per_conn":{slab_delta:.1}"#
+            r#","idle_connections":{ready_open},"cold":{},"rss_kb_base":{},"rss_kb_connected":{},"rss_bytes_per_conn":{rss_delta:.1},"slab_bytes_per_conn":{slab_delta:.1}{slope}"#,
+            !args.warm_up,
+            before_connect.as_ref().map_or(0, |s| s.rss_kb),
+            connected.as_ref().map_or(0, |s| s.rss_kb),
         )
     } else {
         String::new()
