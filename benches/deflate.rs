@@ -6,8 +6,10 @@
 //!
 //! `cargo bench --bench deflate` prints, per implementation and level, the compressed size
 //! of the corpus against the original (ratio), and criterion's time to compress every
-//! message; then the time to inflate the corpus (streaming inflaters only: an inbound
-//! message's size is not known in advance, which rules out libdeflater there).
+//! message; then what compressing costs and saves for messages cut to 32-512 bytes (where
+//! the `--deflate-threshold` default comes from); then the time to inflate the corpus
+//! (streaming inflaters only: an inbound message's size is not known in advance, which
+//! rules out libdeflater there).
 
 use std::hint::black_box;
 
@@ -219,6 +221,7 @@ fn bench(c: &mut Criterion) {
         let back = miniz_oxide::inflate::decompress_to_vec(&terminated(z)).unwrap_or_default();
         assert_eq!(&back, m, "miniz_oxide reads flate2's");
     }
+    threshold(c, &corpus);
     let mut g = c.benchmark_group("inflate_corpus");
     g.throughput(Throughput::Bytes(total as u64));
     g.bench_function("flate2_zlib_rs", |b| {
@@ -235,6 +238,51 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    g.finish();
+}
+
+/// Where compressing a message starts to pay (`DeflateConfig::threshold`): the corpus's
+/// messages cut to S bytes (JSON text, as small messages are), compressed on their own
+/// with libdeflate at level 1 as `wsring serve` does. Printed per size: what a message
+/// becomes, the bytes saved, and the compression's cost per message; criterion times the
+/// same in the `threshold` group. Below a size where deflate saves nearly nothing (its
+/// block header and Huffman tables cost bytes too) compressing only spends CPU.
+fn threshold(c: &mut Criterion, corpus: &[Vec<u8>]) {
+    let mut l = libdeflater::Compressor::new(libdeflater::CompressionLvl::new(1).expect("level"));
+    let mut out = Vec::new();
+    let mut g = c.benchmark_group("threshold");
+    for size in [32usize, 64, 96, 128, 192, 256, 512] {
+        let cut: Vec<&[u8]> = corpus.iter().map(|m| &m[..size.min(m.len())]).collect();
+        let (mut plain, mut z) = (0usize, 0usize);
+        for m in &cut {
+            libdeflate_compress(&mut l, m, &mut out);
+            plain += m.len();
+            z += out.len().min(m.len());
+        }
+        let n = cut.len() as f64;
+        let reps = 2_000;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            for m in &cut {
+                libdeflate_compress(&mut l, black_box(m), &mut out);
+            }
+        }
+        let ns = t.elapsed().as_nanos() as f64 / (reps as f64 * n);
+        println!(
+            "threshold {size} B: compressed to {:.0} B on average ({:.2}x), {:.0} B saved per message, {ns:.0} ns to compress one",
+            z as f64 / n,
+            plain as f64 / z as f64,
+            (plain - z) as f64 / n
+        );
+        g.throughput(Throughput::Elements(cut.len() as u64));
+        g.bench_function(format!("libdeflater_l1_{size}B"), |b| {
+            b.iter(|| {
+                for m in &cut {
+                    libdeflate_compress(&mut l, black_box(m), &mut out);
+                }
+            })
+        });
+    }
     g.finish();
 }
 

@@ -366,6 +366,13 @@ impl<H: Handler> Core<H> {
             .filter(|s| s.generation == id.generation)
     }
 
+    /// Whether the connection is still reading its upgrade request (a backend may read
+    /// those bytes into other buffers than an upgraded connection's).
+    pub fn handshaking(&self, id: ConnId) -> bool {
+        self.held(id)
+            .is_some_and(|s| s.phase == slot::Phase::Handshake)
+    }
+
     /// Whether the connection wants its bytes read now (not paused, not closing).
     pub fn wants_read(&self, id: ConnId) -> bool {
         self.inner.slots.get(id.slot as usize).is_some_and(|s| {

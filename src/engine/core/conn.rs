@@ -117,7 +117,7 @@ impl<D> Conn<'_, D> {
         self.inner
             .slots
             .get(self.id.slot as usize)
-            .map(|s| s.topics().iter().map(|t| t.to_string()).collect())
+            .map(|s| s.topics().map(|t| t.to_string()).collect())
             .unwrap_or_default()
     }
 

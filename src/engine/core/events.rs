@@ -290,12 +290,14 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
+        let first = slot.topic.take();
         let extra = slot.extra.take();
         if let Some(pending) = extra.as_ref().and_then(|e| e.deferred()) {
             // A deferred upgrade's client left: its token now reports `Gone`.
             pending.gone.store(true, Ordering::Release);
         }
-        let topics = extra.map(|e| e.topics).unwrap_or_default();
+        let mut topics = extra.map(|e| e.topics).unwrap_or_default();
+        topics.extend(first);
         if counted {
             self.inner.shared.set_live(self.inner.index, id, false);
         }

@@ -100,8 +100,7 @@ impl<D> Inner<D> {
             if !self.is_open(id) {
                 return Join::No;
             }
-            let subscribed = slot_of(&mut self.slots, id)
-                .is_none_or(|s| s.topics().iter().any(|t| &**t == topic));
+            let subscribed = slot_of(&mut self.slots, id).is_none_or(|s| s.has_topic(topic));
             if subscribed {
                 return Join::No;
             }
@@ -126,7 +125,7 @@ impl<D> Inner<D> {
                 .parked
                 .push((id, hook));
             if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
-                slot.extra().topics.push(key.clone());
+                slot.add_topic(key.clone());
             }
             self.shared.directory.set(&key, self.index, count + 1);
             drop(locked);
@@ -167,7 +166,7 @@ impl<D> Inner<D> {
             });
         }
         if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
-            slot.extra().topics.push(key.clone());
+            slot.add_topic(key.clone());
         }
         if at_once {
             self.registry_for(envelope).add(key.clone(), id);

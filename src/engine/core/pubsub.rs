@@ -213,11 +213,11 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
-        if slot.topics().iter().any(|t| &**t == topic) {
+        if slot.has_topic(topic) {
             return false;
         }
         let key = self.registry.intern(topic);
-        slot.extra().topics.push(key.clone());
+        slot.add_topic(key.clone());
         let n = self.registry.add(key.clone(), id);
         self.shared.directory.set(&key, self.index, n);
         if n == 1 {
@@ -231,15 +231,9 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
-        let Some(pos) = slot.topics().iter().position(|t| &**t == topic) else {
+        let Some(key) = slot.remove_topic(topic) else {
             return false;
         };
-        let extra = slot.extra();
-        let key = extra.topics.swap_remove(pos);
-        if extra.topics.is_empty() {
-            extra.topics = Vec::new();
-        }
-        slot.tidy();
         self.remove_subscriber(&key, id);
         true
     }

@@ -22,6 +22,7 @@ impl<H: Handler> Core<H> {
                 }),
                 ..Extra::default()
             })),
+            topic: None,
             tick: u64::MAX,
             generation,
             fd,
