@@ -174,7 +174,7 @@ struct ServeArgs {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     deflate: OnOff,
     /// Messages shorter than this are sent uncompressed.
-    #[arg(long, default_value = "128B", value_parser = parse_size)]
+    #[arg(long, default_value = "256B", value_parser = parse_size)]
     deflate_threshold: u64,
     /// The largest window the server compresses with, 9 to 15 (a client may ask for less).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(9..=15))]
