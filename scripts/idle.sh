@@ -7,19 +7,25 @@
 # Slab figure includes the client sockets, which live on this machine too). Fails when the
 # server's RSS grows by more than the limit per connection.
 #
-#   scripts/idle.sh [--connections 15000] [--backend io-uring|epoll] [--limit 1024] [-- FLAGS]
+#   scripts/idle.sh [--connections 15000] [--backend io-uring|epoll] [--limit 1024]
+#                   [--deflate] [-- FLAGS]
+#
+# --deflate: the clients offer permessage-deflate (wsring-load --deflate), so every
+# connection negotiates it: what an idle deflate connection costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 connections=15000
 backend=io-uring
 limit=1024
+load_flags=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --connections) connections=$2; shift 2 ;;
         --backend) backend=$2; shift 2 ;;
         --limit) limit=$2; shift 2 ;;
+        --deflate) load_flags+=(--deflate); shift ;;
         --) shift; break ;;
-        *) echo "usage: $0 [--connections N] [--backend io-uring|epoll] [--limit BYTES]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--connections N] [--backend io-uring|epoll] [--limit BYTES] [--deflate] [-- FLAGS]" >&2; exit 2 ;;
     esac
 done
 # shellcheck source=scripts/common.sh
@@ -28,7 +34,7 @@ start_server "$backend" "$@"
 pid=$SERVER_PID
 addr=$SERVER_ADDR
 result=$(timeout 300 taskset -c 1 target/release/wsring-load --target "$addr" --scenario idle --topic idle \
-    --connections "$connections" --procs 2 --server-pid "$pid" 2>/dev/null)
+    --connections "$connections" --procs 2 --server-pid "$pid" "${load_flags[@]}" 2>/dev/null)
 echo "$result"
 python3 - "$result" "$limit" "$backend" <<'PY'
 import json, sys
@@ -38,7 +44,8 @@ print(f"idle ({sys.argv[3]}, cold): {r['idle_connections']} connections, server 
       f"{r['rss_kb_base']} KiB, {per:.0f} B/connection over it, slope between "
       f"{r.get('first_fill_connections', '-')} and {r['idle_connections']} connections "
       f"{r.get('rss_slope_bytes_per_conn', float('nan')):.0f} B/connection, "
-      f"kernel Slab {r['slab_bytes_per_conn']:.0f} B/connection (both ends)")
+      f"kernel Slab {r['slab_bytes_per_conn']:.0f} B/connection (both ends), "
+      f"permessage-deflate agreed on {r['deflate_agreed']}")
 if r["idle_connections"] < r["connections"]:
     sys.exit(f"idle: only {r['idle_connections']} of {r['connections']} connections opened")
 if per > limit:
