@@ -338,6 +338,34 @@ fn header_block_over_8kib_is_refused_with_431(backend: BackendChoice) {
     );
 }
 
+/// An upgrade request longer than one of the io_uring backend's 4 KiB request buffers
+/// (7 KiB of headers, under the 8 KiB limit), written in one go with frames right behind
+/// it: read over several recvs, upgraded, and the frames that came with it echoed, then
+/// more read after the switch to the main receive ring.
+fn long_request_with_frames_behind_it_is_upgraded_and_echoed(backend: BackendChoice) {
+    let server = TestServer::start(backend);
+    let filler = "a".repeat(7 * 1024);
+    let request =
+        upgrade_request("/echo").replace("\r\n\r\n", &format!("\r\nX-Filler: {filler}\r\n\r\n"));
+    block_on(async {
+        let mut client = RawClient::connect(server.addr).await;
+        let mut bytes = request.into_bytes();
+        for n in 0..20 {
+            bytes.extend(frame(true, TEXT, format!("early {n}").as_bytes()));
+        }
+        client.send(&bytes).await;
+        assert_eq!(client.read_head().await.status, 101);
+        for n in 0..20 {
+            let echo = client.read_frame_for(&format!("early echo {n}")).await;
+            assert_eq!(echo.payload, format!("early {n}").as_bytes());
+        }
+        client.send(&frame(true, BINARY, &[7u8; 9000])).await;
+        let echo = client.read_frame_for("the later echo").await;
+        assert_eq!(echo.payload, vec![7u8; 9000]);
+    });
+    server.stop();
+}
+
 fn upgrade_to_unknown_path_is_refused_with_404(backend: BackendChoice) {
     assert_refused(backend, &upgrade_request("/nope"), 404);
 }
@@ -927,6 +955,7 @@ for_both_backends!(
     plain_get_on_an_upgrade_path_is_answered_426,
     plain_get_426_names_websocket_and_version_13,
     header_block_over_8kib_is_refused_with_431,
+    long_request_with_frames_behind_it_is_upgraded_and_echoed,
     upgrade_to_unknown_path_is_refused_with_404,
     upgrade_beyond_max_connections_is_refused_with_503,
     status_page_is_html_naming_wsring,
