@@ -234,11 +234,23 @@ fn membership_counts_and_topics_nobody_is_left_on_are_forgotten() {
     let key = r.intern("room");
     assert_eq!(r.add(key.clone(), 1), 1);
     assert_eq!(r.add(key.clone(), 2), 2);
-    assert_eq!(r.add(key.clone(), 2), 2, "subscribing twice is once");
     assert!(Arc::ptr_eq(&r.intern("room"), &key), "one name per topic");
     assert_eq!(r.subscribers("room"), 2);
     assert_eq!(r.remove(&key, 1), 1);
     assert_eq!(r.remove(&key, 2), 0);
+    // Positions: 10, 11, 12 at 0, 1, 2; removing 10 moves 12 into its place.
+    for (i, id) in [10, 11, 12].into_iter().enumerate() {
+        assert_eq!(r.add(key.clone(), id), i + 1);
+    }
+    assert_eq!(r.remove_at(&key, 10, 0), (2, Some((12, 0))));
+    // A wrong position is not trusted: 11 is found where it is.
+    assert_eq!(r.remove_at(&key, 11, 0), (1, None));
+    assert_eq!(
+        r.remove_at(&key, 99, 0),
+        (1, None),
+        "not a member: nothing removed"
+    );
+    assert_eq!(r.remove_at(&key, 12, 0), (0, None));
     assert!(r.is_empty());
     assert_eq!(r.key("room"), None);
     // Nobody subscribed: a publish queues nothing and leaves no run behind.

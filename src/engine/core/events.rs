@@ -290,20 +290,19 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        let first = slot.topic.take();
+        let topics = slot.take_topics();
         let extra = slot.extra.take();
         if let Some(pending) = extra.as_ref().and_then(|e| e.deferred()) {
             // A deferred upgrade's client left: its token now reports `Gone`.
             pending.gone.store(true, Ordering::Release);
         }
-        let mut topics = extra.map(|e| e.topics).unwrap_or_default();
-        topics.extend(first);
+        drop(extra);
         if counted {
             self.inner.shared.set_live(self.inner.index, id, false);
         }
         self.inner.slots.remove(id.slot as usize);
-        for topic in &topics {
-            self.inner.remove_subscriber(topic, id);
+        for m in &topics {
+            self.inner.remove_subscriber(id, m);
         }
         if counted {
             self.inner.shared.open.fetch_sub(1, Ordering::AcqRel);

@@ -169,7 +169,7 @@ impl<D> Inner<D> {
             slot.add_topic(key.clone());
         }
         if at_once {
-            self.registry_for(envelope).add(key.clone(), id);
+            self.list(&key, id, envelope);
         }
         // Under the lock: every publication after `last` sees this worker's count.
         self.shared.directory.set(&key, self.index, count + 1);
@@ -219,6 +219,37 @@ impl<D> Inner<D> {
             &mut self.framed
         } else {
             &mut self.registry
+        }
+    }
+
+    /// Adds `id`, subscribed to `key` (its slot already holds the membership), to the
+    /// plain or the envelope registry, and records where it is there. Returns how many
+    /// that registry has for `key` now.
+    pub(super) fn list(&mut self, key: &Arc<str>, id: ConnId, envelope: bool) -> usize {
+        let n = self.registry_for(envelope).add(key.clone(), id);
+        if let Some(m) = slot_of(&mut self.slots, id).and_then(|s| s.member_mut(key)) {
+            m.pos = (n - 1) as u32;
+            m.framed = envelope;
+        }
+        n
+    }
+
+    /// Takes `id` out of the registry its membership `m` names, and records the new place
+    /// of the member moved into its hole. A membership not listed yet is looked for in
+    /// both (a slip would otherwise leave a closed connection listed).
+    fn unlist(&mut self, id: ConnId, m: &Member) {
+        let places: &[(bool, u32)] = if m.pos == Member::NOT_LISTED {
+            &[(false, u32::MAX), (true, u32::MAX)]
+        } else {
+            &[(m.framed, m.pos)]
+        };
+        for &(framed, pos) in places {
+            let (_, moved) = self.registry_for(framed).remove_at(&m.key, id, pos);
+            if let Some((other, at)) = moved
+                && let Some(om) = slot_of(&mut self.slots, other).and_then(|s| s.member_mut(&m.key))
+            {
+                om.pos = at;
+            }
         }
     }
 
@@ -274,7 +305,7 @@ impl<D> Inner<D> {
             local.joining = waiting;
             self.flush_pending();
             for j in ready {
-                self.registry_for(j.envelope).add(topic.clone(), j.id);
+                self.list(topic, j.id, j.envelope);
             }
         }
         self.fanout_in(false, topic, Frame::Encoded(&entry.frame));
@@ -285,9 +316,9 @@ impl<D> Inner<D> {
 
     /// Forgets `id` as a subscriber of `key` in whichever registry (or joining list) it
     /// is; returns how many subscribers the worker has left.
-    pub(super) fn forget_subscriber(&mut self, key: &Arc<str>, id: ConnId) -> usize {
-        self.registry.remove(key, id);
-        self.framed.remove(key, id);
+    pub(super) fn forget_subscriber(&mut self, id: ConnId, m: &Member) -> usize {
+        self.unlist(id, m);
+        let key = &m.key;
         if let Some(local) = self.streams.get_mut(key) {
             local.joining.retain(|j| j.id != id);
             local.parked.retain(|p| p.0 != id);

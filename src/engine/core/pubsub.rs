@@ -218,7 +218,7 @@ impl<D> Inner<D> {
         }
         let key = self.registry.intern(topic);
         slot.add_topic(key.clone());
-        let n = self.registry.add(key.clone(), id);
+        let n = self.list(&key, id, false);
         self.shared.directory.set(&key, self.index, n);
         if n == 1 {
             self.shared.interest_changed(&key);
@@ -231,18 +231,19 @@ impl<D> Inner<D> {
         let Some(slot) = slot_of(&mut self.slots, id) else {
             return false;
         };
-        let Some(key) = slot.remove_topic(topic) else {
+        let Some(member) = slot.remove_topic(topic) else {
             return false;
         };
-        self.remove_subscriber(&key, id);
+        self.remove_subscriber(id, &member);
         true
     }
 
-    pub(super) fn remove_subscriber(&mut self, key: &Arc<str>, id: ConnId) {
-        let n = self.forget_subscriber(key, id);
-        self.shared.directory.set(key, self.index, n);
+    /// `id` leaves the topic of its (former) membership `m`.
+    pub(super) fn remove_subscriber(&mut self, id: ConnId, m: &Member) {
+        let n = self.forget_subscriber(id, m);
+        self.shared.directory.set(&m.key, self.index, n);
         if n == 0 {
-            self.shared.interest_changed(key);
+            self.shared.interest_changed(&m.key);
         }
     }
 

@@ -86,6 +86,32 @@ impl Flags {
     }
 }
 
+/// One topic a connection is subscribed to, and where it is among the topic's members in
+/// the worker's registry, so that leaving it costs no search.
+#[derive(Debug)]
+pub(super) struct Member {
+    /// The registry's own name of the topic.
+    pub(super) key: Arc<str>,
+    /// Its index in the topic's member list ([`Member::NOT_LISTED`]: not in a registry
+    /// yet, while it joins after what is in flight or waits for a broker's history).
+    pub(super) pos: u32,
+    /// In the envelope registry (`framed`), not the plain one.
+    pub(super) framed: bool,
+}
+
+impl Member {
+    /// Not in a registry's member list (yet).
+    pub(super) const NOT_LISTED: u32 = u32::MAX;
+
+    fn new(key: Arc<str>) -> Member {
+        Member {
+            key,
+            pos: Member::NOT_LISTED,
+            framed: false,
+        }
+    }
+}
+
 /// The newest frame per topic held back by the conflation policy.
 type Conflated = Vec<(Arc<str>, Bytes)>;
 
@@ -96,7 +122,7 @@ pub(super) struct Extra {
     /// While reading the upgrade request.
     pub(super) handshake: Option<Handshake>,
     /// Topics this connection is subscribed to beyond the first ([`Slot::topic`]).
-    pub(super) topics: Vec<Arc<str>>,
+    pub(super) topics: Vec<Member>,
     /// Conflation: the newest frame per topic, held while the queue is over its hard limit.
     pub(super) conflated: Conflated,
     /// What at most one phase of a connection needs: a deferred upgrade's state, the
@@ -194,17 +220,18 @@ impl Extra {
 /// The boxed part stays within the size it had before `Rare` (104 bytes on 64-bit).
 const _: () = assert!(std::mem::size_of::<Extra>() <= 104);
 
-/// One connection. Kept at 80 bytes (asserted below): with the timer-wheel entry and the
+/// One connection. Kept at 88 bytes (asserted below): with the timer-wheel entry and the
 /// backend's per-slot bytes it is the whole user-space cost of an idle connection, one
 /// topic included.
 pub(super) struct Slot<D> {
     pub(super) conn: Connection,
     pub(super) extra: Option<Box<Extra>>,
-    /// The first topic this connection subscribed to (the registry's own name, shared):
-    /// a subscriber of one topic needs no [`Extra`] for it. Further topics are in
-    /// [`Extra::topics`]. Measured cold at 15,000 idle subscribers, the `Extra` box and its
-    /// topic list cost 190 B per connection; this field costs 16.
-    pub(super) topic: Option<Arc<str>>,
+    /// The first topic this connection subscribed to (the registry's own name, shared,
+    /// and its place in the registry): a subscriber of one topic needs no [`Extra`] for
+    /// it. Further topics are in [`Extra::topics`]. Measured cold at 15,000 idle
+    /// subscribers, the `Extra` box and its topic list cost 190 B per connection; this
+    /// field costs 24.
+    pub(super) topic: Option<Member>,
     /// The wheel tick this slot is scheduled at (`u64::MAX`: none).
     pub(super) tick: u64,
     pub(super) generation: u32,
@@ -256,6 +283,30 @@ impl<D> Slot<D> {
         self.topic
             .iter()
             .chain(self.extra.as_ref().map_or(&[][..], |e| &e.topics))
+            .map(|m| &m.key)
+    }
+
+    /// This connection's membership of `topic`, if it is subscribed.
+    pub(super) fn member_mut(&mut self, topic: &str) -> Option<&mut Member> {
+        if self.topic.as_ref().is_some_and(|m| &*m.key == topic) {
+            return self.topic.as_mut();
+        }
+        self.extra
+            .as_mut()?
+            .topics
+            .iter_mut()
+            .find(|m| &*m.key == topic)
+    }
+
+    /// Takes every membership (the connection is going).
+    pub(super) fn take_topics(&mut self) -> Vec<Member> {
+        let mut all = self
+            .extra
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.topics))
+            .unwrap_or_default();
+        all.extend(self.topic.take());
+        all
     }
 
     /// Whether this connection is subscribed to `topic`.
@@ -263,26 +314,26 @@ impl<D> Slot<D> {
         self.topics().any(|t| &**t == topic)
     }
 
-    /// Records a subscription to `key` (the registry's name of the topic).
+    /// Records a subscription to `key` (the registry's name of the topic), not in a
+    /// registry's member list yet.
     pub(super) fn add_topic(&mut self, key: Arc<str>) {
         if self.topic.is_none() {
-            self.topic = Some(key);
+            self.topic = Some(Member::new(key));
         } else {
-            self.extra().topics.push(key);
+            self.extra().topics.push(Member::new(key));
         }
     }
 
-    /// Forgets the subscription to `topic`; returns the registry's name of it, if it was
-    /// one.
-    pub(super) fn remove_topic(&mut self, topic: &str) -> Option<Arc<str>> {
-        let key = if self.topic.as_deref() == Some(topic) {
+    /// Forgets the subscription to `topic`; returns its membership, if it was one.
+    pub(super) fn remove_topic(&mut self, topic: &str) -> Option<Member> {
+        let key = if self.topic.as_ref().is_some_and(|m| &*m.key == topic) {
             let key = self.topic.take();
             // The inline place is taken by another topic, if there is one.
             self.topic = self.extra.as_mut().and_then(|e| e.topics.pop());
             key
         } else {
             let extra = self.extra.as_mut()?;
-            let pos = extra.topics.iter().position(|t| &**t == topic)?;
+            let pos = extra.topics.iter().position(|m| &*m.key == topic)?;
             Some(extra.topics.swap_remove(pos))
         };
         if let Some(e) = self.extra.as_mut()
@@ -304,4 +355,4 @@ impl<D> Slot<D> {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 80);
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 88);

@@ -155,3 +155,88 @@ fn a_fanout_wider_than_a_batch_is_written_over_several_turns_in_order() {
         );
     }
 }
+
+#[test]
+fn subscribers_leaving_in_any_order_leave_exactly_the_others_listed() {
+    // Members are kept in a plain list with each one's index in its slot: every leave
+    // moves the last member into the hole, whose index must follow.
+    let now = Instant::now();
+    let mut core = bench_core(EngineConfig::default(), now);
+    let mut driver = Recorder::default();
+    let ids: Vec<ConnId> = (0..40u32)
+        .map(|fd| subscriber(&mut core, fd, now))
+        .collect();
+    core.flush(&mut driver);
+    // Leave from the front, the middle and the end, so that moved members move again.
+    let mut gone = std::collections::HashSet::new();
+    for i in [0usize, 39, 7, 1, 38, 20, 21, 5, 37, 2, 19, 36] {
+        core.on_closed(ids[i]);
+        gone.insert(ids[i]);
+        assert_eq!(core.inner.registry.subscribers("t"), ids.len() - gone.len());
+        // Every member's slot knows where it is (a stale index would only be found again
+        // by a search: checked here, not relied on).
+        for (at, id) in core.inner.registry.members("t").iter().enumerate() {
+            let slot = slot_of(&mut core.inner.slots, *id).expect("a listed member is open");
+            assert_eq!(
+                slot.topic.as_ref().map(|m| m.pos),
+                Some(at as u32),
+                "{id:?}"
+            );
+        }
+    }
+    let publisher = ids[10];
+    core.on_data(publisher, &mut masked(b"after"), now);
+    driver.writes.clear();
+    while core.has_dirty() {
+        core.flush(&mut driver);
+    }
+    let frame = encode_frame(OpCode::Binary, b"after").to_vec();
+    let got: std::collections::HashSet<ConnId> = driver
+        .writes
+        .iter()
+        .filter(|(_, bytes)| bytes == &frame)
+        .map(|(id, _)| *id)
+        .collect();
+    let want: std::collections::HashSet<ConnId> = ids
+        .iter()
+        .copied()
+        .filter(|id| !gone.contains(id))
+        .collect();
+    assert_eq!(
+        got, want,
+        "exactly the members still listed get the publication"
+    );
+    // A second topic for some, then leaving the first one: the second moves into the
+    // slot's own place, and both lists keep their indexes right.
+    let left: Vec<ConnId> = ids
+        .iter()
+        .copied()
+        .filter(|id| !gone.contains(id))
+        .collect();
+    for id in left.iter().step_by(2) {
+        assert!(core.inner.subscribe(*id, "u"));
+    }
+    for id in left.iter().take(9) {
+        assert!(core.inner.unsubscribe(*id, "t"));
+    }
+    for topic in ["t", "u"] {
+        for (at, id) in core.inner.registry.members(topic).iter().enumerate() {
+            let slot = slot_of(&mut core.inner.slots, *id).expect("listed and open");
+            assert_eq!(
+                slot.member_mut(topic).map(|m| m.pos),
+                Some(at as u32),
+                "{topic} {id:?}"
+            );
+        }
+    }
+    assert_eq!(core.inner.registry.subscribers("t"), left.len() - 9);
+    assert_eq!(core.inner.registry.subscribers("u"), left.len().div_ceil(2));
+    // Everyone leaves; the topics are forgotten.
+    for id in &ids {
+        if !gone.contains(id) {
+            core.on_closed(*id);
+        }
+    }
+    assert_eq!(core.inner.registry.subscribers("t"), 0);
+    assert!(core.inner.registry.is_empty());
+}
