@@ -38,22 +38,10 @@ async fn upgrade(
     (c, head)
 }
 
-/// What a client compressor writes: raw deflate, sync-flushed, the 4-byte tail removed.
+/// What a client compressor writes: raw deflate, sync-flushed, the 4-byte tail removed
+/// (a fresh compressor: no context).
 fn deflate(data: &[u8]) -> Vec<u8> {
-    let mut z = flate2::Compress::new(flate2::Compression::new(6), false);
-    let mut out = Vec::with_capacity(data.len() + 64);
-    loop {
-        let at = z.total_in() as usize;
-        z.compress_vec(&data[at..], &mut out, flate2::FlushCompress::Sync)
-            .expect("compress");
-        if out.len() < out.capacity() {
-            break;
-        }
-        out.reserve(out.capacity());
-    }
-    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
-    out.truncate(out.len() - 4);
-    out
+    KeptDeflater::new().message(data)
 }
 
 /// What a client inflater reads: the tail put back, then inflated.

@@ -858,12 +858,7 @@ impl Connection {
             if !last {
                 return Ok(());
             }
-            let message = std::mem::take(&mut p.message);
-            p.recount();
-            if p.control.is_empty() && p.inflater.is_none() {
-                b.partial = None;
-            }
-            Bytes::from(message)
+            Bytes::from(take_message(b))
         };
         b.events.push_back(if text {
             Event::Text(payload)
@@ -920,11 +915,7 @@ impl Connection {
         if !last {
             return Ok(());
         }
-        let message = std::mem::take(&mut p.message);
-        p.recount();
-        if p.control.is_empty() && p.inflater.is_none() {
-            b.partial = None;
-        }
+        let message = take_message(b);
         b.events
             .push_back(message_event(text, Bytes::from(message))?);
         Ok(())
@@ -1335,6 +1326,21 @@ impl Connection {
 }
 
 /// Whether `event` ends the connection (nothing follows it).
+/// Takes the reassembled message out of `b`'s partial state, which goes too when nothing
+/// else is in it (a control payload in progress, or an inflater kept for the client's
+/// context).
+fn take_message(b: &mut Busy) -> Vec<u8> {
+    let Some(p) = b.partial.as_mut() else {
+        return Vec::new();
+    };
+    let message = std::mem::take(&mut p.message);
+    p.recount();
+    if p.control.is_empty() && p.inflater.is_none() {
+        b.partial = None;
+    }
+    message
+}
+
 /// A received message as its event, a text one checked as UTF-8 (a compressed text
 /// message is checked once inflated, 1007 if it is not).
 fn message_event(text: bool, payload: Bytes) -> Result<Event, ProtocolError> {

@@ -11,11 +11,9 @@
 //! multi-thread runtime (default 1). Prints `listening on ws://ADDR` once bound.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use clap::Parser;
 use fastwebsockets::{
     FragmentCollector, FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError, upgrade,
 };
@@ -26,40 +24,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::BufWriter;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-
-/// Largest message accepted.
-const MAX_MESSAGE_SIZE: usize = 16 << 20;
-
-#[derive(Parser, Debug)]
-#[command(about = "BENCH_PROTOCOL server on fastwebsockets")]
-struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:9001")]
-    listen: SocketAddr,
-    /// Worker threads of the tokio multi-thread runtime.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-}
-
-/// What the request path asked for.
-enum Route {
-    Echo,
-    PubSub(String),
-}
-
-impl Route {
-    fn parse(path: &str) -> Option<Route> {
-        match path {
-            "/echo" => Some(Route::Echo),
-            _ => path
-                .strip_prefix("/pubsub/")
-                .filter(|topic| !topic.is_empty())
-                .map(|topic| Route::PubSub(topic.to_owned())),
-        }
-    }
-}
+use wsring_peers::{MAX_MESSAGE_SIZE, Route, accept_loop, run};
 
 /// One frame queued for a connection's writer task.
 #[derive(Debug)]
@@ -80,37 +46,24 @@ struct Topics {
 type TopicMap = Arc<Mutex<Topics>>;
 
 fn main() -> std::io::Result<()> {
-    let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?
-        .block_on(serve(args.listen))
-}
-
-async fn serve(listen: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
-    println!("listening on ws://{}", listener.local_addr()?);
-    let topics = TopicMap::default();
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            // Out of descriptors and the like: back off instead of spinning.
-            Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let topics = topics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| server_upgrade(request, topics.clone()));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-        });
-    }
+    run(
+        "BENCH_PROTOCOL server on fastwebsockets",
+        |listen| async move {
+            let topics = TopicMap::default();
+            accept_loop(listen, move |stream| {
+                let topics = topics.clone();
+                async move {
+                    let service =
+                        service_fn(move |request| server_upgrade(request, topics.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                }
+            })
+            .await
+        },
+    )
 }
 
 async fn server_upgrade(

@@ -12,77 +12,28 @@
 //! `--listen ADDR` (port 0 picks a free port), `--threads N` worker threads of a
 //! multi-thread runtime (default 1). Prints `listening on ws://ADDR` once bound.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use sockudo_ws::handshake::{build_response, generate_accept_key, parse_request};
 use sockudo_ws::{Config, Message, PubSub, Role, WebSocketStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-/// Largest message (and frame) accepted.
-const MAX_MESSAGE_SIZE: usize = 16 << 20;
-
-#[derive(Parser, Debug)]
-#[command(about = "BENCH_PROTOCOL server on sockudo-ws")]
-struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:9001")]
-    listen: SocketAddr,
-    /// Worker threads of the tokio multi-thread runtime.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-}
-
-/// What the request path asked for.
-enum Route {
-    Echo,
-    PubSub(String),
-}
-
-impl Route {
-    fn parse(path: &str) -> Option<Route> {
-        let path = path.split('?').next().unwrap_or(path);
-        match path {
-            "/echo" => Some(Route::Echo),
-            _ => path
-                .strip_prefix("/pubsub/")
-                .filter(|topic| !topic.is_empty())
-                .map(|topic| Route::PubSub(topic.to_owned())),
-        }
-    }
-}
+use wsring_peers::{MAX_MESSAGE_SIZE, Route, accept_loop, run};
 
 fn main() -> std::io::Result<()> {
-    let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?
-        .block_on(serve(args.listen))
-}
-
-async fn serve(listen: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
-    println!("listening on ws://{}", listener.local_addr()?);
-    let pubsub = Arc::new(PubSub::new());
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                let pubsub = pubsub.clone();
-                tokio::spawn(async move {
-                    let _ = handle_connection(stream, pubsub).await;
-                });
+    run("BENCH_PROTOCOL server on sockudo-ws", |listen| async move {
+        let pubsub = Arc::new(PubSub::new());
+        accept_loop(listen, move |stream| {
+            let pubsub = pubsub.clone();
+            async move {
+                let _ = handle_connection(stream, pubsub).await;
             }
-            // Out of descriptors and the like: back off instead of spinning.
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
+        })
+        .await
+    })
 }
 
 /// Reads the upgrade request, answers 101 (or 404 for an unknown path), and returns the

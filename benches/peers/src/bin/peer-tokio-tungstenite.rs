@@ -8,49 +8,13 @@
 //! multi-thread runtime (default 1). Prints `listening on ws://ADDR` once bound.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use clap::Parser;
 use futures_channel::mpsc::{UnboundedSender, unbounded};
 use futures_util::{StreamExt, TryStreamExt, future, pin_mut};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
-/// Largest message (and frame) accepted.
-const MAX_MESSAGE_SIZE: usize = 16 << 20;
-
-#[derive(Parser, Debug)]
-#[command(about = "BENCH_PROTOCOL server on tokio-tungstenite")]
-struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:9001")]
-    listen: SocketAddr,
-    /// Worker threads of the tokio multi-thread runtime.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-}
-
-/// What the request path asked for.
-enum Route {
-    Echo,
-    PubSub(String),
-}
-
-impl Route {
-    fn parse(path: &str) -> Option<Route> {
-        match path {
-            "/echo" => Some(Route::Echo),
-            _ => path
-                .strip_prefix("/pubsub/")
-                .filter(|topic| !topic.is_empty())
-                .map(|topic| Route::PubSub(topic.to_owned())),
-        }
-    }
-}
+use wsring_peers::{Route, accept_loop, run, tungstenite_accept};
 
 type Tx = UnboundedSender<Message>;
 
@@ -64,64 +28,32 @@ struct Topics {
 type TopicMap = Arc<Mutex<Topics>>;
 
 fn main() -> std::io::Result<()> {
-    let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?
-        .block_on(serve(args.listen))
-}
-
-async fn serve(listen: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
-    println!("listening on ws://{}", listener.local_addr()?);
-    let topics = TopicMap::default();
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle_connection(topics.clone(), stream));
-            }
-            // Out of descriptors and the like: back off instead of spinning.
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
+    run(
+        "BENCH_PROTOCOL server on tokio-tungstenite",
+        |listen| async move {
+            let topics = TopicMap::default();
+            accept_loop(listen, move |stream| {
+                handle_connection(topics.clone(), stream)
+            })
+            .await
+        },
+    )
 }
 
 async fn handle_connection(topics: TopicMap, stream: TcpStream) {
-    let mut route = None;
-    // The error type is tungstenite's (an HTTP response), not ours to shrink.
-    #[allow(clippy::result_large_err)]
-    let callback = |request: &Request, response: Response| match Route::parse(request.uri().path())
-    {
-        Some(r) => {
-            route = Some(r);
-            Ok(response)
-        }
-        None => {
-            let mut not_found = ErrorResponse::new(None);
-            *not_found.status_mut() = StatusCode::NOT_FOUND;
-            Err(not_found)
-        }
-    };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE_SIZE))
-        .max_frame_size(Some(MAX_MESSAGE_SIZE));
-    let Ok(ws_stream) =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
-    else {
+    let Some((route, ws_stream)) = tungstenite_accept(stream).await else {
         return;
     };
     let (outgoing, incoming) = ws_stream.split();
     match route {
-        Some(Route::Echo) => {
+        Route::Echo => {
             // Pings are answered and the close is completed by the stream half itself.
             let _ = incoming
                 .try_filter(|msg| future::ready(msg.is_text() || msg.is_binary()))
                 .forward(outgoing)
                 .await;
         }
-        Some(Route::PubSub(topic)) => {
+        Route::PubSub(topic) => {
             let (tx, rx) = unbounded();
             let id = {
                 let mut topics = topics.lock().unwrap();
@@ -155,6 +87,5 @@ async fn handle_connection(topics: TopicMap, stream: TcpStream) {
                 }
             }
         }
-        None => {}
     }
 }
