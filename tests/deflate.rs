@@ -258,6 +258,36 @@ fn a_fragmented_bomb_is_stopped_at_its_first_fragment(backend: BackendChoice) {
     });
 }
 
+/// Hostile first fragments that would inflate to the whole 16 MiB limit each: while the
+/// message is incomplete a connection holds at most 1 MiB of output (the rest stays
+/// compressed until the last frame), so eight of them cannot make the server hold 128 MiB;
+/// the last frame then gets 1009.
+fn open_compressed_fragments_hold_a_bounded_output(backend: BackendChoice) {
+    let s = server(backend);
+    // 64 MiB of zeros: about 64 KB compressed, four times the 16 MiB limit.
+    let bomb = deflate(&vec![0u8; 64 << 20]);
+    let rss_before = rss_kib();
+    block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let (mut c, _) = upgrade(s.addr, Some("permessage-deflate")).await;
+            c.send(&raw_frame(0x42, true, &bomb)).await;
+            held.push(c);
+        }
+        // Let the server read them all.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let grown = rss_kib().saturating_sub(rss_before);
+        assert!(
+            grown < 48 * 1024,
+            "RSS grew {grown} KiB for 8 open compressed messages"
+        );
+        for c in &mut held {
+            c.send(&raw_frame(0x80, true, b"")).await;
+            c.expect_close(1009).await;
+        }
+    });
+}
+
 /// A client compressor that keeps its context between messages (no reset: what it sent
 /// before is its dictionary), as a client does without `client_no_context_takeover`.
 struct KeptDeflater(flate2::Compress);
@@ -429,6 +459,7 @@ for_both_backends!(
     bad_inputs_get_their_close_codes,
     a_bomb_is_stopped_by_its_output,
     a_fragmented_bomb_is_stopped_at_its_first_fragment,
+    open_compressed_fragments_hold_a_bounded_output,
     client_context_takeover_when_allowed,
     a_broadcast_reaches_each_subscriber_in_its_own_form,
 );

@@ -246,8 +246,9 @@ struct Partial {
     /// The inflater of a compressed message that arrives in pieces (`message` then holds
     /// what came out so far), or of a connection whose client keeps its context.
     inflater: Option<Box<super::deflate::Inflater>>,
-    /// `message.capacity()`, plus [`super::deflate::INFLATER_COST`] while `inflater`
-    /// exists, as last added to this thread's reassembly total.
+    /// `message.capacity()`, plus [`super::deflate::INFLATER_COST`] and the compressed
+    /// bytes it keeps while `inflater` exists, as last added to this thread's reassembly
+    /// total.
     counted: usize,
 }
 
@@ -259,7 +260,7 @@ impl Partial {
             + self
                 .inflater
                 .as_ref()
-                .map_or(0, |_| super::deflate::INFLATER_COST);
+                .map_or(0, |z| super::deflate::INFLATER_COST + z.held());
         if now != self.counted {
             reassembly_adjust(self.counted, now);
             self.counted = now;
@@ -1316,7 +1317,7 @@ impl Connection {
                         + p.control.capacity()
                         + p.inflater
                             .as_ref()
-                            .map_or(0, |_| super::deflate::INFLATER_COST)
+                            .map_or(0, |z| super::deflate::INFLATER_COST + z.held())
                 })
                 + b.events.capacity() * std::mem::size_of::<Event>()
                 + b.transmit.capacity() * std::mem::size_of::<Bytes>()

@@ -324,24 +324,28 @@ fn inflate_inner(compressed: &[u8], limit: usize) -> Result<Bytes, InflateError>
             .get_or_insert_with(|| flate2::Decompress::new(false));
         d.reset(false);
         let mut out: Vec<u8> = Vec::with_capacity((compressed.len() * 3).min(limit).max(64));
-        if !run_inflate(d, compressed, &mut out, limit)? {
-            run_inflate(d, &TAIL, &mut out, limit)?;
+        if !run_inflate(d, compressed, &mut out, limit, usize::MAX)?.0 {
+            run_inflate(d, &TAIL, &mut out, limit, usize::MAX)?;
         }
         Ok(Bytes::from(out))
     })
 }
 
-/// Inflates all of `input` into `out` (grown as needed, never past `limit` bytes).
-/// Returns whether the stream ended (a final block, RFC 7692 §7.2.3.5: what follows it in
-/// the message is ignored).
+/// Inflates `input` into `out` (grown as needed, never past `limit` bytes), stopping once
+/// `out` holds `cap` bytes. Returns whether the stream ended (a final block, RFC 7692
+/// §7.2.3.5: what follows it in the message is ignored) and how much of `input` was used.
 fn run_inflate(
     d: &mut flate2::Decompress,
     input: &[u8],
     out: &mut Vec<u8>,
     limit: usize,
-) -> Result<bool, InflateError> {
+    cap: usize,
+) -> Result<(bool, usize), InflateError> {
     let mut at = 0;
     loop {
+        if out.len() >= cap {
+            return Ok((false, at));
+        }
         if out.len() == out.capacity() {
             if out.len() > limit {
                 return Err(InflateError::TooBig(limit));
@@ -349,7 +353,8 @@ fn run_inflate(
             let more = out
                 .capacity()
                 .max(4096)
-                .min(limit + 1 - out.len().min(limit));
+                .min(limit + 1 - out.len().min(limit))
+                .min(cap - out.len());
             out.reserve_exact(more.max(1));
         }
         let before_in = d.total_in();
@@ -363,11 +368,11 @@ fn run_inflate(
             return Err(InflateError::TooBig(limit));
         }
         if status == flate2::Status::StreamEnd {
-            return Ok(true);
+            return Ok((true, input.len()));
         }
         let progressed = d.total_in() != before_in || d.total_out() != before_out;
         if (at >= input.len() || !progressed) && out.len() < out.capacity() {
-            return Ok(false);
+            return Ok((false, at.min(input.len())));
         }
     }
 }
@@ -376,6 +381,13 @@ fn run_inflate(
 /// (about 7 KiB) and its 32 KiB window. Counted in the worker's reassembly budget while it
 /// exists, so that peers holding compressed messages open are bounded like any other.
 pub const INFLATER_COST: usize = 40 << 10;
+
+/// While a compressed message is incomplete, at most this much of its output is held (or
+/// `max_message_size` + 1 when that is smaller, so that a bomb within a first fragment
+/// stops there): what comes after stays compressed ([`Inflater::held`]) until the last
+/// frame. Without it one read of a hostile first fragment could make a connection hold
+/// `max_message_size` (16 MiB by default) before the reassembly budget could pause it.
+pub const INFLATE_HOLD: usize = 1 << 20;
 
 /// An inflater owned by one connection, for what the per-thread one-shot [`inflate`]
 /// cannot do: a compressed message that arrives in pieces (split over frames or reads) is
@@ -392,6 +404,9 @@ pub struct Inflater {
     taken: usize,
     /// Bytes that came out for the current message.
     given: usize,
+    /// Compressed input of the current message not inflated yet: its output reached
+    /// [`INFLATE_HOLD`] before the message was complete.
+    rest: Vec<u8>,
 }
 
 impl std::fmt::Debug for Inflater {
@@ -416,11 +431,19 @@ impl Inflater {
             ended: false,
             taken: 0,
             given: 0,
+            rest: Vec::new(),
         }
     }
 
+    /// Compressed bytes kept for the end of the message (counted in the reassembly budget
+    /// by the connection).
+    pub fn held(&self) -> usize {
+        self.rest.capacity()
+    }
+
     /// Inflates the next piece of the current message, appending to `out` (which must hold
-    /// only this message's output), never past `limit` bytes.
+    /// only this message's output), never past `limit` bytes; once `out` holds
+    /// [`INFLATE_HOLD`] bytes the rest is kept compressed for [`Inflater::finish`].
     ///
     /// # Errors
     /// [`InflateError`].
@@ -433,9 +456,22 @@ impl Inflater {
         if self.ended {
             return Ok(());
         }
+        if !self.rest.is_empty() {
+            self.rest.extend_from_slice(input);
+            return Ok(());
+        }
+        let cap = if limit <= INFLATE_HOLD {
+            limit.saturating_add(1)
+        } else {
+            INFLATE_HOLD
+        };
         let before = out.len();
-        self.ended = run_inflate(&mut self.d, input, out, limit)?;
-        self.taken += input.len();
+        let (ended, used) = run_inflate(&mut self.d, input, out, limit, cap)?;
+        self.ended = ended;
+        if !ended && let Some(left) = input.get(used..).filter(|l| !l.is_empty()) {
+            self.rest.extend_from_slice(left);
+        }
+        self.taken += used;
         self.given += out.len() - before;
         Ok(())
     }
@@ -452,9 +488,17 @@ impl Inflater {
         limit: usize,
         keep: bool,
     ) -> Result<(), InflateError> {
-        if !self.ended {
+        let rest = std::mem::take(&mut self.rest);
+        for (input, is_tail) in [(&rest[..], false), (&TAIL[..], true)] {
+            if self.ended {
+                break;
+            }
             let before = out.len();
-            self.ended = run_inflate(&mut self.d, &TAIL, out, limit)?;
+            let (ended, _) = run_inflate(&mut self.d, input, out, limit, usize::MAX)?;
+            self.ended = ended;
+            if !is_tail {
+                self.taken += input.len();
+            }
             self.given += out.len() - before;
         }
         count(&COUNTERS.decompressions, 1);
@@ -750,6 +794,33 @@ mod tests {
             .feed(&second, &mut out, 100)
             .and_then(|()| z.finish(&mut out, 100, false));
         assert!(fresh.is_err() || out != b"Hello", "{fresh:?} {out:?}");
+        // With a limit above INFLATE_HOLD, an unfinished message holds at most that much
+        // output; the rest stays compressed and is inflated at the end, whole.
+        let big: Vec<u8> = (0..6u32 << 20)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect();
+        let z_big = compress(&big, &params(15));
+        let mut z = Inflater::new();
+        let mut out = Vec::new();
+        let (a, b) = z_big.split_at(z_big.len() / 2);
+        z.feed(a, &mut out, 16 << 20).expect("inflates");
+        assert!(out.len() <= INFLATE_HOLD, "held {}", out.len());
+        assert!(z.held() > 0, "the rest is kept compressed");
+        z.feed(b, &mut out, 16 << 20).expect("kept");
+        assert!(out.len() <= INFLATE_HOLD);
+        z.finish(&mut out, 16 << 20, false).expect("ends");
+        assert_eq!(out, big);
+        assert_eq!(z.held(), 0);
+        // ... and a bomb past the limit is still refused at the end.
+        let mut z = Inflater::new();
+        let mut out = Vec::new();
+        let bomb = compress(&vec![0u8; 32 << 20], &params(15));
+        z.feed(&bomb, &mut out, 16 << 20).expect("held");
+        assert!(out.len() <= INFLATE_HOLD);
+        assert_eq!(
+            z.finish(&mut out, 16 << 20, false),
+            Err(InflateError::TooBig(16 << 20))
+        );
         // A bomb stops at the limit within its first piece.
         let bomb = compress(&vec![0u8; 4 << 20], &params(15));
         let mut z = Inflater::new();
