@@ -46,12 +46,17 @@ impl Route {
     }
 }
 
-/// Parses the flags (`about` for `--help`) and runs `serve(listen)` on a tokio
-/// multi-thread runtime with `--threads` workers.
-pub fn run<F, Fut>(about: &'static str, serve: F) -> std::io::Result<()>
+/// A peer's whole `main`: parses the flags (`about` for `--help`), starts a tokio
+/// multi-thread runtime with `--threads` workers, binds `--listen`, prints
+/// `listening on ws://ADDR`, and spawns `handle(state, stream)` for every accepted stream
+/// (TCP_NODELAY set), `state` being one shared value (a topic map) made by `Default`.
+/// When accept fails (out of descriptors and the like) it backs off 10 ms instead of
+/// spinning.
+pub fn serve<S, F, Fut>(about: &'static str, handle: F) -> std::io::Result<()>
 where
-    F: FnOnce(SocketAddr) -> Fut,
-    Fut: Future<Output = std::io::Result<()>>,
+    S: Default + Clone + Send + 'static,
+    F: Fn(S, TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
     let matches = Args::command().about(about).get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -59,28 +64,20 @@ where
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?
-        .block_on(serve(args.listen))
-}
-
-/// Binds `listen`, prints `listening on ws://ADDR`, and hands every accepted stream
-/// (TCP_NODELAY set) to `handle`, spawned; backs off 10 ms when accept fails (out of
-/// descriptors and the like) instead of spinning.
-pub async fn accept_loop<F, Fut>(listen: SocketAddr, mut handle: F) -> std::io::Result<()>
-where
-    F: FnMut(TcpStream) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind(listen).await?;
-    println!("listening on ws://{}", listener.local_addr()?);
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream));
+        .block_on(async move {
+            let listener = TcpListener::bind(args.listen).await?;
+            println!("listening on ws://{}", listener.local_addr()?);
+            let state = S::default();
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(handle(state.clone(), stream));
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
             }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
+        })
 }
 
 /// tokio-tungstenite's upgrade as its examples do it (`accept_hdr_async` with a callback

@@ -25,7 +25,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::BufWriter;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-use wsring_peers::{MAX_MESSAGE_SIZE, Route, accept_loop, run};
+use wsring_peers::{MAX_MESSAGE_SIZE, Route, serve};
 
 /// One frame queued for a connection's writer task.
 #[derive(Debug)]
@@ -46,22 +46,14 @@ struct Topics {
 type TopicMap = Arc<Mutex<Topics>>;
 
 fn main() -> std::io::Result<()> {
-    run(
+    serve(
         "BENCH_PROTOCOL server on fastwebsockets",
-        |listen| async move {
-            let topics = TopicMap::default();
-            accept_loop(listen, move |stream| {
-                let topics = topics.clone();
-                async move {
-                    let service =
-                        service_fn(move |request| server_upgrade(request, topics.clone()));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
-                }
-            })
-            .await
+        |topics: TopicMap, stream| async move {
+            let service = service_fn(move |request| server_upgrade(request, topics.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
         },
     )
 }

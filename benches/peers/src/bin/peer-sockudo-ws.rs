@@ -21,19 +21,15 @@ use sockudo_ws::{Config, Message, PubSub, Role, WebSocketStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use wsring_peers::{MAX_MESSAGE_SIZE, Route, accept_loop, run};
+use wsring_peers::{MAX_MESSAGE_SIZE, Route, serve};
 
 fn main() -> std::io::Result<()> {
-    run("BENCH_PROTOCOL server on sockudo-ws", |listen| async move {
-        let pubsub = Arc::new(PubSub::new());
-        accept_loop(listen, move |stream| {
-            let pubsub = pubsub.clone();
-            async move {
-                let _ = handle_connection(stream, pubsub).await;
-            }
-        })
-        .await
-    })
+    serve(
+        "BENCH_PROTOCOL server on sockudo-ws",
+        |pubsub: Arc<PubSub>, stream| async move {
+            let _ = handle_connection(stream, pubsub).await;
+        },
+    )
 }
 
 /// Reads the upgrade request, answers 101 (or 404 for an unknown path), and returns the

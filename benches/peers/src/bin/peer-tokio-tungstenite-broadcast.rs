@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_tungstenite::tungstenite::Message;
-use wsring_peers::{Route, accept_loop, run, tungstenite_accept};
+use wsring_peers::{Route, serve, tungstenite_accept};
 
 /// Messages a topic's channel holds for its slowest receiver.
 const CHANNEL_CAPACITY: usize = 4096;
@@ -28,15 +28,9 @@ const CHANNEL_CAPACITY: usize = 4096;
 type Topics = Arc<Mutex<HashMap<String, broadcast::Sender<Message>>>>;
 
 fn main() -> std::io::Result<()> {
-    run(
+    serve(
         "BENCH_PROTOCOL server on tokio-tungstenite with tokio::sync::broadcast",
-        |listen| async move {
-            let topics = Topics::default();
-            accept_loop(listen, move |stream| {
-                handle_connection(topics.clone(), stream)
-            })
-            .await
-        },
+        handle_connection,
     )
 }
 

@@ -14,7 +14,7 @@ use futures_channel::mpsc::{UnboundedSender, unbounded};
 use futures_util::{StreamExt, TryStreamExt, future, pin_mut};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use wsring_peers::{Route, accept_loop, run, tungstenite_accept};
+use wsring_peers::{Route, serve, tungstenite_accept};
 
 type Tx = UnboundedSender<Message>;
 
@@ -28,15 +28,9 @@ struct Topics {
 type TopicMap = Arc<Mutex<Topics>>;
 
 fn main() -> std::io::Result<()> {
-    run(
+    serve(
         "BENCH_PROTOCOL server on tokio-tungstenite",
-        |listen| async move {
-            let topics = TopicMap::default();
-            accept_loop(listen, move |stream| {
-                handle_connection(topics.clone(), stream)
-            })
-            .await
-        },
+        handle_connection,
     )
 }
 
