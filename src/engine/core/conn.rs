@@ -142,6 +142,19 @@ impl<D> Conn<'_, D> {
         self.inner.publish(topic, opcode, payload)
     }
 
+    /// Publishes a message to the first topic this connection subscribed to (the room it
+    /// joined, say), as [`Conn::publish`] does; `None` when it is subscribed to none. The
+    /// engine's own name of the topic is used, so a handler whose connections publish to
+    /// their own topic need not keep the name in every connection's data.
+    pub fn publish_to_joined(&mut self, opcode: OpCode, payload: &[u8]) -> Option<PublishReport> {
+        let topic = slot_of(&mut self.inner.slots, self.id)?
+            .topic
+            .as_ref()?
+            .key
+            .clone();
+        Some(self.publish(&topic, opcode, payload))
+    }
+
     /// Starts the closing handshake.
     pub fn close(&mut self, code: CloseCode, reason: &str) {
         self.inner.close_conn(self.id, code, reason)
