@@ -34,7 +34,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 use super::handler::{Accept, Decision, Deferred, Handler, Message, Reject};
-use super::wheel::{Entry, TimerWheel};
+use super::wheel::{Link, Links, TimerWheel};
 use super::{Bump, Command, Shared, WorkerStats};
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
@@ -109,8 +109,11 @@ pub struct Inner<D> {
     shared: Arc<Shared>,
     slots: Slab<Slot<D>>,
     next_generation: u32,
+    /// Its lists run through `slots` (each slot's [`Slot::timer`]).
     wheel: TimerWheel,
-    expired: Vec<Entry>,
+    expired: Vec<u32>,
+    /// The connections `expired` named, with their generations (kept for the allocation).
+    due: Vec<ConnId>,
     /// Connections with something to write (or to pause, resume or close), in the order
     /// they became due; [`Core::flush`] takes them from the front, at most
     /// [`EngineConfig::write_batch`](crate::engine::EngineConfig::write_batch) per turn (a
@@ -213,13 +216,20 @@ impl Out<'_> {
     }
 }
 
-/// Puts `slot` (`id`) on the wheel at `at` unless it is already due earlier: each slot is
-/// on the wheel at most once, at its earliest deadline. For a caller that holds the slot.
-fn schedule_slot<D>(wheel: &mut TimerWheel, slot: &mut Slot<D>, id: ConnId, at: Instant) {
-    let tick = wheel.tick_of(at);
-    if tick < slot.tick {
-        slot.tick = tick;
-        wheel.schedule(id.slot, id.generation, tick);
+/// The wheel's lists run through the slab: each slot holds its own link.
+impl<D> Links for Slab<Slot<D>> {
+    #[inline]
+    fn link(&mut self, slot: u32) -> Option<&mut Link> {
+        self.get_mut(slot as usize).map(|s| &mut s.timer)
+    }
+}
+
+/// Puts `id` on the wheel at `at` unless it is already due earlier: each slot is on the
+/// wheel at most once, at its earliest deadline.
+fn schedule_slot<D>(wheel: &mut TimerWheel, slots: &mut Slab<Slot<D>>, id: ConnId, at: Instant) {
+    if slot_of(slots, id).is_some() {
+        let tick = wheel.tick_of(at);
+        wheel.schedule(slots, id.slot, tick);
     }
 }
 
@@ -235,9 +245,7 @@ impl<D> Inner<D> {
     }
 
     fn schedule(&mut self, id: ConnId, at: Instant) {
-        if let Some(s) = slot_of(&mut self.slots, id) {
-            schedule_slot(&mut self.wheel, s, id, at);
-        }
+        schedule_slot(&mut self.wheel, &mut self.slots, id, at);
     }
 
     /// Whether `id` is an upgraded connection of this worker, not closing.
@@ -298,6 +306,7 @@ impl<H: Handler> Core<H> {
                 next_generation: 0,
                 wheel: TimerWheel::new(now),
                 expired: Vec::new(),
+                due: Vec::new(),
                 dirty: VecDeque::new(),
                 batch: Vec::new(),
                 publishers: Vec::new(),

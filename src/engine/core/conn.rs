@@ -195,7 +195,7 @@ impl<D> Conn<'_, D> {
         }
         if let Some(slot) = slot_of(&mut self.inner.slots, id) {
             slot.extra().set_timer(Some(at));
-            schedule_slot(&mut self.inner.wheel, slot, id, at);
+            schedule_slot(&mut self.inner.wheel, &mut self.inner.slots, id, at);
         }
     }
 

@@ -300,6 +300,8 @@ impl<H: Handler> Core<H> {
         if counted {
             self.inner.shared.set_live(self.inner.index, id, false);
         }
+        // The wheel's lists run through the slab: off it before the slot is freed.
+        self.inner.wheel.remove(&mut self.inner.slots, id.slot);
         self.inner.slots.remove(id.slot as usize);
         for m in &topics {
             self.inner.remove_subscriber(id, m);
@@ -321,24 +323,26 @@ impl<H: Handler> Core<H> {
         self.inner.sweep_history();
         let mut expired = std::mem::take(&mut self.inner.expired);
         let tick = self.inner.wheel.current();
-        self.inner.wheel.expire(now, &mut expired);
+        self.inner
+            .wheel
+            .expire(&mut self.inner.slots, now, &mut expired);
         if self.inner.wheel.current() != tick {
             // Once per wheel tick (this runs every loop turn): spare connection buffers a
             // burst left behind go back to the allocator gradually.
             crate::proto::connection::trim_spares();
         }
-        for e in expired.drain(..) {
-            let id = ConnId {
-                slot: e.slot,
-                generation: e.generation,
-            };
+        // Named with their generations before any callback runs (a callback may close a
+        // connection whose slot another one then takes).
+        let mut due = std::mem::take(&mut self.inner.due);
+        due.extend(expired.drain(..).filter_map(|slot| {
+            let generation = self.inner.slots.get(slot as usize)?.generation;
+            Some(ConnId { slot, generation })
+        }));
+        self.inner.expired = expired;
+        for id in due.drain(..) {
             let Some(slot) = slot_of(&mut self.inner.slots, id) else {
                 continue;
             };
-            if slot.tick != e.tick {
-                continue; // stale: rescheduled since
-            }
-            slot.tick = u64::MAX;
             let next = match slot.phase {
                 Phase::Handshake => {
                     let deadline = slot
@@ -390,7 +394,7 @@ impl<H: Handler> Core<H> {
             }
             self.inner.mark_dirty(id);
         }
-        self.inner.expired = expired;
+        self.inner.due = due;
     }
 
     /// Starts the graceful drain: close 1001 to every open connection, drop the rest.

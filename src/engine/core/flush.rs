@@ -151,13 +151,26 @@ impl<H: Handler> Core<H> {
         let pending = slot.conn.transmit_frames() > 0;
         if pending && !slot.flags.has(Flags::DEAD) && matches!(slot.phase, Phase::Open) {
             // Bytes left over (a write in flight, or a full socket): they must make
-            // progress within the send timeout. (Scheduled on the slot already borrowed:
-            // `Inner::schedule` would look it up again, once per write.)
+            // progress within the send timeout.
             slot.conn.note_unsent(now);
             if let Some(at) = slot.conn.poll_timeout() {
-                schedule_slot(&mut self.inner.wheel, slot, id, at);
+                let tick = self.inner.wheel.tick_of(at);
+                let due = slot
+                    .timer
+                    .is_on()
+                    .then(|| self.inner.wheel.due_of(&slot.timer));
+                if due.is_none_or(|due| due > tick) {
+                    // (Looked up through the slab only when it moves: the wheel's
+                    // neighbours are other slots.)
+                    self.inner
+                        .wheel
+                        .schedule(&mut self.inner.slots, id.slot, tick);
+                }
             }
         }
+        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
+            return sends;
+        };
         if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
             return sends;
         }

@@ -220,9 +220,9 @@ impl Extra {
 /// The boxed part stays within the size it had before `Rare` (104 bytes on 64-bit).
 const _: () = assert!(std::mem::size_of::<Extra>() <= 104);
 
-/// One connection. Kept at 88 bytes (asserted below): with the timer-wheel entry and the
-/// backend's per-slot bytes it is the whole user-space cost of an idle connection, one
-/// topic included.
+/// One connection. Kept at 96 bytes (asserted below): with the backend's per-slot bytes
+/// it is the whole user-space cost of an idle connection, one topic and its place on the
+/// timer wheel included.
 pub(super) struct Slot<D> {
     pub(super) conn: Connection,
     pub(super) extra: Option<Box<Extra>>,
@@ -232,8 +232,9 @@ pub(super) struct Slot<D> {
     /// subscribers, the `Extra` box and its topic list cost 190 B per connection; this
     /// field costs 24.
     pub(super) topic: Option<Member>,
-    /// The wheel tick this slot is scheduled at (`u64::MAX`: none).
-    pub(super) tick: u64,
+    /// Its place on the worker's timer wheel, whose lists run through the slab (12
+    /// bytes: the wheel itself holds no entry per connection).
+    pub(super) timer: Link,
     pub(super) generation: u32,
     pub(super) fd: u32,
     /// The code to report on close.
@@ -355,4 +356,4 @@ impl<D> Slot<D> {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 88);
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 96);

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::*;
 use crate::engine::testing::EchoPubSub;
@@ -239,4 +240,79 @@ fn subscribers_leaving_in_any_order_leave_exactly_the_others_listed() {
     }
     assert_eq!(core.inner.registry.subscribers("t"), 0);
     assert!(core.inner.registry.is_empty());
+}
+
+/// The wheel's lists run through the slab: connections freed while on it, slots taken
+/// again by new ones, deadlines moved earlier (a read) and later, must leave every live
+/// connection pinged once when its silence is up, and the freed ones never.
+#[test]
+fn the_wheel_follows_freed_and_reused_slots() {
+    let t0 = Instant::now();
+    let ping = Duration::from_millis(500);
+    let config = EngineConfig {
+        ping_interval: Some(ping),
+        pong_timeout: Duration::from_secs(60),
+        ..EngineConfig::default()
+    };
+    let mut core = bench_core(config, t0);
+    let mut driver = Recorder::default();
+    let mut live: Vec<ConnId> = (0..64u32).map(|fd| subscriber(&mut core, fd, t0)).collect();
+    core.flush(&mut driver);
+    // Every third one leaves while on the wheel; new ones take their slots 100 ms later.
+    let gone: Vec<ConnId> = live.iter().copied().step_by(3).collect();
+    live.retain(|id| !gone.contains(id));
+    for &id in &gone {
+        core.on_eof(id);
+    }
+    core.flush(&mut driver);
+    let t1 = t0 + Duration::from_millis(100);
+    core.on_tick(t1);
+    let fresh: Vec<ConnId> = (100..100 + gone.len() as u32)
+        .map(|fd| subscriber(&mut core, fd, t1))
+        .collect();
+    assert!(
+        fresh.iter().any(|f| gone.iter().any(|g| g.slot == f.slot)),
+        "slots are reused"
+    );
+    // Some of the first ones read at 200 ms: their silence starts again.
+    let t2 = t0 + Duration::from_millis(200);
+    let readers: Vec<ConnId> = live.iter().copied().step_by(2).collect();
+    for &id in &readers {
+        let mut frame = encode_client_frame(OpCode::Pong, b"", [1, 2, 3, 4]);
+        core.on_data(id, &mut frame, t2);
+    }
+    core.flush(&mut driver);
+    driver.writes.clear();
+    let pinged = |driver: &Recorder| -> Vec<ConnId> {
+        let mut ids: Vec<ConnId> = driver
+            .writes
+            .iter()
+            .filter(|(_, b)| b.first() == Some(&0x89))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_by_key(|id| (id.slot, id.generation));
+        ids
+    };
+    let sorted = |mut v: Vec<ConnId>| {
+        v.sort_by_key(|id| (id.slot, id.generation));
+        v
+    };
+    let quiet: Vec<ConnId> = live
+        .iter()
+        .copied()
+        .filter(|id| !readers.contains(id))
+        .collect();
+    // At 560 ms: the quiet first ones (silent since 0).
+    let step = |at: u64, core: &mut Core<EchoPubSub>, driver: &mut Recorder| {
+        core.on_tick(t0 + Duration::from_millis(at));
+        core.flush(driver);
+        let p = pinged(driver);
+        driver.writes.clear();
+        p
+    };
+    assert_eq!(step(560, &mut core, &mut driver), sorted(quiet));
+    // At 660 ms: the fresh ones (since 100); at 760 ms: the readers (since 200).
+    assert_eq!(step(660, &mut core, &mut driver), sorted(fresh));
+    assert_eq!(step(760, &mut core, &mut driver), sorted(readers));
+    assert!(step(900, &mut core, &mut driver).is_empty());
 }

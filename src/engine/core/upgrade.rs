@@ -23,7 +23,7 @@ impl<H: Handler> Core<H> {
                 ..Extra::default()
             })),
             topic: None,
-            tick: u64::MAX,
+            timer: Link::OFF,
             generation,
             fd,
             close_code: CloseCode::Abnormal,
