@@ -122,7 +122,7 @@ impl Handle {
         self.shared.wait_for_room(workers);
         let frame = proto::encode_frame(opcode, payload);
         self.shared
-            .forward(workers, &Arc::from(topic), &frame, None)
+            .forward(workers, &arcstr::ArcStr::from(topic), &frame, None)
     }
 
     /// [`Handle::publish`] that never blocks: `Err(TryError::Full)` at once, with nothing
@@ -155,7 +155,7 @@ impl Handle {
         let frame = proto::encode_frame(opcode, payload);
         Ok(self
             .shared
-            .forward(workers, &Arc::from(topic), &frame, None))
+            .forward(workers, &arcstr::ArcStr::from(topic), &frame, None))
     }
 
     /// [`Handle::publish`] for async code: awaits room instead of blocking the thread.
@@ -195,7 +195,7 @@ impl Handle {
         // Subscribers may have moved while it waited: hand it to those there now.
         let workers = self.shared.directory.workers_with(topic, None);
         self.shared
-            .forward(workers, &Arc::from(topic), &frame, None)
+            .forward(workers, &arcstr::ArcStr::from(topic), &frame, None)
     }
 
     /// Queues a message (text, binary, ping or pong) on one connection, from any thread;

@@ -3,6 +3,7 @@
 //! directory.
 
 use super::*;
+use arcstr::ArcStr;
 use std::task::{Context, Poll, Waker};
 
 use crate::pubsub::history::{Entry, Epoch, History, HistoryConfig, Subscription};
@@ -25,7 +26,7 @@ pub enum ShutdownState {
 #[derive(Debug)]
 pub enum Command {
     /// Fan this frame out to the worker's subscribers of the topic.
-    Publish(Arc<str>, Bytes),
+    Publish(ArcStr, Bytes),
     /// A publication to a topic with history, with its offset in its epoch: handed to
     /// every worker with subscribers of the topic in offset order (see
     /// `engine/core/history.rs`).
@@ -290,7 +291,7 @@ impl Shared {
     pub(crate) fn forward(
         &self,
         workers: u64,
-        topic: &Arc<str>,
+        topic: &ArcStr,
         frame: &Bytes,
         from: Option<usize>,
     ) -> usize {
@@ -319,10 +320,11 @@ impl Shared {
 
     /// A worker's local subscriber count of `topic` went to or from zero (after the
     /// directory was updated): the backplane, if any, subscribes or unsubscribes the node.
-    pub(crate) fn interest_changed(&self, topic: &Arc<str>) {
+    pub(crate) fn interest_changed(&self, topic: &str) {
         if let Some(bp) = &self.backplane {
-            let change = bp.interest_changed(topic, &self.directory);
-            self.history_interest(topic, change);
+            let topic: Arc<str> = Arc::from(topic);
+            let change = bp.interest_changed(&topic, &self.directory);
+            self.history_interest(&topic, change);
         }
     }
 
@@ -354,6 +356,7 @@ impl Shared {
                 continue;
             }
             let frame = proto::encode_frame(m.opcode, &m.payload);
+            let topic = ArcStr::from(&*m.topic);
             for (i, inbox) in self.inboxes.iter().enumerate() {
                 if workers & (1 << i) == 0 {
                     continue;
@@ -363,7 +366,7 @@ impl Shared {
                     continue;
                 }
                 bytes[i] += frame.len();
-                per_worker[i].push(Command::Publish(m.topic.clone(), frame.clone()));
+                per_worker[i].push(Command::Publish(topic.clone(), frame.clone()));
             }
         }
         for (i, cmds) in per_worker.into_iter().enumerate() {

@@ -46,7 +46,7 @@ fn handler_publishes_to_a_full_inbox_are_counted_not_queued() {
         ..EngineConfig::default()
     };
     let shared = Shared::new(config, 2, Backend::Epoll, None, None).unwrap();
-    let topic: Arc<str> = Arc::from("t");
+    let topic = arcstr::ArcStr::from("t");
     let frame = Bytes::from(vec![0u8; 64 * 1024]);
     let (mut taken, mut attempts) = (0, 0);
     while attempts < 2 * HANDLE_QUEUE_LIMIT / frame.len() {

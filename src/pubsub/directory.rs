@@ -24,7 +24,7 @@ impl Directory {
     }
 
     /// Records that `worker` has `n` subscribers of `topic`; forgets topics nobody has.
-    pub fn set(&self, topic: &Arc<str>, worker: usize, n: usize) {
+    pub fn set(&self, topic: &str, worker: usize, n: usize) {
         if let Ok(map) = self.map.read()
             && let Some(counts) = map.get(topic)
         {
@@ -38,7 +38,7 @@ impl Directory {
         };
         if n > 0 {
             let counts = map
-                .entry(topic.clone())
+                .entry(Arc::from(topic))
                 .or_insert_with(|| (0..self.workers).map(|_| AtomicUsize::new(0)).collect());
             counts[worker].store(n, Ordering::Release);
         } else if map

@@ -30,8 +30,8 @@ pub use directory::Directory;
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Arc;
 
+use arcstr::ArcStr;
 use bytes::{Bytes, BytesMut};
 
 use crate::proto::OpCode;
@@ -210,7 +210,7 @@ pub trait Subscribers {
         id: Self::Id,
         frame: &Bytes,
         twin: &mut Twin<'_>,
-        topic: &Arc<str>,
+        topic: &ArcStr,
     ) -> SendStatus;
 }
 
@@ -253,7 +253,8 @@ const PENDING_FRAME_MAX: usize = 16 * 1024;
 /// run instead of once per message, which keeps each subscriber's state in cache.
 #[derive(Debug, Default)]
 struct Pending {
-    topic: Option<Arc<str>>,
+    /// The registry's own name of the run's topic.
+    topic: Option<ArcStr>,
     /// The encoded frames; reused from turn to turn (reclaimed in place once the
     /// subscribers' copies have been written).
     batch: BytesMut,
@@ -271,7 +272,9 @@ pub struct Registry<K> {
     /// search and no hash index. An `IndexSet` cost about 65 B per idle subscriber, cold;
     /// a `HashSet`, 40 B less but 20-60% more CPU per delivery in a wide fan-out
     /// (ARCHITECTURE.md, memory per connection).
-    topics: HashMap<Arc<str>, Vec<K>>,
+    /// Keyed by the topic's one shared name, an 8-byte `ArcStr` (which each member's slot
+    /// refers to: see `engine::core::Member`).
+    topics: HashMap<ArcStr, Vec<K>>,
     pending: Pending,
     /// How broadcasts are compressed for subscribers that negotiated permessage-deflate
     /// (once per publication on this worker: compress-once); `None`: never.
@@ -308,13 +311,13 @@ impl<K: Copy + Eq + Hash> Registry<K> {
 
     /// The registry's own name of `topic` (one allocation per topic, shared by every
     /// subscriber's list), if it has local subscribers.
-    pub fn key(&self, topic: &str) -> Option<Arc<str>> {
+    pub fn key(&self, topic: &str) -> Option<ArcStr> {
         self.topics.get_key_value(topic).map(|(k, _)| k.clone())
     }
 
     /// The name to use for `topic`: the registry's own, else a new one.
-    pub fn intern(&self, topic: &str) -> Arc<str> {
-        self.key(topic).unwrap_or_else(|| Arc::from(topic))
+    pub fn intern(&self, topic: &str) -> ArcStr {
+        self.key(topic).unwrap_or_else(|| ArcStr::from(topic))
     }
 
     /// The local subscribers of `topic`, in the registry's order (a member's index is
@@ -332,7 +335,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
     /// them: its index is that count minus one). Call [`Registry::flush_pending`] first:
     /// membership changes take effect between messages, in order. The caller adds a
     /// member once: the list does not look for it.
-    pub fn add(&mut self, key: Arc<str>, id: K) -> usize {
+    pub fn add(&mut self, key: ArcStr, id: K) -> usize {
         let list = self.topics.entry(key).or_default();
         debug_assert!(!list.contains(&id), "a member is added once");
         list.push(id);
@@ -343,7 +346,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
     /// (forgetting a topic nobody is left on). Returns how many are left and the member
     /// moved into `pos` (the last one), whose index the caller updates. A wrong `pos` is
     /// not trusted: `id` is then looked for.
-    pub fn remove_at(&mut self, key: &Arc<str>, id: K, pos: u32) -> (usize, Option<(K, u32)>) {
+    pub fn remove_at(&mut self, key: &str, id: K, pos: u32) -> (usize, Option<(K, u32)>) {
         let Some(list) = self.topics.get_mut(key) else {
             return (0, None);
         };
@@ -367,7 +370,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
     }
 
     /// Removes `id` from `key`'s subscribers, looking for it; returns how many are left.
-    pub fn remove(&mut self, key: &Arc<str>, id: K) -> usize {
+    pub fn remove(&mut self, key: &str, id: K) -> usize {
         self.remove_at(key, id, u32::MAX).0
     }
 
@@ -384,7 +387,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
     #[inline(never)]
     pub fn publish<S: Subscribers<Id = K>>(
         &mut self,
-        topic: &Arc<str>,
+        topic: &str,
         frame: Frame<'_>,
         subs: &mut S,
     ) -> PublishReport {
@@ -403,9 +406,10 @@ impl<K: Copy + Eq + Hash> Registry<K> {
         }
         let ahead = self.pending.batch.len();
         let mut report = PublishReport::default();
-        let Some(members) = self.topics.get(topic) else {
+        let Some((key, members)) = self.topics.get_key_value(topic) else {
             return report;
         };
+        let key = key.clone();
         let mut fits = true;
         let mut deflate = false;
         for &id in members {
@@ -452,7 +456,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
             );
         }
         if self.pending.topic.is_none() {
-            self.pending.topic = Some(topic.clone());
+            self.pending.topic = Some(key);
         }
         report
     }
@@ -467,7 +471,7 @@ impl<K: Copy + Eq + Hash> Registry<K> {
         }
         let run = self.pending.batch.split().freeze();
         let twin = self.pending.deflated.take().map(BytesMut::freeze);
-        if let Some(members) = self.topics.get(&topic) {
+        if let Some(members) = self.topics.get(&*topic) {
             for &id in members {
                 subs.queue_run(id, &run, twin.as_ref());
             }
@@ -478,12 +482,12 @@ impl<K: Copy + Eq + Hash> Registry<K> {
     /// and policy.
     fn publish_now<S: Subscribers<Id = K>>(
         &mut self,
-        topic: &Arc<str>,
+        topic: &str,
         frame: &Bytes,
         subs: &mut S,
     ) -> PublishReport {
         let mut report = PublishReport::default();
-        let Some(members) = self.topics.get(topic) else {
+        let Some((topic, members)) = self.topics.get_key_value(topic) else {
             return report;
         };
         let mut twin = Twin::new(frame, self.deflate);

@@ -77,7 +77,7 @@ impl Subscribers for Fakes {
         id: u32,
         frame: &Bytes,
         twin: &mut Twin<'_>,
-        _topic: &Arc<str>,
+        _topic: &ArcStr,
     ) -> SendStatus {
         self.policy_calls += 1;
         let room = self.room(id, frame.len(), 0);
@@ -114,7 +114,7 @@ fn payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
-fn registry_with(topic: &str, ids: &[u32]) -> (Registry<u32>, Arc<str>) {
+fn registry_with(topic: &str, ids: &[u32]) -> (Registry<u32>, ArcStr) {
     let mut r = Registry::default();
     let key = r.intern(topic);
     for &id in ids {
@@ -234,7 +234,10 @@ fn membership_counts_and_topics_nobody_is_left_on_are_forgotten() {
     let key = r.intern("room");
     assert_eq!(r.add(key.clone(), 1), 1);
     assert_eq!(r.add(key.clone(), 2), 2);
-    assert!(Arc::ptr_eq(&r.intern("room"), &key), "one name per topic");
+    assert!(
+        ArcStr::ptr_eq(&r.intern("room"), &key),
+        "one name per topic"
+    );
     assert_eq!(r.subscribers("room"), 2);
     assert_eq!(r.remove(&key, 1), 1);
     assert_eq!(r.remove(&key, 2), 0);

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::pubsub::history::{Entry, Epoch, Position, Resumed, Subscription};
+use arcstr::ArcStr;
 
 /// A topic with history that this worker has subscribers of.
 #[derive(Debug)]
@@ -124,8 +125,11 @@ impl<D> Inner<D> {
                 })
                 .parked
                 .push((id, hook));
-            if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
-                slot.add_topic(key.clone());
+            if !unparked {
+                let name = self.name(&key);
+                if let Some(slot) = slot_of(&mut self.slots, id) {
+                    slot.add_topic(name);
+                }
             }
             self.shared.directory.set(&key, self.index, count + 1);
             drop(locked);
@@ -165,8 +169,11 @@ impl<D> Inner<D> {
                 after: start.offset,
             });
         }
-        if !unparked && let Some(slot) = slot_of(&mut self.slots, id) {
-            slot.add_topic(key.clone());
+        if !unparked {
+            let name = self.name(&key);
+            if let Some(slot) = slot_of(&mut self.slots, id) {
+                slot.add_topic(name);
+            }
         }
         if at_once {
             self.list(&key, id, envelope);
@@ -225,13 +232,27 @@ impl<D> Inner<D> {
     /// Adds `id`, subscribed to `key` (its slot already holds the membership), to the
     /// plain or the envelope registry, and records where it is there. Returns how many
     /// that registry has for `key` now.
-    pub(super) fn list(&mut self, key: &Arc<str>, id: ConnId, envelope: bool) -> usize {
-        let n = self.registry_for(envelope).add(key.clone(), id);
+    pub(super) fn list(&mut self, key: &str, id: ConnId, envelope: bool) -> usize {
+        let registry = self.registry_for(envelope);
+        let own = registry.intern(key);
+        let n = registry.add(own.clone(), id);
         if let Some(m) = slot_of(&mut self.slots, id).and_then(|s| s.member_mut(key)) {
             m.pos = (n - 1) as u32;
             m.framed = envelope;
+            // The registry's one name, not a copy the membership was made with while
+            // it waited unlisted.
+            m.key = own;
         }
         n
+    }
+
+    /// This worker's one name of `topic` (a member's slot refers to it): the plain
+    /// registry's or the envelope registry's, else a new one.
+    pub(super) fn name(&self, topic: &str) -> ArcStr {
+        self.registry
+            .key(topic)
+            .or_else(|| self.framed.key(topic))
+            .unwrap_or_else(|| ArcStr::from(topic))
     }
 
     /// Takes `id` out of the registry its membership `m` names, and records the new place
@@ -318,7 +339,7 @@ impl<D> Inner<D> {
     /// is; returns how many subscribers the worker has left.
     pub(super) fn forget_subscriber(&mut self, id: ConnId, m: &Member) -> usize {
         self.unlist(id, m);
-        let key = &m.key;
+        let key: &str = &m.key;
         if let Some(local) = self.streams.get_mut(key) {
             local.joining.retain(|j| j.id != id);
             local.parked.retain(|p| p.0 != id);

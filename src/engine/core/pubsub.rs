@@ -7,6 +7,7 @@
 use super::*;
 use crate::pubsub::Subscribers;
 use crate::pubsub::history::Subscription;
+use arcstr::ArcStr;
 
 impl<D> Inner<D> {
     /// Queues a frame on one connection, applying the queue limits and the policy.
@@ -14,7 +15,7 @@ impl<D> Inner<D> {
         &mut self,
         id: ConnId,
         frame: Out<'_>,
-        topic: Option<&Arc<str>>,
+        topic: Option<&ArcStr>,
     ) -> SendStatus {
         if topic.is_none() {
             // A direct send follows what was published before it.
@@ -110,7 +111,7 @@ impl<D> Inner<D> {
 
     /// Queues a frame on every local subscriber of `topic` (the registry decides how:
     /// onto the turn's pending run, or through each connection's policy).
-    pub(super) fn fanout_local(&mut self, topic: &Arc<str>, frame: Frame<'_>) -> PublishReport {
+    pub(super) fn fanout_local(&mut self, topic: &str, frame: Frame<'_>) -> PublishReport {
         self.fanout_in(false, topic, frame)
     }
 
@@ -119,7 +120,7 @@ impl<D> Inner<D> {
     pub(super) fn fanout_in(
         &mut self,
         envelope: bool,
-        topic: &Arc<str>,
+        topic: &str,
         frame: Frame<'_>,
     ) -> PublishReport {
         // Taken out for the call: the registry reaches the connections through `self`.
@@ -187,7 +188,7 @@ impl<D> Inner<D> {
         if local.is_none() && others == 0 {
             return PublishReport::default();
         }
-        let topic: Arc<str> = local.unwrap_or_else(|| Arc::from(topic));
+        let topic: ArcStr = local.unwrap_or_else(|| ArcStr::from(topic));
         let mut report = self.fanout_local(&topic, Frame::Message(opcode, payload));
         if others > 0 {
             let frame = encode_frame(opcode, payload);
@@ -301,7 +302,7 @@ impl<D> Subscribers for Inner<D> {
         id: ConnId,
         frame: &Bytes,
         twin: &mut crate::pubsub::Twin<'_>,
-        topic: &Arc<str>,
+        topic: &ArcStr,
     ) -> SendStatus {
         let deflate = self
             .slots

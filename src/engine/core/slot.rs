@@ -5,6 +5,7 @@
 //! an [`Extra`] that exists only while it holds something.
 
 use super::*;
+use arcstr::ArcStr;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -90,8 +91,8 @@ impl Flags {
 /// the worker's registry, so that leaving it costs no search.
 #[derive(Debug)]
 pub(super) struct Member {
-    /// The registry's own name of the topic.
-    pub(super) key: Arc<str>,
+    /// The registry's own name of the topic (8 bytes: an `Arc<str>` here was 16).
+    pub(super) key: ArcStr,
     /// Its index in the topic's member list ([`Member::NOT_LISTED`]: not in a registry
     /// yet, while it joins after what is in flight or waits for a broker's history).
     pub(super) pos: u32,
@@ -103,7 +104,7 @@ impl Member {
     /// Not in a registry's member list (yet).
     pub(super) const NOT_LISTED: u32 = u32::MAX;
 
-    fn new(key: Arc<str>) -> Member {
+    fn new(key: ArcStr) -> Member {
         Member {
             key,
             pos: Member::NOT_LISTED,
@@ -113,7 +114,7 @@ impl Member {
 }
 
 /// The newest frame per topic held back by the conflation policy.
-type Conflated = Vec<(Arc<str>, Bytes)>;
+type Conflated = Vec<(ArcStr, Bytes)>;
 
 /// What only some connections need: boxed, and dropped when empty, so that an idle
 /// upgraded connection with at most one topic is its [`Slot`] alone.
@@ -280,7 +281,7 @@ impl<D> Slot<D> {
     }
 
     /// The topics this connection is subscribed to.
-    pub(super) fn topics(&self) -> impl Iterator<Item = &Arc<str>> {
+    pub(super) fn topics(&self) -> impl Iterator<Item = &ArcStr> {
         self.topic
             .iter()
             .chain(self.extra.as_ref().map_or(&[][..], |e| &e.topics))
@@ -317,7 +318,7 @@ impl<D> Slot<D> {
 
     /// Records a subscription to `key` (the registry's name of the topic), not in a
     /// registry's member list yet.
-    pub(super) fn add_topic(&mut self, key: Arc<str>) {
+    pub(super) fn add_topic(&mut self, key: ArcStr) {
         if self.topic.is_none() {
             self.topic = Some(Member::new(key));
         } else {
@@ -356,4 +357,4 @@ impl<D> Slot<D> {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 96);
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 88);
