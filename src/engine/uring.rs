@@ -31,7 +31,8 @@
 //! they are in the buffer ring and to us from the completion that names them until we put
 //! them back; a send's bytes are `Bytes` held in the connection's transmit queue, which is
 //! not advanced (so not dropped) until the send completes; `SendBuf` (iovecs + msghdr) is
-//! taken from a per-worker pool for the send and returned when it completes.
+//! taken from a per-worker pool for the send (its index in the slot's `SlotIo`) and
+//! returned when it completes.
 //!
 //! One file (about 900 lines) on purpose: every `unsafe` submission here is sound only
 //! because of what a completion handler further down does with the same buffer or
@@ -70,15 +71,18 @@ pub const TURN_READ_BYTES: usize = 1024 * 1024;
 const BGID: u16 = 0;
 /// The buffer group of the upgrade requests' ring (see [`HS_RING_BUFFERS`]).
 const HS_BGID: u16 = 1;
-/// Upgrade requests are read into a ring of their own, 64 buffers of 4 KiB (a request
+/// Upgrade requests are read into a ring of their own, 64 buffers of 1 KiB (a request
 /// larger than one buffer takes several reads), one single-shot recv at a time, and only
 /// once the 101 is queued does the connection's multishot recv on the main ring start.
 /// Every byte received goes through the main ring in order, so its pages are touched as
 /// bytes arrive, up to its 4 MiB: 15,000 upgrade requests of about 200 B touched 3 MB of
 /// it, about 200 B of resident memory per connection opened, cold. This ring's pages are
-/// reused from request to request: at most 256 KiB, whatever the number of connections.
+/// reused from request to request: 64 KiB, whatever the number of connections. (With
+/// 4 KiB buffers each request touched its buffer's first page: 256 KiB resident, 17 B per
+/// connection of a cold 15,000. Most requests are 200 B to 1 KiB: a browser's with
+/// cookies may take two reads.)
 const HS_RING_BUFFERS: u16 = 64;
-const HS_BUFFER_SIZE: usize = 4096;
+const HS_BUFFER_SIZE: usize = 1024;
 /// Receive buffers per worker, and their size: with incremental consumption (kernel 6.12+,
 /// each completion takes only the bytes it needs from a buffer) few large buffers; without
 /// it more, smaller ones. 4 MiB per worker either way.
@@ -350,27 +354,74 @@ impl Drop for BufRing {
     }
 }
 
-/// What is in flight for one slot.
-#[derive(Clone, Copy, Default)]
+/// What is in flight for one slot: 12 bytes per slot (the generation, the index of its
+/// gathering send's buffers, and the flags below), beside the core's slot.
+#[derive(Clone, Copy)]
 struct SlotIo {
     generation: u32,
+    /// The `SendBuf` its gathering send in flight uses ([`NO_SEND_BUF`]: none).
+    send_buf: u32,
+    bits: u16,
+}
+
+/// No `SendBuf` in use.
+const NO_SEND_BUF: u32 = u32::MAX;
+
+impl Default for SlotIo {
+    fn default() -> SlotIo {
+        SlotIo {
+            generation: 0,
+            send_buf: NO_SEND_BUF,
+            bits: 0,
+        }
+    }
+}
+
+impl SlotIo {
     /// The recv in flight is a single-shot one on the upgrade requests' ring.
-    handshake: bool,
+    const HANDSHAKE: u16 = 1;
     /// Reading is paused: do not re-arm the recv.
-    paused: bool,
-    recv: bool,
-    send: bool,
-    close: bool,
+    const PAUSED: u16 = 1 << 1;
+    const RECV: u16 = 1 << 2;
+    const SEND: u16 = 1 << 3;
+    const CLOSE: u16 = 1 << 4;
     /// A shutdown (FIN after an HTTP answer) is in flight.
-    shutdown: bool,
+    const SHUTDOWN: u16 = 1 << 5;
     /// The upgrade is done: recvs go to the main ring.
-    upgraded: bool,
+    const UPGRADED: u16 = 1 << 6;
     /// The close waits for that shutdown's completion: the kernel may run a shutdown in
     /// its worker pool after a close issued later, and by then the fixed-file index may
     /// name a newly accepted socket.
-    close_after_shutdown: bool,
-    closing: bool,
+    const CLOSE_AFTER_SHUTDOWN: u16 = 1 << 7;
+    const CLOSING: u16 = 1 << 8;
+
+    fn has(&self, flag: u16) -> bool {
+        self.bits & flag != 0
+    }
+
+    fn set(&mut self, flag: u16, on: bool) {
+        if on {
+            self.bits |= flag;
+        } else {
+            self.bits &= !flag;
+        }
+    }
+
+    /// Clears `flag`; returns whether it was set.
+    fn take(&mut self, flag: u16) -> bool {
+        let was = self.has(flag);
+        self.set(flag, false);
+        was
+    }
+
+    #[cfg(test)]
+    fn with(mut self, flag: u16) -> SlotIo {
+        self.set(flag, true);
+        self
+    }
 }
+
+const _: () = assert!(std::mem::size_of::<SlotIo>() <= 12);
 
 /// Whether a multishot recv that ended (no `MORE` flag) with `res` is armed again:
 /// unless the connection is closing or paused, after data, after the buffer ring ran dry
@@ -378,7 +429,9 @@ struct SlotIo {
 /// (-ECANCELED with `paused` already false again: `set_reading(on)` saw the recv still in
 /// flight and did not arm a second one). EOF (0) and socket errors end reading.
 fn rearm_after(io: &SlotIo, res: i32) -> bool {
-    !io.closing && !io.paused && (res > 0 || res == -libc::ENOBUFS || res == -libc::ECANCELED)
+    !io.has(SlotIo::CLOSING)
+        && !io.has(SlotIo::PAUSED)
+        && (res > 0 || res == -libc::ENOBUFS || res == -libc::ECANCELED)
 }
 
 /// iovecs + msghdr for a gathering send: taken from the pool for one send, untouched while
@@ -392,10 +445,13 @@ struct UringDriver<'r, 'a> {
     submitter: &'a Submitter<'r>,
     sq: &'a mut io_uring::SubmissionQueue<'r>,
     io: &'a mut Vec<SlotIo>,
-    send_bufs: &'a mut Vec<Option<Box<SendBuf>>>,
-    // Boxed on purpose: an in-flight msghdr points into its SendBuf, which must not move.
+    /// Every `SendBuf` made so far (as many as gathering sends were ever in flight at
+    /// once), named by index in `SlotIo::send_buf`; boxed on purpose: an in-flight
+    /// msghdr points into its SendBuf, which must not move when this grows.
     #[allow(clippy::vec_box)]
-    pool: &'a mut Vec<Box<SendBuf>>,
+    send_bufs: &'a mut Vec<Box<SendBuf>>,
+    /// The indices of those not in use.
+    free_bufs: &'a mut Vec<u32>,
 }
 
 /// Pushes an entry, submitting first if the queue is full.
@@ -438,7 +494,7 @@ impl UringDriver<'_, '_> {
     /// Arms the connection's recv: a multishot one on the main ring once upgraded, else a
     /// single-shot one on the upgrade requests' ring (re-armed after each completion).
     fn arm_recv(&mut self, id: ConnId, fd: u32) {
-        let handshake = !self.io(id.slot).upgraded;
+        let handshake = !self.io(id.slot).has(SlotIo::UPGRADED);
         let e = if handshake {
             opcode::Recv::new(Fixed(fd), std::ptr::null_mut(), HS_BUFFER_SIZE as u32)
                 .buf_group(HS_BGID)
@@ -452,8 +508,8 @@ impl UringDriver<'_, '_> {
         // selects its buffer: no address of ours is passed).
         unsafe { push(self.submitter, self.sq, &e) };
         let io = self.io(id.slot);
-        io.recv = true;
-        io.handshake = handshake;
+        io.set(SlotIo::RECV, true);
+        io.set(SlotIo::HANDSHAKE, handshake);
     }
 }
 
@@ -491,27 +547,27 @@ impl Driver for UringDriver<'_, '_> {
             // Several frames: one gathering sendmsg. Its iovecs and msghdr come from a
             // per-worker pool and go back to it when the send completes, so an idle
             // connection holds none.
-            let mut sb = self.pool.pop().unwrap_or_else(|| {
-                Box::new(SendBuf {
+            let index = self.free_bufs.pop().unwrap_or_else(|| {
+                self.send_bufs.push(Box::new(SendBuf {
                     iov: [libc::iovec {
                         iov_base: std::ptr::null_mut(),
                         iov_len: 0,
                     }; MAX_IOV],
                     // SAFETY: a zeroed msghdr is a valid empty header.
                     msg: unsafe { std::mem::zeroed() },
-                })
+                }));
+                (self.send_bufs.len() - 1) as u32
             });
+            self.io(id.slot).send_buf = index;
+            let Some(sb) = self.send_bufs.get_mut(index as usize) else {
+                return SendOutcome::Failed;
+            };
             sb.iov = iov;
             sb.msg.msg_iov = sb.iov.as_mut_ptr();
             sb.msg.msg_iovlen = n;
             let e = opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
                 .flags((libc::MSG_NOSIGNAL | more) as u32)
                 .build();
-            let i = id.slot as usize;
-            if self.send_bufs.len() <= i {
-                self.send_bufs.resize_with(i + 1, || None);
-            }
-            self.send_bufs[i] = Some(sb);
             e
         }
         .user_data(user_data(OP_SEND, id));
@@ -520,18 +576,18 @@ impl Driver for UringDriver<'_, '_> {
         // which is neither moved nor rewritten while this send is in flight (the core
         // keeps at most one send in flight per connection).
         unsafe { push(self.submitter, self.sq, &e) };
-        self.io(id.slot).send = true;
+        self.io(id.slot).set(SlotIo::SEND, true);
         SendOutcome::InFlight
     }
 
     fn set_reading(&mut self, id: ConnId, fd: u32, on: bool) {
         let io = self.io(id.slot);
-        io.paused = !on;
+        io.set(SlotIo::PAUSED, !on);
         if on {
-            if !io.recv {
+            if !io.has(SlotIo::RECV) {
                 self.arm_recv(id, fd);
             }
-        } else if io.recv {
+        } else if io.has(SlotIo::RECV) {
             self.cancel(OP_RECV, id);
         }
     }
@@ -542,23 +598,23 @@ impl Driver for UringDriver<'_, '_> {
             .user_data(user_data(OP_SHUTDOWN, id));
         // SAFETY: a shutdown request points at no buffer.
         unsafe { push(self.submitter, self.sq, &e) };
-        self.io(id.slot).shutdown = true;
+        self.io(id.slot).set(SlotIo::SHUTDOWN, true);
     }
 
     fn close(&mut self, id: ConnId, fd: u32) -> bool {
         let io = *self.io(id.slot);
-        if io.recv {
+        if io.has(SlotIo::RECV) {
             self.cancel(OP_RECV, id);
         }
-        if io.send {
+        if io.has(SlotIo::SEND) {
             // A send parked on a full socket of a peer that stopped reading.
             self.cancel(OP_SEND, id);
         }
-        if io.shutdown {
-            // Closed when the shutdown completes (see `SlotIo::close_after_shutdown`).
+        if io.has(SlotIo::SHUTDOWN) {
+            // Closed when the shutdown completes (see `SlotIo::CLOSE_AFTER_SHUTDOWN`).
             let io = self.io(id.slot);
-            io.close_after_shutdown = true;
-            io.closing = true;
+            io.set(SlotIo::CLOSE_AFTER_SHUTDOWN, true);
+            io.set(SlotIo::CLOSING, true);
             return false;
         }
         self.submit_close(id, fd);
@@ -574,8 +630,8 @@ impl UringDriver<'_, '_> {
         // SAFETY: a close request points at no buffer.
         unsafe { push(self.submitter, self.sq, &e) };
         let io = self.io(id.slot);
-        io.close = true;
-        io.closing = true;
+        io.set(SlotIo::CLOSE, true);
+        io.set(SlotIo::CLOSING, true);
     }
 }
 
@@ -601,9 +657,9 @@ pub fn run<H: Handler>(
     // reallocation would leave old arrays resident in an idle server.
     let presize = super::core::presize_slots(&shared.config);
     let mut io: Vec<SlotIo> = Vec::with_capacity(presize);
-    let mut send_bufs: Vec<Option<Box<SendBuf>>> = Vec::with_capacity(presize);
-    #[allow(clippy::vec_box)] // see UringDriver::pool
-    let mut pool: Vec<Box<SendBuf>> = Vec::new();
+    #[allow(clippy::vec_box)] // see UringDriver::send_bufs
+    let mut send_bufs: Vec<Box<SendBuf>> = Vec::new();
+    let mut free_bufs: Vec<u32> = Vec::new();
     let mut core = Core::new(index, shared.clone(), handler, Instant::now());
     let mut ring = builder().build(SQ_ENTRIES)?;
     let table = (shared.config.max_connections + 1024)
@@ -686,7 +742,7 @@ pub fn run<H: Handler>(
             sq: &mut sq,
             io: &mut io,
             send_bufs: &mut send_bufs,
-            pool: &mut pool,
+            free_bufs: &mut free_bufs,
         };
         for cqe in &mut cq {
             let (op, generation, slot) = split(cqe.user_data());
@@ -730,7 +786,7 @@ pub fn run<H: Handler>(
                     if id.generation & GENERATION_MASK != generation {
                         continue;
                     }
-                    if res > 0 && drv.io(slot).handshake {
+                    if res > 0 && drv.io(slot).has(SlotIo::HANDSHAKE) {
                         if let Some(bid) = cqueue::buffer_select(flags) {
                             // SAFETY: the single-shot recv hands these bytes of the upgrade
                             // requests' buffer `bid` to us; it goes back to that ring right
@@ -759,9 +815,11 @@ pub fn run<H: Handler>(
                     }
                     if !more {
                         let io = drv.io(slot);
-                        io.recv = false;
+                        io.set(SlotIo::RECV, false);
                         // Upgraded: from now on the multishot recv on the main ring.
-                        io.upgraded |= !core.handshaking(id);
+                        if !core.handshaking(id) {
+                            io.set(SlotIo::UPGRADED, true);
+                        }
                         if rearm_after(drv.io(slot), res)
                             && let Some(fd) = core.fd_of(id)
                         {
@@ -778,9 +836,11 @@ pub fn run<H: Handler>(
                     if id.generation & GENERATION_MASK != generation {
                         continue;
                     }
-                    drv.io(slot).send = false;
-                    if let Some(sb) = drv.send_bufs.get_mut(slot as usize).and_then(Option::take) {
-                        drv.pool.push(sb);
+                    let sio = drv.io(slot);
+                    sio.set(SlotIo::SEND, false);
+                    let buf = std::mem::replace(&mut sio.send_buf, NO_SEND_BUF);
+                    if buf != NO_SEND_BUF {
+                        drv.free_bufs.push(buf);
                     }
                     core.on_sent(id, res);
                     finish_if_idle(&mut core, drv.io, slot);
@@ -791,10 +851,10 @@ pub fn run<H: Handler>(
                         continue;
                     }
                     if op == OP_CLOSE {
-                        sio.close = false;
+                        sio.set(SlotIo::CLOSE, false);
                     } else {
-                        sio.shutdown = false;
-                        if std::mem::take(&mut sio.close_after_shutdown) {
+                        sio.set(SlotIo::SHUTDOWN, false);
+                        if sio.take(SlotIo::CLOSE_AFTER_SHUTDOWN) {
                             let id = ConnId {
                                 slot,
                                 generation: sio.generation,
@@ -914,12 +974,13 @@ fn finish_if_idle<H: Handler>(core: &mut Core<H>, io: &mut [SlotIo], slot: u32) 
     let Some(sio) = io.get_mut(slot as usize) else {
         return;
     };
-    if sio.closing && !sio.recv && !sio.send && !sio.close && !sio.shutdown {
+    let busy = SlotIo::RECV | SlotIo::SEND | SlotIo::CLOSE | SlotIo::SHUTDOWN;
+    if sio.has(SlotIo::CLOSING) && sio.bits & busy == 0 {
         let id = ConnId {
             slot,
             generation: sio.generation,
         };
-        sio.closing = false;
+        sio.set(SlotIo::CLOSING, false);
         core.on_closed(id);
     }
 }
@@ -938,16 +999,10 @@ mod tests {
         assert!(rearm_after(&open, -libc::ECANCELED));
         assert!(!rearm_after(&open, 0), "EOF");
         assert!(!rearm_after(&open, -libc::ECONNRESET));
-        let paused = SlotIo {
-            paused: true,
-            ..SlotIo::default()
-        };
+        let paused = SlotIo::default().with(SlotIo::PAUSED);
         assert!(!rearm_after(&paused, -libc::ECANCELED));
         assert!(!rearm_after(&paused, 100));
-        let closing = SlotIo {
-            closing: true,
-            ..SlotIo::default()
-        };
+        let closing = SlotIo::default().with(SlotIo::CLOSING);
         assert!(!rearm_after(&closing, -libc::ECANCELED));
         assert!(!rearm_after(&closing, -libc::ENOBUFS));
     }
