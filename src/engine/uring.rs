@@ -565,10 +565,9 @@ impl Driver for UringDriver<'_, '_> {
             sb.iov = iov;
             sb.msg.msg_iov = sb.iov.as_mut_ptr();
             sb.msg.msg_iovlen = n;
-            let e = opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
+            opcode::SendMsg::new(Fixed(fd), &raw const sb.msg)
                 .flags((libc::MSG_NOSIGNAL | more) as u32)
-                .build();
-            e
+                .build()
         }
         .user_data(user_data(OP_SEND, id));
         // SAFETY: the bytes are `Bytes` in the connection's transmit queue, kept until
