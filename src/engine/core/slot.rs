@@ -1,4 +1,4 @@
-//! A connection's slot: the 64 bytes a worker keeps per connection (the protocol state,
+//! A connection's slot: the 88 bytes a worker keeps per connection (the protocol state,
 //! the generation, the descriptor, flags and phase, the handler's data), with what only
 //! some connections need (handshake buffer, topics, conflated frames, deadlines, the
 //! application's timer) boxed in
@@ -221,7 +221,7 @@ impl Extra {
 /// The boxed part stays within the size it had before `Rare` (104 bytes on 64-bit).
 const _: () = assert!(std::mem::size_of::<Extra>() <= 104);
 
-/// One connection. Kept at 96 bytes (asserted below): with the backend's per-slot bytes
+/// One connection. Kept at 88 bytes (asserted below): with the backend's per-slot bytes
 /// it is the whole user-space cost of an idle connection, one topic and its place on the
 /// timer wheel included.
 pub(super) struct Slot<D> {
