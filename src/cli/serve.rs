@@ -257,35 +257,6 @@ mod tests {
     use crate::engine::internals::Core;
     use crate::engine::{ConnId, EngineConfig, Shared};
 
-    /// Records what each connection was sent.
-    #[derive(Default)]
-    struct Recorder {
-        sent: std::collections::HashMap<ConnId, Vec<u8>>,
-    }
-
-    impl crate::engine::internals::Driver for Recorder {
-        fn send(
-            &mut self,
-            id: ConnId,
-            _fd: u32,
-            bufs: &mut dyn Iterator<Item = &[u8]>,
-            _last: bool,
-        ) -> crate::engine::internals::SendOutcome {
-            let out = self.sent.entry(id).or_default();
-            let mut n = 0;
-            for b in bufs {
-                out.extend_from_slice(b);
-                n += b.len();
-            }
-            crate::engine::internals::SendOutcome::Wrote { n, all: true }
-        }
-        fn close(&mut self, _id: ConnId, _fd: u32) -> bool {
-            true
-        }
-        fn shutdown_write(&mut self, _id: ConnId, _fd: u32) {}
-        fn set_reading(&mut self, _id: ConnId, _fd: u32, _on: bool) {}
-    }
-
     fn connect(core: &mut Core<BenchProtocol>, fd: u32, path: &str, now: Instant) -> ConnId {
         let id = core.on_accept(fd, now);
         let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").into_bytes();
@@ -305,22 +276,22 @@ mod tests {
             BenchProtocol::new(Handle::from_shared(shared)),
             now,
         );
-        let mut driver = Recorder::default();
+        let mut driver = Wire::default();
         let a = connect(&mut core, 1, "/pubsub/t", now);
         let b = connect(&mut core, 2, "/pubsub/t", now);
         let other = connect(&mut core, 3, "/pubsub/u", now);
         let echo = connect(&mut core, 4, "/echo", now);
         core.flush(&mut driver);
-        driver.sent.clear();
+        driver.0.clear();
         // A masked text frame "hi" (mask 1 2 3 4) from `a`.
         let mut frame = vec![0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
         core.on_data(a, &mut frame, now);
         core.flush(&mut driver);
         let hi = [0x81, 0x02, b'h', b'i'];
-        assert_eq!(driver.sent.get(&a).map(Vec::as_slice), Some(&hi[..]));
-        assert_eq!(driver.sent.get(&b).map(Vec::as_slice), Some(&hi[..]));
-        assert_eq!(driver.sent.get(&other), None, "another topic");
-        assert_eq!(driver.sent.get(&echo), None);
+        assert_eq!(driver.0.get(&a).map(Vec::as_slice), Some(&hi[..]));
+        assert_eq!(driver.0.get(&b).map(Vec::as_slice), Some(&hi[..]));
+        assert_eq!(driver.0.get(&other), None, "another topic");
+        assert_eq!(driver.0.get(&echo), None);
     }
 
     /// Keeps what each connection was sent.
