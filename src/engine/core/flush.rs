@@ -149,6 +149,7 @@ impl<H: Handler> Core<H> {
             return sends;
         };
         let pending = slot.conn.transmit_frames() > 0;
+        let mut move_to = None;
         if pending && !slot.flags.has(Flags::DEAD) && matches!(slot.phase, Phase::Open) {
             // Bytes left over (a write in flight, or a full socket): they must make
             // progress within the send timeout.
@@ -159,18 +160,21 @@ impl<H: Handler> Core<H> {
                     .timer
                     .is_on()
                     .then(|| self.inner.wheel.due_of(&slot.timer));
-                if due.is_none_or(|due| due > tick) {
-                    // (Looked up through the slab only when it moves: the wheel's
-                    // neighbours are other slots.)
-                    self.inner
-                        .wheel
-                        .schedule(&mut self.inner.slots, id.slot, tick);
-                }
+                move_to = due.is_none_or(|due| due > tick).then_some(tick);
             }
         }
-        let Some(slot) = slot_of(&mut self.inner.slots, id) else {
-            return sends;
-        };
+        let mut slot = slot;
+        if let Some(tick) = move_to {
+            // Through the slab, and looked up again, only when it moves on the wheel (its
+            // neighbours there are other slots), not on every write.
+            self.inner
+                .wheel
+                .schedule(&mut self.inner.slots, id.slot, tick);
+            let Some(again) = slot_of(&mut self.inner.slots, id) else {
+                return sends;
+            };
+            slot = again;
+        }
         if slot.flags.has(Flags::SENDING) || slot.flags.has(Flags::DIRTY) {
             return sends;
         }
