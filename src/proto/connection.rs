@@ -570,6 +570,8 @@ pub struct Connection {
     /// follows §5.5.1 sends nothing after it.
     peer_closed: bool,
     timer: Timer,
+    /// See [`Connection::close_code`] (in what was padding: the struct stays 32 bytes).
+    code: CloseCode,
 }
 
 impl Connection {
@@ -587,6 +589,7 @@ impl Connection {
             input_done: false,
             peer_closed: false,
             timer,
+            code: CloseCode::Abnormal,
         }
     }
 
@@ -973,6 +976,7 @@ impl Connection {
         };
         match &event {
             Event::Close(frame) => {
+                self.code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
                 if self.state == State::Open {
                     // Echo the peer's code (§5.5.1); an empty close gets an empty reply.
                     let reply = match frame {
@@ -984,6 +988,7 @@ impl Connection {
                 self.closed();
             }
             Event::ProtocolError(e) => {
+                self.code = e.close_code();
                 if self.state == State::Open {
                     self.queue(close_frame(e.close_code(), ""));
                 }
@@ -1010,6 +1015,15 @@ impl Connection {
         }
     }
 
+    /// The code this connection's close is reported with: the code of the peer's close
+    /// frame once it is polled (1005 when the frame had none; RFC 6455 §7.1.5), else the
+    /// code of the close this side sent (by [`Connection::close`], or for the protocol
+    /// error that failed the connection), else 1006: closed without a close frame so far
+    /// (a timeout, a dropped socket). The last of these to happen wins.
+    pub fn close_code(&self) -> CloseCode {
+        self.code
+    }
+
     /// Starts the closing handshake with `code` and `reason` (cut to fit 123 bytes). Does
     /// nothing unless the connection is open. 1005, 1006 and 1015 are sent as an empty close.
     pub fn close(&mut self, code: CloseCode, reason: &str, now: Instant) {
@@ -1017,6 +1031,7 @@ impl Connection {
             return;
         }
         self.queue(close_frame(code, reason));
+        self.code = code;
         self.state = State::ClosingByUs;
         self.timer = Timer::Closing;
         self.deadline = Deadline::at(now + self.config.close_timeout);

@@ -95,8 +95,7 @@ impl<H: Handler> Core<H> {
                 }),
                 Event::Ping(_) | Event::Pong(_) => None,
                 Event::Close(frame) => {
-                    slot.close_code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
-                    let code = u16::from(slot.close_code);
+                    let code = u16::from(slot.conn.close_code());
                     if let Some(f) = frame.filter(|f| !f.reason.is_empty()) {
                         slot.extra().set_close_reason(f.reason);
                     }
@@ -109,8 +108,7 @@ impl<H: Handler> Core<H> {
                 }
                 Event::ProtocolError(e) => {
                     tracing::debug!(slot = id.slot, "protocol error: {e}");
-                    slot.close_code = e.close_code();
-                    let code = u16::from(slot.close_code);
+                    let code = u16::from(slot.conn.close_code());
                     let stats = self.inner.stats();
                     stats.close_sent(code);
                     if e == crate::proto::ProtocolError::MessageTimeout {
@@ -275,7 +273,7 @@ impl<H: Handler> Core<H> {
             return;
         };
         let counted = slot.flags.has(Flags::COUNTED);
-        let code = slot.close_code;
+        let code = slot.conn.close_code();
         let reason = slot.extra.as_mut().and_then(|e| e.take_close_reason());
         if counted {
             self.handler.on_close(

@@ -33,7 +33,6 @@ impl<D> Inner<D> {
             Room::Full => match (policy, topic) {
                 (Policy::Close, _) => {
                     slot.conn.close(CloseCode::Again, "send queue full", now);
-                    slot.close_code = CloseCode::Again;
                     let stats = &self.shared.stats[self.index];
                     stats.backpressure_closes.bump(1);
                     stats.close_sent(1013);
@@ -259,7 +258,6 @@ impl<D> Inner<D> {
             return;
         }
         slot.conn.close(code, reason, now);
-        slot.close_code = code;
         let at = slot.conn.poll_timeout();
         self.count_close_sent(u16::from(code));
         if let Some(at) = at {

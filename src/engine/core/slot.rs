@@ -238,8 +238,6 @@ pub(super) struct Slot<D> {
     pub(super) timer: Link,
     pub(super) generation: u32,
     pub(super) fd: u32,
-    /// The code to report on close.
-    pub(super) close_code: CloseCode,
     pub(super) flags: Flags,
     pub(super) phase: Phase,
     /// The handler's per-connection data.
@@ -357,4 +355,4 @@ impl<D> Slot<D> {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 88);
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 80);

@@ -26,7 +26,6 @@ impl<H: Handler> Core<H> {
             timer: Link::OFF,
             generation,
             fd,
-            close_code: CloseCode::Abnormal,
             flags: Flags::default(),
             phase: Phase::Handshake,
             data: None,

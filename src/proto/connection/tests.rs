@@ -166,6 +166,7 @@ fn closes_with_cfg(bytes: &[u8], code: u16, cfg: Config) {
     let tx = written(&mut c);
     assert_eq!(tx.first(), Some(&0x88), "{tx:02x?}");
     assert_eq!(&tx[2..4], &code.to_be_bytes(), "{tx:02x?}");
+    assert_eq!(u16::from(c.close_code()), code, "{bytes:02x?}");
     // Anything afterwards is ignored and queues nothing.
     feed(&mut c, &frame(true, 1, b"more"));
     assert!(events(&mut c).is_empty());
@@ -364,6 +365,37 @@ fn timers_ping_then_drop_a_silent_peer() {
     c.handle_timeout(t0 + Duration::from_secs(35));
     assert!(c.is_closed());
     assert!(events(&mut c).contains(&Event::TimedOut));
+    // Closed without a close frame either way.
+    assert_eq!(c.close_code(), CloseCode::Abnormal);
+}
+
+#[test]
+fn the_close_code_is_the_peers_else_ours_and_the_last_one_wins() {
+    // The peer closes first: its code (1005 when its frame had none).
+    let mut c = conn();
+    assert_eq!(c.close_code(), CloseCode::Abnormal);
+    feed(&mut c, &frame(true, 8, &4321u16.to_be_bytes()));
+    assert_eq!(
+        c.close_code(),
+        CloseCode::Abnormal,
+        "not before it is polled"
+    );
+    events(&mut c);
+    assert_eq!(u16::from(c.close_code()), 4321);
+    let mut c = conn();
+    feed(&mut c, &frame(true, 8, b""));
+    events(&mut c);
+    assert_eq!(c.close_code(), CloseCode::Status);
+    // We close first: ours, until the peer's reply is read, whose code then counts.
+    let now = Instant::now();
+    let mut c = conn();
+    c.close(CloseCode::Again, "", now);
+    assert_eq!(c.close_code(), CloseCode::Again);
+    c.close(CloseCode::Normal, "", now); // not open: a no-op
+    assert_eq!(c.close_code(), CloseCode::Again);
+    feed(&mut c, &frame(true, 8, &1000u16.to_be_bytes()));
+    events(&mut c);
+    assert_eq!(c.close_code(), CloseCode::Normal);
 }
 
 #[test]
