@@ -40,7 +40,7 @@ use crate::proto::close::CloseCode;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
 use crate::proto::{Connection, Event, HandshakeError, OpCode, State, encode_frame};
 use crate::pubsub::{Frame, Policy, PublishReport, Registry, Room, SendStatus};
-use slot::{Extra, Flags, Handshake, Member, PendingUpgrade, Phase, Rare, Slot};
+use slot::{Flags, Member, PendingUpgrade, Phase, Rare, Slot};
 
 /// Identifies a connection on its worker across slot reuse: a completion or command for an
 /// old generation is ignored.

@@ -31,28 +31,23 @@ impl<H: Handler> Core<H> {
                     }
                     return;
                 }
-                let Some(hs) = slot.extra.as_mut().and_then(|e| e.handshake.as_mut()) else {
-                    return;
+                // Parsed where it was read, unless an earlier read left part of it.
+                let kept = slot.extra.as_mut().map(|e| &mut e.request);
+                let (input, was_kept): (&[u8], bool) = match kept {
+                    Some(buf) if !buf.is_empty() => {
+                        buf.extend_from_slice(data);
+                        (buf, true)
+                    }
+                    _ => (data, false),
                 };
-                let buf = &mut hs.buf;
-                let status = if buf.is_empty() {
-                    handshake::parse_request(data, &limits)
-                } else {
-                    buf.extend_from_slice(data);
-                    handshake::parse_request(buf, &limits)
-                };
-                match status {
+                match handshake::parse_request(input, &limits) {
                     Ok(ParseStatus::Partial) => {
-                        if buf.is_empty() {
-                            buf.extend_from_slice(data);
+                        if !was_kept {
+                            slot.extra().request.extend_from_slice(data);
                         }
                     }
                     Ok(ParseStatus::Complete { request, consumed }) => {
-                        let rest = if buf.is_empty() {
-                            data.get(consumed..).map(<[u8]>::to_vec)
-                        } else {
-                            buf.get(consumed..).map(<[u8]>::to_vec)
-                        };
+                        let rest = input.get(consumed..).map(<[u8]>::to_vec);
                         self.on_request(id, request, rest.unwrap_or_default(), now);
                     }
                     Err(e) => self.respond_error(id, e),
@@ -343,18 +338,11 @@ impl<H: Handler> Core<H> {
             };
             let next = match slot.phase {
                 Phase::Handshake => {
-                    let deadline = slot
-                        .extra
-                        .as_ref()
-                        .and_then(|e| e.handshake.as_ref())
-                        .map_or(now, |hs| hs.deadline);
-                    if deadline <= now {
-                        // A slow-drip client: drop it without an answer.
-                        slot.flags.set(Flags::DEAD, true);
-                        None
-                    } else {
-                        Some(deadline)
-                    }
+                    // Only its handshake deadline puts a socket in this phase on the wheel,
+                    // and the wheel never fires early (ticks round up): the deadline has
+                    // passed. A slow-drip client: drop it without an answer.
+                    slot.flags.set(Flags::DEAD, true);
+                    None
                 }
                 Phase::Open => {
                     slot.conn.handle_timeout(now);

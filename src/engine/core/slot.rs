@@ -26,12 +26,6 @@ pub(super) struct PendingUpgrade {
     pub(super) gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
-#[derive(Debug)]
-pub(super) struct Handshake {
-    pub(super) buf: Vec<u8>,
-    pub(super) deadline: Instant,
-}
-
 /// Flags of a slot, packed in two bytes (the slot is in every connection's footprint).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Flags(pub(super) u16);
@@ -120,8 +114,10 @@ type Conflated = Vec<(ArcStr, Bytes)>;
 /// upgraded connection with at most one topic is its [`Slot`] alone.
 #[derive(Debug, Default)]
 pub(super) struct Extra {
-    /// While reading the upgrade request.
-    pub(super) handshake: Option<Handshake>,
+    /// The upgrade request read so far, when it came split across reads (one that comes
+    /// whole, as nearly all do, is parsed where it was read: a socket in its handshake
+    /// has no `Extra`, its deadline is its place on the timer wheel).
+    pub(super) request: Vec<u8>,
     /// Topics this connection is subscribed to beyond the first ([`Slot::topic`]).
     pub(super) topics: Vec<Member>,
     /// Conflation: the newest frame per topic, held while the queue is over its hard limit.
@@ -152,7 +148,7 @@ pub(super) enum Rare {
 
 impl Extra {
     pub(super) fn is_empty(&self) -> bool {
-        self.handshake.is_none()
+        self.request.is_empty()
             && self.topics.is_empty()
             && self.conflated.is_empty()
             && matches!(self.rare, Rare::None)
@@ -269,6 +265,14 @@ impl<D> Slot<D> {
 
     pub(super) fn extra(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the part of an upgrade request kept between reads (it was answered).
+    pub(super) fn forget_request(&mut self) {
+        if let Some(e) = self.extra.as_mut() {
+            e.request = Vec::new();
+        }
+        self.tidy();
     }
 
     /// Drops the extra part once it holds nothing.

@@ -316,3 +316,72 @@ fn the_wheel_follows_freed_and_reused_slots() {
     assert_eq!(step(760, &mut core, &mut driver), sorted(readers));
     assert!(step(900, &mut core, &mut driver).is_empty());
 }
+
+/// A socket in its handshake has nothing boxed: a request that comes whole is parsed
+/// where it was read; one split across reads is kept until it is whole, and the bytes
+/// after it in the same read are the connection's first frames.
+#[test]
+fn a_handshake_boxes_only_a_request_split_across_reads() {
+    let now = Instant::now();
+    let mut core = bench_core(EngineConfig::default(), now);
+    let mut driver = Recorder::default();
+    let extra = |core: &Core<EchoPubSub>, id: ConnId| {
+        core.inner.slots[id.slot as usize]
+            .extra
+            .as_ref()
+            .map(|e| e.request.len())
+    };
+    let whole = subscriber(&mut core, 1, now);
+    assert_eq!(extra(&core, whole), None, "a whole request keeps nothing");
+
+    let id = core.on_accept(2, now);
+    assert_eq!(extra(&core, id), None, "an accepted socket has no Extra");
+    let req = b"GET /pubsub/t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let (a, b) = req.split_at(30);
+    let (b, c) = b.split_at(40);
+    core.on_data(id, &mut a.to_vec(), now);
+    assert_eq!(extra(&core, id), Some(30));
+    core.on_data(id, &mut b.to_vec(), now);
+    assert_eq!(extra(&core, id), Some(70));
+    // The end of the request and a frame in one read.
+    let mut last = c.to_vec();
+    last.extend(masked(b"hello"));
+    core.on_data(id, &mut last, now);
+    assert_eq!(extra(&core, id), None, "nothing kept once upgraded");
+    core.flush(&mut driver);
+    let to_it: Vec<u8> = driver
+        .writes
+        .iter()
+        .filter(|(w, _)| *w == id)
+        .flat_map(|(_, b)| b.iter().copied())
+        .collect();
+    assert!(to_it.starts_with(b"HTTP/1.1 101 "), "{to_it:?}");
+    // The frame after the request was published to `t`: both subscribers have it.
+    let frame = encode_frame(OpCode::Binary, b"hello");
+    assert!(to_it.ends_with(&frame), "{to_it:?}");
+    assert!(
+        driver
+            .writes
+            .iter()
+            .any(|(w, b)| *w == whole && b.ends_with(&frame))
+    );
+}
+
+/// The handshake deadline is the slot's place on the wheel: it holds until the deadline
+/// and drops the socket once it has passed, never before.
+#[test]
+fn a_handshake_deadline_drops_the_socket_once_passed_and_not_before() {
+    let t0 = Instant::now();
+    let timeout = Duration::from_millis(300);
+    let config = EngineConfig {
+        handshake_timeout: timeout,
+        ..EngineConfig::default()
+    };
+    let mut core = bench_core(config, t0);
+    let id = core.on_accept(1, t0);
+    let dead = |core: &Core<EchoPubSub>| core.inner.slots[id.slot as usize].flags.has(Flags::DEAD);
+    core.on_tick(t0 + timeout - Duration::from_millis(1));
+    assert!(!dead(&core), "dropped before its deadline");
+    core.on_tick(t0 + timeout + crate::engine::wheel::TICK);
+    assert!(dead(&core), "not dropped once its deadline passed");
+}

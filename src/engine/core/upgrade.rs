@@ -15,13 +15,9 @@ impl<H: Handler> Core<H> {
         let deadline = now + inner.shared.config.handshake_timeout;
         let slot = inner.slots.insert(Slot {
             conn: Connection::new(inner.shared.proto.clone(), now),
-            extra: Some(Box::new(Extra {
-                handshake: Some(Handshake {
-                    buf: Vec::new(),
-                    deadline,
-                }),
-                ..Extra::default()
-            })),
+            // Nothing boxed: a request that comes in one read is parsed where it was read,
+            // and the handshake deadline is the slot's place on the wheel (see `on_tick`).
+            extra: None,
             topic: None,
             timer: Link::OFF,
             generation,
@@ -86,9 +82,7 @@ impl<H: Handler> Core<H> {
         };
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let extra = slot.extra();
-        if let Some(hs) = extra.handshake.as_mut() {
-            hs.buf = Vec::new();
-        }
+        extra.request = Vec::new();
         extra.rare = Rare::Deferred(Box::new(PendingUpgrade {
             upgrade,
             rest,
@@ -217,8 +211,7 @@ impl<H: Handler> Core<H> {
             deflate.is_some_and(|a| Some(a.server_window_bits) == own_window),
         );
         self.inner.shared.set_live(self.inner.index, id, true);
-        slot.extra().handshake = None;
-        slot.tidy();
+        slot.forget_request();
         slot.data = Some(accept.data);
         // A fresh connection: its timers start now.
         slot.conn = Connection::new(proto, now);
@@ -332,8 +325,7 @@ impl<H: Handler> Core<H> {
     pub(super) fn finish_with(&mut self, id: ConnId, response: Vec<u8>) {
         if let Some(slot) = slot_of(&mut self.inner.slots, id) {
             slot.phase = Phase::Finish;
-            slot.extra().handshake = None;
-            slot.tidy();
+            slot.forget_request();
             let _ = slot.conn.send_raw(Bytes::from(response));
         }
         // The answer must be taken, and the peer's EOF come, within the close timeout.
