@@ -131,10 +131,13 @@ pub struct Inner<D> {
     now: Instant,
     /// This worker's topics, their subscribers and the turn's pending run of frames (the
     /// pub/sub layer; it reaches the slab through `Subscribers`, see `core/pubsub.rs`).
-    registry: Registry<ConnId>,
+    /// Members are slot indexes (4 bytes each, not an 8-byte `ConnId`): a slot leaves
+    /// every list before it is freed (`Core::on_closed`), so an index never names a
+    /// connection that took the slot later.
+    registry: Registry<u32>,
     /// Subscribers that get a topic's publications in the history's envelope (with their
     /// offsets), beside `registry`'s plain ones.
-    framed: Registry<ConnId>,
+    framed: Registry<u32>,
     /// Topics with history this worker has subscribers of: what was delivered, who waits
     /// to join (`core/history.rs`).
     streams: history::Streams,

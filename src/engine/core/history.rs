@@ -221,7 +221,7 @@ impl<D> Inner<D> {
         self.mark_dirty(id);
     }
 
-    fn registry_for(&mut self, envelope: bool) -> &mut Registry<ConnId> {
+    fn registry_for(&mut self, envelope: bool) -> &mut Registry<u32> {
         if envelope {
             &mut self.framed
         } else {
@@ -235,7 +235,7 @@ impl<D> Inner<D> {
     pub(super) fn list(&mut self, key: &str, id: ConnId, envelope: bool) -> usize {
         let registry = self.registry_for(envelope);
         let own = registry.intern(key);
-        let n = registry.add(own.clone(), id);
+        let n = registry.add(own.clone(), id.slot);
         if let Some(m) = slot_of(&mut self.slots, id).and_then(|s| s.member_mut(key)) {
             m.pos = (n - 1) as u32;
             m.framed = envelope;
@@ -265,9 +265,12 @@ impl<D> Inner<D> {
             &[(m.framed, m.pos)]
         };
         for &(framed, pos) in places {
-            let (_, moved) = self.registry_for(framed).remove_at(&m.key, id, pos);
+            let (_, moved) = self.registry_for(framed).remove_at(&m.key, id.slot, pos);
             if let Some((other, at)) = moved
-                && let Some(om) = slot_of(&mut self.slots, other).and_then(|s| s.member_mut(&m.key))
+                && let Some(om) = self
+                    .slots
+                    .get_mut(other as usize)
+                    .and_then(|s| s.member_mut(&m.key))
             {
                 om.pos = at;
             }

@@ -267,29 +267,34 @@ impl<D> Inner<D> {
     }
 }
 
-/// The slab as the pub/sub registry sees it.
+/// The slab as the pub/sub registry sees it: a member is a slot index (listed members are
+/// never freed slots, see `Inner::registry`).
 impl<D> Subscribers for Inner<D> {
-    type Id = ConnId;
+    type Id = u32;
 
     #[inline]
-    fn room(&self, id: ConnId, len: usize, ahead: usize) -> Room {
+    fn room(&self, slot: u32, len: usize, ahead: usize) -> Room {
         self.slots
-            .get(id.slot as usize)
-            .filter(|s| s.generation == id.generation)
+            .get(slot as usize)
             .map_or(Room::Closed, |s| s.room(len, ahead, self.soft, self.hard))
     }
 
-    fn queue_run(&mut self, id: ConnId, run: &Bytes, twin: Option<&Bytes>) -> bool {
-        let queued = slot_of(&mut self.slots, id).is_some_and(|slot| {
-            let run = match twin {
-                Some(t) if slot.flags.has(Flags::DEFLATE) => t,
-                _ => run,
-            };
-            !slot.flags.has(Flags::DEAD)
-                && !slot.flags.has(Flags::CLOSING)
-                && slot.conn.send_shared(run).is_ok()
-        });
+    fn queue_run(&mut self, slot: u32, run: &Bytes, twin: Option<&Bytes>) -> bool {
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return false;
+        };
+        let run = match twin {
+            Some(t) if s.flags.has(Flags::DEFLATE) => t,
+            _ => run,
+        };
+        let queued = !s.flags.has(Flags::DEAD)
+            && !s.flags.has(Flags::CLOSING)
+            && s.conn.send_shared(run).is_ok();
         if queued {
+            let id = ConnId {
+                slot,
+                generation: s.generation,
+            };
             self.mark_dirty(id);
         }
         queued
@@ -297,16 +302,19 @@ impl<D> Subscribers for Inner<D> {
 
     fn queue_with_policy(
         &mut self,
-        id: ConnId,
+        slot: u32,
         frame: &Bytes,
         twin: &mut crate::pubsub::Twin<'_>,
         topic: &ArcStr,
     ) -> SendStatus {
-        let deflate = self
-            .slots
-            .get(id.slot as usize)
-            .is_some_and(|s| s.flags.has(Flags::DEFLATE));
-        if deflate {
+        let Some(s) = self.slots.get(slot as usize) else {
+            return SendStatus::Closed;
+        };
+        let id = ConnId {
+            slot,
+            generation: s.generation,
+        };
+        if s.flags.has(Flags::DEFLATE) {
             let twin = twin.get().clone();
             return self.queue_frame(id, Out::Shared(&twin), Some(topic));
         }

@@ -177,7 +177,11 @@ fn subscribers_leaving_in_any_order_leave_exactly_the_others_listed() {
         // Every member's slot knows where it is (a stale index would only be found again
         // by a search: checked here, not relied on).
         for (at, id) in core.inner.registry.members("t").iter().enumerate() {
-            let slot = slot_of(&mut core.inner.slots, *id).expect("a listed member is open");
+            let slot = core
+                .inner
+                .slots
+                .get_mut(*id as usize)
+                .expect("a listed member is open");
             assert_eq!(
                 slot.topic.as_ref().map(|m| m.pos),
                 Some(at as u32),
@@ -222,7 +226,11 @@ fn subscribers_leaving_in_any_order_leave_exactly_the_others_listed() {
     }
     for topic in ["t", "u"] {
         for (at, id) in core.inner.registry.members(topic).iter().enumerate() {
-            let slot = slot_of(&mut core.inner.slots, *id).expect("listed and open");
+            let slot = core
+                .inner
+                .slots
+                .get_mut(*id as usize)
+                .expect("listed and open");
             assert_eq!(
                 slot.member_mut(topic).map(|m| m.pos),
                 Some(at as u32),
@@ -384,4 +392,37 @@ fn a_handshake_deadline_drops_the_socket_once_passed_and_not_before() {
     assert!(!dead(&core), "dropped before its deadline");
     core.on_tick(t0 + timeout + crate::engine::wheel::TICK);
     assert!(dead(&core), "not dropped once its deadline passed");
+}
+
+/// The registries list slot indexes: a connection that takes the slot of a subscriber
+/// that left gets none of that subscriber's publications.
+#[test]
+fn a_slot_taken_again_inherits_no_membership() {
+    let now = Instant::now();
+    let mut core = bench_core(EngineConfig::default(), now);
+    let mut driver = Recorder::default();
+    let publisher = subscriber(&mut core, 1, now);
+    let leaver = subscriber(&mut core, 2, now);
+    core.flush(&mut driver);
+    core.on_eof(leaver);
+    core.flush(&mut driver);
+    core.on_closed(leaver);
+    // An echo connection (no topic) takes the slot.
+    let id = core.on_accept(3, now);
+    assert_eq!(id.slot, leaver.slot, "the slot is reused");
+    let mut req = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
+    core.on_data(id, &mut req, now);
+    core.flush(&mut driver);
+    driver.writes.clear();
+    core.on_data(publisher, &mut masked(b"to t"), now);
+    core.flush(&mut driver);
+    let frame = encode_frame(OpCode::Binary, b"to t");
+    let got: Vec<ConnId> = driver
+        .writes
+        .iter()
+        .filter(|(_, b)| b.ends_with(&frame))
+        .map(|(w, _)| *w)
+        .collect();
+    assert_eq!(got, vec![publisher], "only the topic's one subscriber");
+    assert_eq!(core.inner.registry.members("t"), &[publisher.slot]);
 }
