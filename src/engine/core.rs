@@ -394,7 +394,9 @@ impl<H: Handler> Core<H> {
         })
     }
 
-    fn id_of(&self, slot: u32) -> Option<ConnId> {
+    /// The connection in `slot` now, if the slot is in use (a backend checks a
+    /// completion's generation against it).
+    pub fn id_of(&self, slot: u32) -> Option<ConnId> {
         self.inner.slots.get(slot as usize).map(|s| ConnId {
             slot,
             generation: s.generation,

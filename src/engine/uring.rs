@@ -354,11 +354,12 @@ impl Drop for BufRing {
     }
 }
 
-/// What is in flight for one slot: 12 bytes per slot (the generation, the index of its
-/// gathering send's buffers, and the flags below), beside the core's slot.
+/// What is in flight for one slot: 8 bytes per slot (the index of its gathering send's
+/// buffers and the flags below), beside the core's slot. A completion's generation is
+/// checked against the core's slot (`Core::id_of`), which lives until the last
+/// operation completed: no second copy of it here.
 #[derive(Clone, Copy)]
 struct SlotIo {
-    generation: u32,
     /// The `SendBuf` its gathering send in flight uses ([`NO_SEND_BUF`]: none).
     send_buf: u32,
     bits: u16,
@@ -370,7 +371,6 @@ const NO_SEND_BUF: u32 = u32::MAX;
 impl Default for SlotIo {
     fn default() -> SlotIo {
         SlotIo {
-            generation: 0,
             send_buf: NO_SEND_BUF,
             bits: 0,
         }
@@ -421,7 +421,7 @@ impl SlotIo {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<SlotIo>() <= 12);
+const _: () = assert!(std::mem::size_of::<SlotIo>() <= 8);
 
 /// Whether a multishot recv that ended (no `MORE` flag) with `res` is armed again:
 /// unless the connection is closing or paused, after data, after the buffer ring ran dry
@@ -759,11 +759,7 @@ pub fn run<H: Handler>(
                     if res >= 0 {
                         backoff.succeeded();
                         let id = core.on_accept(res as u32, now);
-                        let sio = drv.io(id.slot);
-                        *sio = SlotIo {
-                            generation: id.generation,
-                            ..SlotIo::default()
-                        };
+                        *drv.io(id.slot) = SlotIo::default();
                         drv.arm_recv(id, res as u32);
                     } else if res != -libc::ECANCELED
                         && backoff.failed(index, -res, &shared.stats[index], now)
@@ -778,13 +774,9 @@ pub fn run<H: Handler>(
                     }
                 }
                 OP_RECV => {
-                    let id = ConnId {
-                        slot,
-                        generation: drv.io(slot).generation,
-                    };
-                    if id.generation & GENERATION_MASK != generation {
+                    let Some(id) = core.id_of(slot).filter(|id| id.generation == generation) else {
                         continue;
-                    }
+                    };
                     if res > 0 && drv.io(slot).has(SlotIo::HANDSHAKE) {
                         if let Some(bid) = cqueue::buffer_select(flags) {
                             // SAFETY: the single-shot recv hands these bytes of the upgrade
@@ -828,13 +820,9 @@ pub fn run<H: Handler>(
                     }
                 }
                 OP_SEND => {
-                    let id = ConnId {
-                        slot,
-                        generation: drv.io(slot).generation,
-                    };
-                    if id.generation & GENERATION_MASK != generation {
+                    let Some(id) = core.id_of(slot).filter(|id| id.generation == generation) else {
                         continue;
-                    }
+                    };
                     let sio = drv.io(slot);
                     sio.set(SlotIo::SEND, false);
                     let buf = std::mem::replace(&mut sio.send_buf, NO_SEND_BUF);
@@ -845,22 +833,18 @@ pub fn run<H: Handler>(
                     finish_if_idle(&mut core, drv.io, slot);
                 }
                 OP_CLOSE | OP_SHUTDOWN => {
-                    let sio = drv.io(slot);
-                    if sio.generation & GENERATION_MASK != generation {
+                    let Some(id) = core.id_of(slot).filter(|id| id.generation == generation) else {
                         continue;
-                    }
+                    };
+                    let sio = drv.io(slot);
                     if op == OP_CLOSE {
                         sio.set(SlotIo::CLOSE, false);
                     } else {
                         sio.set(SlotIo::SHUTDOWN, false);
-                        if sio.take(SlotIo::CLOSE_AFTER_SHUTDOWN) {
-                            let id = ConnId {
-                                slot,
-                                generation: sio.generation,
-                            };
-                            if let Some(fd) = core.socket_of(id) {
-                                drv.submit_close(id, fd);
-                            }
+                        if sio.take(SlotIo::CLOSE_AFTER_SHUTDOWN)
+                            && let Some(fd) = core.socket_of(id)
+                        {
+                            drv.submit_close(id, fd);
                         }
                     }
                     finish_if_idle(&mut core, drv.io, slot);
@@ -974,11 +958,10 @@ fn finish_if_idle<H: Handler>(core: &mut Core<H>, io: &mut [SlotIo], slot: u32) 
         return;
     };
     let busy = SlotIo::RECV | SlotIo::SEND | SlotIo::CLOSE | SlotIo::SHUTDOWN;
-    if sio.has(SlotIo::CLOSING) && sio.bits & busy == 0 {
-        let id = ConnId {
-            slot,
-            generation: sio.generation,
-        };
+    if sio.has(SlotIo::CLOSING)
+        && sio.bits & busy == 0
+        && let Some(id) = core.id_of(slot)
+    {
         sio.set(SlotIo::CLOSING, false);
         core.on_closed(id);
     }
