@@ -3,7 +3,9 @@
 # to CPU 0; extra flags after --), opens N upgraded connections to /pubsub/idle with
 # wsring-load (pinned to CPU 1, spread over 2 processes), a first fill of N/3 and then the
 # rest, holds them, and reports the server's RSS base, its growth per connection over the
-# base, the slope between the two fills, and the kernel's Slab growth per connection (the
+# base (and how much of that growth is anonymous memory, how much the file-backed code
+# pages the connection path first runs: a fixed cost), the slope between the two fills,
+# and the kernel's Slab growth per connection (the
 # Slab figure includes the client sockets, which live on this machine too). Fails when the
 # server's RSS grows by more than the limit per connection.
 #
@@ -43,7 +45,9 @@ per = r["rss_bytes_per_conn"]
 print(f"idle ({sys.argv[3]}, cold): {r['idle_connections']} connections, server RSS base "
       f"{r['rss_kb_base']} KiB, {per:.0f} B/connection over it, slope between "
       f"{r.get('first_fill_connections', '-')} and {r['idle_connections']} connections "
-      f"{r.get('rss_slope_bytes_per_conn', float('nan')):.0f} B/connection, "
+      f"{r.get('rss_slope_bytes_per_conn', float('nan')):.0f} B/connection; of the growth, "
+      f"{r.get('rss_anon_bytes_per_conn', float('nan')):.0f} B/connection anonymous and "
+      f"{r.get('rss_file_kb_growth', 0)} KiB file-backed in all (code pages first run), "
       f"kernel Slab {r['slab_bytes_per_conn']:.0f} B/connection (both ends), "
       f"permessage-deflate agreed on {r['deflate_agreed']}")
 if r["idle_connections"] < r["connections"]:

@@ -1208,6 +1208,10 @@ fn report(out: &mut impl Write, client: &Client, elapsed: f64, counted: u64) {
 struct ServerSample {
     cpu_s: f64,
     rss_kb: u64,
+    /// The anonymous part of the RSS (heap, arenas, rings: what connections allocate).
+    rss_anon_kb: u64,
+    /// The file-backed part (mostly the executable's code pages, mapped as first run).
+    rss_file_kb: u64,
 }
 
 fn sample_server(pid: u32) -> Option<ServerSample> {
@@ -1220,14 +1224,18 @@ fn sample_server(pid: u32) -> Option<ServerSample> {
     // SAFETY: sysconf has no memory preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
     Some(ServerSample {
         cpu_s: (utime + stime) / hz,
-        rss_kb,
+        rss_kb: field("VmRSS:")?,
+        rss_anon_kb: field("RssAnon:").unwrap_or(0),
+        rss_file_kb: field("RssFile:").unwrap_or(0),
     })
 }
 
@@ -1457,6 +1465,18 @@ fn parent(args: &Args) -> ExitCode {
             .map_or(0.0, |(c, b)| {
                 (c.rss_kb as f64 - b.rss_kb as f64) * 1024.0 / ready_open as f64
             });
+        // The same growth split: anonymous memory per connection, and the file-backed
+        // pages (code first run by the connection path: a fixed cost, not per connection).
+        let (anon_delta, file_growth_kb) =
+            connected
+                .as_ref()
+                .zip(before_connect.as_ref())
+                .map_or((0.0, 0), |(c, b)| {
+                    (
+                        (c.rss_anon_kb as f64 - b.rss_anon_kb as f64) * 1024.0 / ready_open as f64,
+                        c.rss_file_kb as i64 - b.rss_file_kb as i64,
+                    )
+                });
         let slab_delta = (slab_connected as f64 - slab_before as f64) * 1024.0 / ready_open as f64;
         // The slope between the first fill and the whole: what each further connection
         // costs, the fixed cost of the first ones left out.
@@ -1468,7 +1488,7 @@ fn parent(args: &Args) -> ExitCode {
             _ => String::new(),
         };
         format!(
-            r#","idle_connections":{ready_open},"cold":{},"rss_kb_base":{},"rss_kb_connected":{},"rss_bytes_per_conn":{rss_delta:.1},"slab_bytes_per_conn":{slab_delta:.1}{slope}"#,
+            r#","idle_connections":{ready_open},"cold":{},"rss_kb_base":{},"rss_kb_connected":{},"rss_bytes_per_conn":{rss_delta:.1},"rss_anon_bytes_per_conn":{anon_delta:.1},"rss_file_kb_growth":{file_growth_kb},"slab_bytes_per_conn":{slab_delta:.1}{slope}"#,
             !args.warm_up,
             before_connect.as_ref().map_or(0, |s| s.rss_kb),
             connected.as_ref().map_or(0, |s| s.rss_kb),
