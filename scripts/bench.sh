@@ -10,8 +10,10 @@
 #                permessage-deflate offered: `wsring-load --deflate`; servers without it
 #                run them plain, the deflate_agreed column says which)
 #   --servers    wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,
-#                tokio-tungstenite-broadcast,fastwebsockets,sockudo-ws (default: all
-#                seven; the Rust peers are built from benches/peers/, Bun
+#                tokio-tungstenite-broadcast,fastwebsockets,sockudo-ws,minimal (default:
+#                all eight; minimal is the floor: framing and batching only, no
+#                validation, benches/peers/src/bin/peer-minimal.rs; the Rust peers are
+#                built from benches/peers/, Bun
 #                (uWebSockets) is installed with npm into benches/peers/bun/), and
 #                wsring-io-uring-nohistory, wsring-epoll-nohistory (--history-size 0:
 #                what per-topic history, on by default, costs)
@@ -111,7 +113,7 @@ EOF
 }
 
 scenarios="echo,echo-large,fanout,fanout-wide,idle,handshake"
-servers="wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,tokio-tungstenite-broadcast,fastwebsockets,sockudo-ws"
+servers="wsring-io-uring,wsring-epoll,bun,tokio-tungstenite,tokio-tungstenite-broadcast,fastwebsockets,sockudo-ws,minimal"
 rounds=3
 duration=""
 while [ $# -gt 0 ]; do
@@ -153,7 +155,7 @@ server_command() {
             # The same without per-topic history (on by default): its cost, same run.
             local backend=${1#wsring-}
             echo "$root/target/release/wsring serve --listen 127.0.0.1:0 --threads 1 --backend ${backend%-nohistory} --log-level warn --history-size 0" ;;
-        tokio-tungstenite | tokio-tungstenite-broadcast | fastwebsockets | sockudo-ws)
+        tokio-tungstenite | tokio-tungstenite-broadcast | fastwebsockets | sockudo-ws | minimal)
             echo "$root/benches/peers/target/release/peer-$1 --listen 127.0.0.1:0 --threads 1" ;;
         *) return 1 ;;
     esac
