@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 
 use base64::Engine;
 use clap::Parser;
@@ -161,31 +161,12 @@ impl Server {
         unsafe { libc::close(fd) };
     }
 
-    fn accept(&mut self, listener: RawFd) {
-        loop {
-            // SAFETY: accept4 with null address arguments.
-            let fd = unsafe {
-                libc::accept4(
-                    listener,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                return;
+    fn accept(&mut self, listener: &TcpListener) {
+        while let Ok((stream, _)) = listener.accept() {
+            if stream.set_nodelay(true).is_err() || stream.set_nonblocking(true).is_err() {
+                continue;
             }
-            let one: libc::c_int = 1;
-            // SAFETY: setting TCP_NODELAY on our socket from a live int.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_NODELAY,
-                    (&one as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
+            let fd = stream.into_raw_fd();
             let mut ev = libc::epoll_event {
                 events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
                 u64: fd as u64,
@@ -414,7 +395,7 @@ fn main() -> std::io::Result<()> {
         for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
             let (token, bits) = (ev.u64, ev.events);
             if token == LISTENER {
-                server.accept(listener.as_raw_fd());
+                server.accept(&listener);
                 continue;
             }
             let fd = token as RawFd;
