@@ -17,7 +17,8 @@ pub struct EngineConfig {
     pub max_message_size: u64,
     /// Largest handshake header block (431 beyond).
     pub max_header_bytes: usize,
-    /// Time allowed for the whole upgrade request.
+    /// Time allowed for the whole upgrade request (kept on the worker's 20 ms timer wheel,
+    /// never early; beyond the wheel's reach of about 248 days it counts as that).
     pub handshake_timeout: Duration,
     /// Ping a connection silent for this long (`None`: never).
     pub ping_interval: Option<Duration>,
