@@ -71,6 +71,10 @@ struct Server {
     topics: Vec<Topic>,
     names: HashMap<String, usize>,
     dirty_topics: Vec<usize>,
+    /// Connections that published in this turn: they get their copy at its end, whatever
+    /// the pass over their topic (wsring writes a publisher's copy in the turn it
+    /// published, after everyone else's of that turn).
+    publishers: Vec<RawFd>,
     dirty_conns: Vec<RawFd>,
     scratch: Vec<u8>,
 }
@@ -307,6 +311,9 @@ impl Server {
                         self.dirty_topics.push(t);
                     }
                     encode(&mut self.topics[t].log, opcode, payload);
+                    if self.publishers.last() != Some(&fd) {
+                        self.publishers.push(fd);
+                    }
                 }
                 (0..=2, None) => {
                     if let Some(c) = self.conn(fd) {
@@ -361,6 +368,7 @@ impl Server {
     /// every reply. A topic whose every subscriber has everything leaves the list.
     fn flush(&mut self) {
         let mut budget = WRITE_BATCH;
+        let publishers = std::mem::take(&mut self.publishers);
         let mut active = std::mem::take(&mut self.dirty_topics);
         let mut still = Vec::new();
         for t in active.drain(..) {
@@ -384,6 +392,14 @@ impl Server {
                 }
                 cursor += 1;
                 visited += 1;
+            }
+            for &p in &publishers {
+                if let Some(at) = subscribers.iter().position(|&(fd, _)| fd == p)
+                    && subscribers[at].1 < end
+                {
+                    self.write(p, &log[(subscribers[at].1 - base) as usize..]);
+                    subscribers[at].1 = end;
+                }
             }
             // Those the writes closed are gone from the connection table, not the list.
             let conns = &self.conns;
@@ -429,6 +445,7 @@ fn main() -> std::io::Result<()> {
         topics: Vec::new(),
         names: HashMap::new(),
         dirty_topics: Vec::new(),
+        publishers: Vec::new(),
         dirty_conns: Vec::new(),
         scratch: Vec::new(),
     };
