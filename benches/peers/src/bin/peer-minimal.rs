@@ -9,7 +9,8 @@
 //!   sender included. A publication is encoded once into the topic's log; at the end of a
 //!   turn up to 1,024 subscribers (as `wsring serve --write-batch`) get one write each
 //!   carrying everything queued for them (their own pending bytes and the log since their
-//!   last write, gathered with `sendmsg`).
+//!   last write, gathered with `sendmsg`); a connection that published gets its copy in
+//!   that turn (wsring's two policies, so that what differs is the machinery).
 //! - ping: a pong; close: the close echoed, then the socket closed once it is written.
 //!
 //! `--threads` is accepted for the script's sake and ignored (one thread).
