@@ -394,8 +394,13 @@ impl<H: Handler> Core<H> {
         })
     }
 
-    /// The connection in `slot` now, if the slot is in use (a backend checks a
-    /// completion's generation against it).
+    /// The connection in `slot`, if it is the one of `generation` (a completion's): `None`
+    /// for a completion of a connection that has gone, whose slot may be taken again.
+    pub fn current(&self, slot: u32, generation: u32) -> Option<ConnId> {
+        self.id_of(slot).filter(|id| id.generation == generation)
+    }
+
+    /// The connection in `slot` now, if the slot is in use.
     pub fn id_of(&self, slot: u32) -> Option<ConnId> {
         self.inner.slots.get(slot as usize).map(|s| ConnId {
             slot,

@@ -356,7 +356,7 @@ impl Drop for BufRing {
 
 /// What is in flight for one slot: 8 bytes per slot (the index of its gathering send's
 /// buffers and the flags below), beside the core's slot. A completion's generation is
-/// checked against the core's slot (`Core::id_of`), which lives until the last
+/// checked against the core's slot (`Core::current`), which lives until the last
 /// operation completed: no second copy of it here.
 #[derive(Clone, Copy)]
 struct SlotIo {
@@ -774,7 +774,7 @@ pub fn run<H: Handler>(
                     }
                 }
                 OP_RECV => {
-                    let Some(id) = core.id_of(slot).filter(|id| id.generation == generation) else {
+                    let Some(id) = core.current(slot, generation) else {
                         continue;
                     };
                     if res > 0 && drv.io(slot).has(SlotIo::HANDSHAKE) {
@@ -820,7 +820,7 @@ pub fn run<H: Handler>(
                     }
                 }
                 OP_SEND => {
-                    let Some(id) = core.id_of(slot).filter(|id| id.generation == generation) else {
+                    let Some(id) = core.current(slot, generation) else {
                         continue;
                     };
                     let sio = drv.io(slot);
@@ -833,7 +833,7 @@ pub fn run<H: Handler>(
                     finish_if_idle(&mut core, drv.io, slot);
                 }
                 OP_CLOSE | OP_SHUTDOWN => {
-                    let Some(id) = core.id_of(slot).filter(|id| id.generation == generation) else {
+                    let Some(id) = core.current(slot, generation) else {
                         continue;
                     };
                     let sio = drv.io(slot);
