@@ -5,7 +5,8 @@ use super::*;
 
 impl<H: Handler> Core<H> {
     /// Writes, pauses/resumes and closes what the last events made due, oldest first and
-    /// at most `write_batch` connections (then the publishers of the turn). Call once per
+    /// at most `write_batch` connections (and the publishers of the turn: last, or first
+    /// when more is due than one batch). Call once per
     /// loop turn, after handling every completion: the turn's writes go out together; while
     /// [`Core::has_dirty`] the backend must come back without sleeping.
     pub fn flush(&mut self, driver: &mut dyn Driver) {
@@ -25,9 +26,16 @@ impl<H: Handler> Core<H> {
             .dirty
             .len()
             .min(self.inner.shared.config.write_batch.max(1));
+        // A pass that spans turns (more due than one batch): the publishers' copies go
+        // first, not last (see `Conn::publish`).
+        let spans = self.inner.dirty.len() > take;
         let mut batch = std::mem::take(&mut self.inner.batch);
         batch.extend(self.inner.dirty.drain(..take));
         let mut sends = 0u64;
+        let mut publishers = std::mem::take(&mut self.inner.publishers);
+        if spans {
+            sends += self.flush_publishers(driver, &publishers);
+        }
         for &slot_index in &batch {
             match self.inner.slots.get(slot_index as usize) {
                 // Written after everyone else, below.
@@ -40,15 +48,9 @@ impl<H: Handler> Core<H> {
             }
             sends += self.flush_one(driver, slot_index);
         }
-        // Those that published in this turn go last (see `Conn::publish`).
-        let mut publishers = std::mem::take(&mut self.inner.publishers);
-        for &slot_index in &publishers {
-            if let Some(slot) = self.inner.slots.get_mut(slot_index as usize) {
-                slot.flags.set(Flags::PUBLISHED, false);
-                if slot.flags.has(Flags::DIRTY) {
-                    sends += self.flush_one(driver, slot_index);
-                }
-            }
+        // Otherwise those that published in this turn go last (see `Conn::publish`).
+        if !spans {
+            sends += self.flush_publishers(driver, &publishers);
         }
         // Keep any marked during this flush (a handler called from it) for the next one.
         publishers.clear();
@@ -62,6 +64,21 @@ impl<H: Handler> Core<H> {
         // Slots made dirty while flushing (a handler's on_close publishing, say) and those
         // past the batch wait for the next turn, which comes without sleeping
         // (`has_dirty`).
+    }
+
+    /// Writes the copies of the connections that published in this turn; returns the
+    /// writes issued.
+    fn flush_publishers(&mut self, driver: &mut dyn Driver, publishers: &[u32]) -> u64 {
+        let mut sends = 0;
+        for &slot_index in publishers {
+            if let Some(slot) = self.inner.slots.get_mut(slot_index as usize) {
+                slot.flags.set(Flags::PUBLISHED, false);
+                if slot.flags.has(Flags::DIRTY) {
+                    sends += self.flush_one(driver, slot_index);
+                }
+            }
+        }
+        sends
     }
 
     /// Writes, pauses/resumes or closes one dirty connection; returns the writes issued.
