@@ -72,9 +72,9 @@ struct Server {
     topics: Vec<Topic>,
     names: HashMap<String, usize>,
     dirty_topics: Vec<usize>,
-    /// Connections that published in this turn: they get their copy at its end, whatever
-    /// the pass over their topic (wsring writes a publisher's copy in the turn it
-    /// published, after everyone else's of that turn).
+    /// Connections that published in this turn: they get their copy in it, whatever the
+    /// pass over their topic, as wsring writes it: after everyone else's of the turn, or
+    /// first when the pass spans turns.
     publishers: Vec<RawFd>,
     dirty_conns: Vec<RawFd>,
     scratch: Vec<u8>,
@@ -364,6 +364,26 @@ impl Server {
         }
     }
 
+    /// Writes each publisher of the turn what it has not had of a topic's `log` (which
+    /// starts at offset `base`).
+    fn write_publishers(
+        &mut self,
+        publishers: &[RawFd],
+        subscribers: &mut [(RawFd, u64)],
+        log: &[u8],
+        base: u64,
+    ) {
+        let end = base + log.len() as u64;
+        for &p in publishers {
+            if let Some(at) = subscribers.iter().position(|&(fd, _)| fd == p)
+                && subscribers[at].1 < end
+            {
+                self.write(p, &log[(subscribers[at].1 - base) as usize..]);
+                subscribers[at].1 = end;
+            }
+        }
+    }
+
     /// The end of a turn: up to [`WRITE_BATCH`] subscribers of the topics with frames
     /// to send get one write each with everything published since their last one; then
     /// every reply. A topic whose every subscriber has everything leaves the list.
@@ -378,6 +398,12 @@ impl Server {
             let mut subscribers = std::mem::take(&mut self.topics[t].subscribers);
             let mut cursor = self.topics[t].cursor;
             let mut visited = 0;
+            // A pass that spans turns: the publishers' copies first, as wsring writes them
+            // (their next messages then arrive before the turn ends); else last, below.
+            let spans = subscribers.len() > budget;
+            if spans {
+                self.write_publishers(&publishers, &mut subscribers, &log, base);
+            }
             while budget > 0 && visited < subscribers.len() {
                 if cursor >= subscribers.len() {
                     cursor = 0;
@@ -394,13 +420,8 @@ impl Server {
                 cursor += 1;
                 visited += 1;
             }
-            for &p in &publishers {
-                if let Some(at) = subscribers.iter().position(|&(fd, _)| fd == p)
-                    && subscribers[at].1 < end
-                {
-                    self.write(p, &log[(subscribers[at].1 - base) as usize..]);
-                    subscribers[at].1 = end;
-                }
+            if !spans {
+                self.write_publishers(&publishers, &mut subscribers, &log, base);
             }
             // Those the writes closed are gone from the connection table, not the list.
             let conns = &self.conns;
