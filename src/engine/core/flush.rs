@@ -38,7 +38,7 @@ impl<H: Handler> Core<H> {
         }
         for &slot_index in &batch {
             match self.inner.slots.get(slot_index as usize) {
-                // Written after everyone else, below.
+                // A publisher of this turn: written last, below (or first, above).
                 Some(s) if s.flags.has(Flags::PUBLISHED) => continue,
                 // Already written (a publisher ahead of its place), or a stale entry of a
                 // freed slot.
