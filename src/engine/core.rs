@@ -38,7 +38,7 @@ use super::wheel::{Link, Links, TimerWheel};
 use super::{Bump, Command, Shared, WorkerStats};
 use crate::proto::close::CloseCode;
 use crate::proto::handshake::{self, HandshakeLimits, ParseStatus, Request};
-use crate::proto::{Connection, Event, HandshakeError, OpCode, State, encode_frame};
+use crate::proto::{BareConnection, Event, HandshakeError, OpCode, State, encode_frame};
 use crate::pubsub::{Frame, Policy, PublishReport, Registry, Room, SendStatus};
 use slot::{Flags, Member, PendingUpgrade, Phase, Rare, Slot};
 

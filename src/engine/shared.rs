@@ -107,11 +107,13 @@ impl Inbox {
 pub struct Shared {
     /// The configuration.
     pub config: EngineConfig,
-    /// Protocol settings handed to every connection.
-    pub proto: Arc<proto::Config>,
-    /// The same with permessage-deflate, per window the server compresses with (index:
-    /// window bits), made on first use.
-    proto_deflate: [std::sync::OnceLock<Arc<proto::Config>>; 32],
+    /// Protocol settings of every connection without an extension (tag 0, see
+    /// [`Shared::proto_config`]).
+    pub proto: proto::Config,
+    /// The same with permessage-deflate, per window the server compresses with and whether
+    /// the client keeps its context (index: the connection's tag minus 1), made on first
+    /// use.
+    proto_deflate: [std::sync::OnceLock<proto::Config>; 32],
     /// Per-worker counters.
     pub stats: Box<[WorkerStats]>,
     /// Upgraded connections open now.
@@ -179,7 +181,7 @@ impl Shared {
                 has_waiters: AtomicBool::new(false),
             });
         }
-        let proto = Arc::new(proto::Config {
+        let proto = proto::Config {
             max_message_size: config.max_message_size,
             ping_interval: config.ping_interval,
             pong_timeout: config.pong_timeout,
@@ -190,7 +192,7 @@ impl Shared {
             // Pongs past the soft limit collapse into one owed pong.
             reply_queue_limit: config.send_queue_soft,
             deflate: None,
-        });
+        };
         let socket_limit = socket_limit(config.max_connections, raise_nofile());
         let backplane_numbers = backplane.as_ref().is_some_and(|b| b.numbers());
         let live = (0..threads)
@@ -219,32 +221,41 @@ impl Shared {
         }))
     }
 
-    /// The protocol settings of a connection that negotiated deflate with the server
-    /// compressing with `window_bits`, the client keeping its context or not (one shared
-    /// `Arc` per combination).
-    pub(crate) fn proto_deflate(
-        &self,
-        window_bits: u8,
-        client_context_takeover: bool,
-    ) -> Arc<proto::Config> {
+    /// The tag of a connection that negotiated deflate with the server compressing with
+    /// `window_bits`, the client keeping its context or not: which settings
+    /// [`Shared::proto_config`] gives it (made here on first use, one per combination).
+    /// Connections keep this byte instead of an 8-byte pointer to their settings.
+    pub(crate) fn deflate_tag(&self, window_bits: u8, client_context_takeover: bool) -> u8 {
         let Some(d) = self.config.deflate else {
-            return self.proto.clone();
+            return 0;
         };
         let bits = window_bits.clamp(9, 15);
-        self.proto_deflate[usize::from(bits) | usize::from(client_context_takeover) << 4]
-            .get_or_init(|| {
-                Arc::new(proto::Config {
-                    allowed_rsv: 0b100,
-                    deflate: Some(proto::deflate::Params {
-                        threshold: d.threshold,
-                        level: d.level,
-                        window_bits: bits,
-                        client_context_takeover,
-                    }),
-                    ..(*self.proto).clone()
-                })
-            })
-            .clone()
+        let index = bits | u8::from(client_context_takeover) << 4;
+        self.proto_deflate[usize::from(index)].get_or_init(|| proto::Config {
+            allowed_rsv: 0b100,
+            deflate: Some(proto::deflate::Params {
+                threshold: d.threshold,
+                level: d.level,
+                window_bits: bits,
+                client_context_takeover,
+            }),
+            ..self.proto.clone()
+        });
+        index + 1
+    }
+
+    /// The protocol settings of a connection by its [`proto::BareConnection::tag`]: 0
+    /// plain, else from [`Shared::deflate_tag`] (an unknown tag gets the plain settings).
+    #[inline]
+    pub(crate) fn proto_config(&self, tag: u8) -> &proto::Config {
+        match tag.checked_sub(1) {
+            None => &self.proto,
+            Some(i) => self
+                .proto_deflate
+                .get(usize::from(i))
+                .and_then(|c| c.get())
+                .unwrap_or(&self.proto),
+        }
     }
 
     /// Shared state for one worker that no thread runs: for driving a [`core::Core`]

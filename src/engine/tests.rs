@@ -150,3 +150,35 @@ fn an_invalid_configuration_does_not_start() {
     );
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 }
+
+#[test]
+fn a_connection_tag_names_the_settings_it_negotiated() {
+    // Plain connections (tag 0) get the server's settings, without an extension.
+    let plain = Shared::detached(EngineConfig::default()).unwrap();
+    assert_eq!(plain.deflate_tag(15, true), 0, "no deflate offered: no tag");
+    assert_eq!(plain.proto_config(0).deflate, None);
+    assert_eq!(plain.proto_config(0).allowed_rsv, 0);
+
+    let config = EngineConfig {
+        deflate: Some(DeflateConfig::default()),
+        max_message_size: 4096,
+        ..EngineConfig::default()
+    };
+    let shared = Shared::detached(config).unwrap();
+    let small = shared.deflate_tag(10, false);
+    let large = shared.deflate_tag(15, true);
+    assert_ne!(small, 0);
+    assert_ne!(large, 0);
+    assert_ne!(small, large);
+    assert_eq!(shared.deflate_tag(10, false), small, "one tag per combination");
+    for (tag, bits, takeover) in [(small, 10, false), (large, 15, true)] {
+        let c = shared.proto_config(tag);
+        let d = c.deflate.expect("a deflate tag has deflate settings");
+        assert_eq!((d.window_bits, d.client_context_takeover), (bits, takeover));
+        assert_eq!(c.allowed_rsv, 0b100);
+        assert_eq!(c.max_message_size, 4096, "the server's limits still apply");
+    }
+    // A tag no call made: the plain settings, never a panic.
+    assert_eq!(shared.proto_config(200).deflate, None);
+    assert_eq!(shared.proto_config(0).deflate, None);
+}

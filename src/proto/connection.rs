@@ -551,14 +551,17 @@ impl Deadline {
     }
 }
 
-/// One WebSocket connection's protocol state (server side). See the module docs for the
-/// order in which a driver calls it.
+/// A [`Connection`] without its configuration: every call that needs a setting takes
+/// the [`Config`] the connection was made with. For a driver that holds one configuration
+/// for many connections: the engine keeps 24 bytes per idle connection here instead of
+/// the 32 of a [`Connection`], and its [`BareConnection::tag`] says which configuration
+/// to pass. Passing another one than the connection was made with is not unsafe, but its
+/// limits and its extension then apply from that call on.
 ///
-/// Idle, it is 32 bytes and owns no heap: the decoder, the event and transmit queues and
-/// the reassembly buffers live in a box that exists only while one of them is in use.
+/// Idle, it owns no heap: the decoder, the event and transmit queues and the reassembly
+/// buffers live in a box that exists only while one of them is in use.
 #[derive(Debug)]
-pub struct Connection {
-    config: Arc<Config>,
+pub struct BareConnection {
     deadline: Deadline,
     busy: Option<Box<Busy>>,
     state: State,
@@ -570,27 +573,36 @@ pub struct Connection {
     /// follows §5.5.1 sends nothing after it.
     peer_closed: bool,
     timer: Timer,
-    /// See [`Connection::close_code`] (in what was padding: the struct stays 32 bytes).
-    code: CloseCode,
+    /// See [`Connection::close_code`], as its number (2 bytes: a `CloseCode` takes 4).
+    code: u16,
+    /// The driver's byte: see [`BareConnection::tag`].
+    tag: u8,
 }
 
-impl Connection {
+impl BareConnection {
     /// A connection that has just been upgraded at `now`.
-    pub fn new(config: Arc<Config>, now: Instant) -> Connection {
+    pub fn new(config: &Config, now: Instant, tag: u8) -> BareConnection {
         let (timer, deadline) = match config.ping_interval {
             Some(d) => (Timer::Idle, Deadline::at(now + d)),
             None => (Timer::None, Deadline::NONE),
         };
-        Connection {
-            config,
+        BareConnection {
             deadline,
             busy: None,
             state: State::Open,
             input_done: false,
             peer_closed: false,
             timer,
-            code: CloseCode::Abnormal,
+            code: 1006,
+            tag,
         }
+    }
+
+    /// The byte the driver gave [`BareConnection::new`]; the connection never reads it.
+    /// The engine keeps in it which of its worker's configurations the connection was
+    /// made with (in what would be padding), and hands that one to every call.
+    pub fn tag(&self) -> u8 {
+        self.tag
     }
 
     /// The in-progress state, created on first use.
@@ -637,23 +649,23 @@ impl Connection {
     /// [`Connection::poll_timeout`] gave before it (a message's, or the close deadline
     /// after the peer's close or an error): a driver that keeps one timer per connection
     /// re-arms it then (the ping deadline only ever moves later on a read).
-    pub fn handle_read(&mut self, data: &mut [u8], now: Instant) -> bool {
+    pub fn handle_read(&mut self, cfg: &Config, data: &mut [u8], now: Instant) -> bool {
         if self.state == State::Closed || self.input_done {
             return false;
         }
-        if let (Timer::Idle | Timer::AwaitPong, Some(d)) = (self.timer, self.config.ping_interval) {
+        if let (Timer::Idle | Timer::AwaitPong, Some(d)) = (self.timer, cfg.ping_interval) {
             self.timer = Timer::Idle;
             self.deadline = Deadline::at(now + d);
         }
         let mut b = self.busy.take().unwrap_or_else(take_spare);
-        if let Err(e) = self.read_frames(&mut b, data) {
+        if let Err(e) = self.read_frames(cfg, &mut b, data) {
             self.fail(&mut b, e);
         }
         let mut started = false;
         if b.decoder.at_boundary() || self.input_done {
             b.message_deadline = Deadline::NONE;
         } else if b.message_deadline == Deadline::NONE
-            && let Some(t) = self.config.message_timeout
+            && let Some(t) = cfg.message_timeout
         {
             // The clock of a frame or message starts with its first bytes.
             b.message_deadline = Deadline::at(now + t);
@@ -664,7 +676,7 @@ impl Connection {
             // the answers before it) must be taken within the close timeout, or the
             // connection is dropped; a peer that stopped reading cannot hold it open.
             self.timer = Timer::Closing;
-            self.deadline = Deadline::at(now + self.config.close_timeout);
+            self.deadline = Deadline::at(now + cfg.close_timeout);
             started = true;
         }
         self.busy = Some(b);
@@ -672,19 +684,24 @@ impl Connection {
         started
     }
 
-    fn read_frames(&mut self, b: &mut Busy, mut data: &mut [u8]) -> Result<(), ProtocolError> {
+    fn read_frames(
+        &mut self,
+        cfg: &Config,
+        b: &mut Busy,
+        mut data: &mut [u8],
+    ) -> Result<(), ProtocolError> {
         loop {
             if self.input_done {
                 return Ok(());
             }
             if b.decoder.frame.is_none() {
-                let Some((header, used)) = self.next_header(b, data)? else {
+                let Some((header, used)) = self.next_header(cfg, b, data)? else {
                     return Ok(());
                 };
                 data = data.get_mut(used..).unwrap_or_default();
-                self.begin_frame(b, &header)?;
+                self.begin_frame(cfg, b, &header)?;
                 if b.decoder.remaining == 0 {
-                    self.payload(b, &mut [], true)?;
+                    self.payload(cfg, b, &mut [], true)?;
                     continue;
                 }
             }
@@ -697,7 +714,7 @@ impl Connection {
             b.decoder.mask_offset = ((usize::from(b.decoder.mask_offset) + n) & 3) as u8;
             b.decoder.remaining -= n as u64;
             let done = b.decoder.remaining == 0;
-            self.payload(b, chunk, done)?;
+            self.payload(cfg, b, chunk, done)?;
             data = rest;
         }
     }
@@ -706,12 +723,13 @@ impl Connection {
     /// how many bytes of `data` it used, or `None` (bytes carried) if it is incomplete.
     fn next_header(
         &self,
+        cfg: &Config,
         b: &mut Busy,
         data: &[u8],
     ) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
         let d = &mut b.decoder;
         if d.header_len == 0 {
-            match FrameHeader::parse(data, self.config.allowed_rsv)? {
+            match FrameHeader::parse(data, cfg.allowed_rsv)? {
                 Parsed::Complete { header, header_len } => return Ok(Some((header, header_len))),
                 Parsed::Incomplete { .. } => {
                     // At most 13 bytes: a header is never longer than 14.
@@ -729,7 +747,7 @@ impl Connection {
             dst.copy_from_slice(src);
         }
         let buf = d.header.get(..have + take).unwrap_or_default();
-        match FrameHeader::parse(buf, self.config.allowed_rsv)? {
+        match FrameHeader::parse(buf, cfg.allowed_rsv)? {
             Parsed::Complete { header, header_len } => {
                 d.header_len = 0;
                 Ok(Some((header, header_len - have)))
@@ -741,9 +759,14 @@ impl Connection {
         }
     }
 
-    fn begin_frame(&self, b: &mut Busy, h: &FrameHeader) -> Result<(), ProtocolError> {
+    fn begin_frame(
+        &self,
+        cfg: &Config,
+        b: &mut Busy,
+        h: &FrameHeader,
+    ) -> Result<(), ProtocolError> {
         let mask = h.mask.ok_or(ProtocolError::UnmaskedFrame)?;
-        let max = self.config.max_message_size;
+        let max = cfg.max_message_size;
         let d = &mut b.decoder;
         match h.opcode {
             OpCode::Continuation => {
@@ -785,7 +808,13 @@ impl Connection {
     }
 
     /// Handles an unmasked piece of the current frame's payload; `done` on its last piece.
-    fn payload(&mut self, b: &mut Busy, chunk: &mut [u8], done: bool) -> Result<(), ProtocolError> {
+    fn payload(
+        &mut self,
+        cfg: &Config,
+        b: &mut Busy,
+        chunk: &mut [u8],
+        done: bool,
+    ) -> Result<(), ProtocolError> {
         let Some(op) = b.decoder.frame else {
             return Ok(());
         };
@@ -794,7 +823,7 @@ impl Connection {
         }
         if op.is_control() {
             if done && b.partial.as_ref().is_none_or(|p| p.control.is_empty()) {
-                return self.control_frame(b, op, chunk);
+                return self.control_frame(cfg, b, op, chunk);
             }
             let p = b.partial.get_or_insert_with(Box::default);
             if p.control.len() + chunk.len() > MAX_CONTROL_PAYLOAD {
@@ -806,7 +835,7 @@ impl Connection {
                 if p.message.is_empty() && p.inflater.is_none() {
                     b.partial = None;
                 }
-                return self.control_frame(b, op, &payload);
+                return self.control_frame(cfg, b, op, &payload);
             }
             return Ok(());
         }
@@ -834,7 +863,7 @@ impl Connection {
             return Ok(());
         }
         if compressed {
-            return self.compressed_payload(b, chunk, last, text);
+            return self.compressed_payload(cfg, b, chunk, last, text);
         }
         let payload = if last && b.partial.as_ref().is_none_or(|p| p.message.is_empty()) {
             // The whole message is in this read: one copy, straight out of the read buffer.
@@ -884,22 +913,19 @@ impl Connection {
     /// reassembly budget meanwhile.
     fn compressed_payload(
         &mut self,
+        cfg: &Config,
         b: &mut Busy,
         chunk: &[u8],
         last: bool,
         text: bool,
     ) -> Result<(), ProtocolError> {
-        let limit = usize::try_from(self.config.max_message_size).unwrap_or(usize::MAX);
-        let too_big =
-            || ProtocolError::MessageTooBig(self.config.max_message_size.saturating_add(1));
+        let limit = usize::try_from(cfg.max_message_size).unwrap_or(usize::MAX);
+        let too_big = || ProtocolError::MessageTooBig(cfg.max_message_size.saturating_add(1));
         let map = |e| match e {
             super::deflate::InflateError::TooBig(_) => too_big(),
             super::deflate::InflateError::Corrupt => ProtocolError::BadDeflate,
         };
-        let keep = self
-            .config
-            .deflate
-            .is_some_and(|d| d.client_context_takeover);
+        let keep = cfg.deflate.is_some_and(|d| d.client_context_takeover);
         if last && !keep && b.partial.as_ref().is_none_or(|p| p.inflater.is_none()) {
             let plain = super::deflate::inflate(chunk, limit).map_err(map)?;
             b.events.push_back(message_event(text, plain)?);
@@ -927,6 +953,7 @@ impl Connection {
 
     fn control_frame(
         &mut self,
+        cfg: &Config,
         b: &mut Busy,
         op: OpCode,
         payload: &[u8],
@@ -934,7 +961,7 @@ impl Connection {
         match op {
             OpCode::Ping => {
                 if self.state == State::Open {
-                    if b.queued_bytes > self.config.reply_queue_limit {
+                    if b.queued_bytes > cfg.reply_queue_limit {
                         // Congested: owe only the latest ping's pong (§5.5.3).
                         b.owed_pong = Some(Bytes::copy_from_slice(payload));
                     } else {
@@ -976,7 +1003,7 @@ impl Connection {
         };
         match &event {
             Event::Close(frame) => {
-                self.code = frame.as_ref().map_or(CloseCode::Status, |f| f.code);
+                self.code = u16::from(frame.as_ref().map_or(CloseCode::Status, |f| f.code));
                 if self.state == State::Open {
                     // Echo the peer's code (§5.5.1); an empty close gets an empty reply.
                     let reply = match frame {
@@ -988,7 +1015,7 @@ impl Connection {
                 self.closed();
             }
             Event::ProtocolError(e) => {
-                self.code = e.close_code();
+                self.code = u16::from(e.close_code());
                 if self.state == State::Open {
                     self.queue(close_frame(e.close_code(), ""));
                 }
@@ -1021,20 +1048,20 @@ impl Connection {
     /// error that failed the connection), else 1006: closed without a close frame so far
     /// (a timeout, a dropped socket). The last of these to happen wins.
     pub fn close_code(&self) -> CloseCode {
-        self.code
+        CloseCode::from(self.code)
     }
 
     /// Starts the closing handshake with `code` and `reason` (cut to fit 123 bytes). Does
     /// nothing unless the connection is open. 1005, 1006 and 1015 are sent as an empty close.
-    pub fn close(&mut self, code: CloseCode, reason: &str, now: Instant) {
+    pub fn close(&mut self, cfg: &Config, code: CloseCode, reason: &str, now: Instant) {
         if self.state != State::Open {
             return;
         }
         self.queue(close_frame(code, reason));
-        self.code = code;
+        self.code = u16::from(code);
         self.state = State::ClosingByUs;
         self.timer = Timer::Closing;
-        self.deadline = Deadline::at(now + self.config.close_timeout);
+        self.deadline = Deadline::at(now + cfg.close_timeout);
     }
 
     /// Queues a message as one unmasked frame.
@@ -1042,8 +1069,8 @@ impl Connection {
     /// # Errors
     /// [`SendError::Closing`] once the connection is closing;
     /// [`SendError::ControlTooLong`] for a control frame over 125 bytes.
-    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
-        if let Some(z) = self.compressible(opcode, payload.len()) {
+    pub fn send(&mut self, cfg: &Config, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        if let Some(z) = compressible(cfg, opcode, payload.len()) {
             let frame = compressed_frame(opcode, payload, &z);
             self.open_queue()?.queue(frame);
             return Ok(());
@@ -1053,22 +1080,19 @@ impl Connection {
         Ok(())
     }
 
-    /// The deflate parameters if a message of `opcode` and `len` bytes is to be sent
-    /// compressed.
-    fn compressible(&self, opcode: OpCode, len: usize) -> Option<super::deflate::Params> {
-        self.config
-            .deflate
-            .filter(|z| !opcode.is_control() && len >= z.threshold)
-    }
-
     /// Like [`Connection::send`] for a payload the caller owns: a large one is written
     /// from where it is, after a header of its own (echoing or forwarding a received
     /// message copies nothing), a small one is copied like any small frame.
     ///
     /// # Errors
     /// As [`Connection::send`].
-    pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
-        if let Some(z) = self.compressible(opcode, payload.len()) {
+    pub fn send_bytes(
+        &mut self,
+        cfg: &Config,
+        opcode: OpCode,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        if let Some(z) = compressible(cfg, opcode, payload.len()) {
             let frame = compressed_frame(opcode, &payload, &z);
             self.open_queue()?.queue(frame);
             return Ok(());
@@ -1172,7 +1196,7 @@ impl Connection {
 
     /// Reports that `n` bytes of [`Connection::transmit`] were written.
     #[inline]
-    pub fn advance_transmit(&mut self, mut n: usize) {
+    pub fn advance_transmit(&mut self, cfg: &Config, mut n: usize) {
         let Some(b) = self.busy.as_mut() else {
             return;
         };
@@ -1191,7 +1215,7 @@ impl Connection {
             b.transmit.pop_front();
         }
         if b.owed_pong.is_some() {
-            self.pay_owed_pong();
+            self.pay_owed_pong(cfg);
         }
         self.settle();
     }
@@ -1199,9 +1223,9 @@ impl Connection {
     /// Queues the pong owed for the latest ping once the queue is back under the reply
     /// limit (rare: only after a ping flood into a full queue).
     #[cold]
-    fn pay_owed_pong(&mut self) {
+    fn pay_owed_pong(&mut self, cfg: &Config) {
         let open = self.state == State::Open;
-        let limit = self.config.reply_queue_limit;
+        let limit = cfg.reply_queue_limit;
         if let Some(b) = self.busy.as_mut()
             && b.queued_bytes <= limit
             && let Some(payload) = b.owed_pong.take()
@@ -1215,8 +1239,8 @@ impl Connection {
     /// socket took less than everything, or a write is in flight): unless the queue makes
     /// progress within [`Config::send_timeout`], [`Connection::handle_timeout`] drops the
     /// connection ([`Event::SendTimedOut`]). Cheap when the clock already runs.
-    pub fn note_unsent(&mut self, now: Instant) {
-        let Some(timeout) = self.config.send_timeout else {
+    pub fn note_unsent(&mut self, cfg: &Config, now: Instant) {
+        let Some(timeout) = cfg.send_timeout else {
             return;
         };
         if let Some(b) = self.busy.as_mut()
@@ -1245,7 +1269,7 @@ impl Connection {
     /// (event [`Event::SendTimedOut`]) when queued bytes made no progress, or fail the
     /// connection with 1008 when a message was not complete in time. Calls before the
     /// deadline do nothing, so a driver may call it early.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, cfg: &Config, now: Instant) {
         let due = |d: Deadline| d.get().is_some_and(|d| d <= now);
         if let Some(b) = self.busy.as_mut() {
             if due(b.send_deadline) && b.queued_bytes > 0 && !b.events.iter().any(is_terminal) {
@@ -1264,7 +1288,7 @@ impl Connection {
                     self.fail(&mut b, ProtocolError::MessageTimeout);
                     self.busy = Some(b);
                     self.timer = Timer::Closing;
-                    self.deadline = Deadline::at(now + self.config.close_timeout);
+                    self.deadline = Deadline::at(now + cfg.close_timeout);
                     return;
                 }
             }
@@ -1279,7 +1303,7 @@ impl Connection {
                     self.busy().queue_encoded(OpCode::Ping, b"");
                 }
                 self.timer = Timer::AwaitPong;
-                self.deadline = Deadline::at(now + self.config.pong_timeout);
+                self.deadline = Deadline::at(now + cfg.pong_timeout);
             }
             Timer::AwaitPong | Timer::Closing => {
                 if self
@@ -1341,7 +1365,175 @@ impl Connection {
     }
 }
 
-/// Whether `event` ends the connection (nothing follows it).
+/// One WebSocket connection's protocol state (server side), with its configuration. See
+/// the module docs for the order in which a driver calls it; [`BareConnection`] is the
+/// same without the configuration pointer.
+///
+/// Idle, it is 32 bytes and owns no heap.
+#[derive(Debug)]
+pub struct Connection {
+    bare: BareConnection,
+    config: Arc<Config>,
+}
+
+impl Connection {
+    /// A connection that has just been upgraded at `now`.
+    pub fn new(config: Arc<Config>, now: Instant) -> Connection {
+        Connection {
+            bare: BareConnection::new(&config, now, 0),
+            config,
+        }
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The state without the configuration (for a driver that keeps it elsewhere).
+    pub fn into_bare(self) -> BareConnection {
+        self.bare
+    }
+
+    /// See [`BareConnection::state`].
+    pub fn state(&self) -> State {
+        self.bare.state()
+    }
+
+    /// Whether the connection is done: nothing more will be read; close the socket once
+    /// the transmit queue is empty.
+    pub fn is_closed(&self) -> bool {
+        self.bare.is_closed()
+    }
+
+    /// See [`BareConnection::closed_by_handshake`].
+    pub fn closed_by_handshake(&self) -> bool {
+        self.bare.closed_by_handshake()
+    }
+
+    /// See [`BareConnection::handle_read`].
+    pub fn handle_read(&mut self, data: &mut [u8], now: Instant) -> bool {
+        self.bare.handle_read(&self.config, data, now)
+    }
+
+    /// See [`BareConnection::poll_event`].
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.bare.poll_event()
+    }
+
+    /// See [`BareConnection::close_code`].
+    pub fn close_code(&self) -> CloseCode {
+        self.bare.close_code()
+    }
+
+    /// See [`BareConnection::close`].
+    pub fn close(&mut self, code: CloseCode, reason: &str, now: Instant) {
+        self.bare.close(&self.config, code, reason, now);
+    }
+
+    /// See [`BareConnection::send`].
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing;
+    /// [`SendError::ControlTooLong`] for a control frame over 125 bytes.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        self.bare.send(&self.config, opcode, payload)
+    }
+
+    /// See [`BareConnection::send_bytes`].
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn send_bytes(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        self.bare.send_bytes(&self.config, opcode, payload)
+    }
+
+    /// See [`BareConnection::send_frame`].
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send_frame(&mut self, frame: Bytes) -> Result<(), SendError> {
+        self.bare.send_frame(frame)
+    }
+
+    /// See [`BareConnection::send_raw`].
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send_raw(&mut self, bytes: Bytes) -> Result<(), SendError> {
+        self.bare.send_raw(bytes)
+    }
+
+    /// See [`BareConnection::send_shared`].
+    ///
+    /// # Errors
+    /// [`SendError::Closing`] once the connection is closing.
+    pub fn send_shared(&mut self, frame: &Bytes) -> Result<(), SendError> {
+        self.bare.send_shared(frame)
+    }
+
+    /// See [`BareConnection::transmit`].
+    #[inline]
+    pub fn transmit(&mut self) -> impl Iterator<Item = &[u8]> {
+        self.bare.transmit()
+    }
+
+    /// See [`BareConnection::transmit_frames`].
+    #[inline]
+    pub fn transmit_frames(&self) -> usize {
+        self.bare.transmit_frames()
+    }
+
+    /// Bytes queued and not yet written.
+    #[inline]
+    pub fn queued_bytes(&self) -> usize {
+        self.bare.queued_bytes()
+    }
+
+    /// See [`BareConnection::advance_transmit`].
+    #[inline]
+    pub fn advance_transmit(&mut self, n: usize) {
+        self.bare.advance_transmit(&self.config, n);
+    }
+
+    /// See [`BareConnection::note_unsent`].
+    pub fn note_unsent(&mut self, now: Instant) {
+        self.bare.note_unsent(&self.config, now);
+    }
+
+    /// See [`BareConnection::poll_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.bare.poll_timeout()
+    }
+
+    /// See [`BareConnection::handle_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.bare.handle_timeout(&self.config, now);
+    }
+
+    /// See [`BareConnection::shrink`].
+    pub fn shrink(&mut self) {
+        self.bare.shrink();
+    }
+
+    /// See [`BareConnection::reassembly_bytes`].
+    pub fn reassembly_bytes(&self) -> usize {
+        self.bare.reassembly_bytes()
+    }
+
+    /// See [`BareConnection::heap_bytes`].
+    pub fn heap_bytes(&self) -> usize {
+        self.bare.heap_bytes()
+    }
+}
+
+/// The deflate parameters if a message of `opcode` and `len` bytes is to be sent
+/// compressed.
+fn compressible(cfg: &Config, opcode: OpCode, len: usize) -> Option<super::deflate::Params> {
+    cfg.deflate
+        .filter(|z| !opcode.is_control() && len >= z.threshold)
+}
+
 /// Takes the reassembled message out of `b`'s partial state, which goes too when nothing
 /// else is in it (a control payload in progress, or an inflater kept for the client's
 /// context).

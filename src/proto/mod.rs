@@ -38,6 +38,6 @@ pub mod mask;
 pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
-pub use connection::{Config, Connection, Event, SendError, State};
+pub use connection::{BareConnection, Config, Connection, Event, SendError, State};
 pub use error::{HandshakeError, ProtocolError};
 pub use frame::{FrameHeader, OpCode, encode_frame};

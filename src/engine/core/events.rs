@@ -56,7 +56,9 @@ impl<H: Handler> Core<H> {
             Phase::Open => {
                 // A read may start an earlier deadline (a message's, or the close
                 // deadline of a peer's close); the wheel keeps only the earliest.
-                if slot.conn.handle_read(data, now)
+                if slot
+                    .conn
+                    .handle_read(self.inner.shared.proto_config(slot.conn.tag()), data, now)
                     && let Some(at) = slot.conn.poll_timeout()
                 {
                     self.inner.schedule(id, at);
@@ -235,7 +237,8 @@ impl<H: Handler> Core<H> {
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
             return;
         };
-        slot.conn.advance_transmit(n);
+        slot.conn
+            .advance_transmit(self.inner.shared.proto_config(slot.conn.tag()), n);
         if slot.conn.transmit_frames() == 0 && slot.flags.has(Flags::JUST_UPGRADED) {
             // The 101 is out: an idle connection keeps no queue allocation.
             slot.flags.set(Flags::JUST_UPGRADED, false);
@@ -345,7 +348,8 @@ impl<H: Handler> Core<H> {
                     None
                 }
                 Phase::Open => {
-                    slot.conn.handle_timeout(now);
+                    slot.conn
+                        .handle_timeout(self.inner.shared.proto_config(slot.conn.tag()), now);
                     if slot.conn.transmit_frames() == 0 {
                         // The timer fires after a silence: give back what a burst left.
                         slot.conn.shrink();

@@ -170,7 +170,8 @@ impl<H: Handler> Core<H> {
         if pending && !slot.flags.has(Flags::DEAD) && matches!(slot.phase, Phase::Open) {
             // Bytes left over (a write in flight, or a full socket): they must make
             // progress within the send timeout.
-            slot.conn.note_unsent(now);
+            slot.conn
+                .note_unsent(self.inner.shared.proto_config(slot.conn.tag()), now);
             if let Some(at) = slot.conn.poll_timeout() {
                 let tick = self.inner.wheel.tick_of(at);
                 let due = slot

@@ -32,7 +32,9 @@ impl<D> Inner<D> {
             Room::Closed => return SendStatus::Closed,
             Room::Full => match (policy, topic) {
                 (Policy::Close, _) => {
-                    slot.conn.close(CloseCode::Again, "send queue full", now);
+                    let cfg = self.shared.proto_config(slot.conn.tag());
+                    slot.conn
+                        .close(cfg, CloseCode::Again, "send queue full", now);
                     let stats = &self.shared.stats[self.index];
                     stats.backpressure_closes.bump(1);
                     stats.close_sent(1013);
@@ -59,11 +61,12 @@ impl<D> Inner<D> {
                 }
             },
             Room::Fits { over_soft, .. } => {
+                let cfg = self.shared.proto_config(slot.conn.tag());
                 let sent = match frame {
                     Out::Shared(f) => slot.conn.send_shared(f),
                     Out::Owned(f) => slot.conn.send_frame(f),
-                    Out::Message(opcode, payload) => slot.conn.send(opcode, payload),
-                    Out::Payload(opcode, payload) => slot.conn.send_bytes(opcode, payload),
+                    Out::Message(opcode, payload) => slot.conn.send(cfg, opcode, payload),
+                    Out::Payload(opcode, payload) => slot.conn.send_bytes(cfg, opcode, payload),
                 };
                 if sent.is_err() {
                     return SendStatus::Closed;
@@ -257,7 +260,8 @@ impl<D> Inner<D> {
         if slot.conn.state() != State::Open {
             return;
         }
-        slot.conn.close(code, reason, now);
+        slot.conn
+            .close(self.shared.proto_config(slot.conn.tag()), code, reason, now);
         let at = slot.conn.poll_timeout();
         self.count_close_sent(u16::from(code));
         if let Some(at) = at {

@@ -223,7 +223,7 @@ const _: () = assert!(std::mem::size_of::<Extra>() <= 88);
 /// it is the whole user-space cost of an idle connection, one topic and its place on the
 /// timer wheel included.
 pub(super) struct Slot<D> {
-    pub(super) conn: Connection,
+    pub(super) conn: BareConnection,
     pub(super) extra: Option<Box<Extra>>,
     /// The first topic this connection subscribed to (the registry's own name, shared,
     /// and its place in the registry): a subscriber of one topic needs no [`Extra`] for
@@ -361,4 +361,4 @@ impl<D> Slot<D> {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 80);
+const _: () = assert!(std::mem::size_of::<Slot<()>>() <= 72);

@@ -14,7 +14,7 @@ impl<H: Handler> Core<H> {
         inner.next_generation = inner.next_generation.wrapping_add(1) & GENERATION_MASK;
         let deadline = now + inner.shared.config.handshake_timeout;
         let slot = inner.slots.insert(Slot {
-            conn: Connection::new(inner.shared.proto.clone(), now),
+            conn: BareConnection::new(&inner.shared.proto, now, 0),
             // Nothing boxed: a request that comes in one read is parsed where it was read,
             // and the handshake deadline is the slot's place on the wheel (see `on_tick`).
             extra: None,
@@ -187,9 +187,9 @@ impl<H: Handler> Core<H> {
             headers.push(("Sec-WebSocket-Extensions", ext.as_str()));
         }
         handshake::encode_accept(&mut out, &upgrade.key, protocol, &headers);
-        let proto = match deflate {
-            Some(a) => shared.proto_deflate(a.server_window_bits, !a.client_no_context_takeover),
-            None => shared.proto.clone(),
+        let tag = match deflate {
+            Some(a) => shared.deflate_tag(a.server_window_bits, !a.client_no_context_takeover),
+            None => 0,
         };
         shared.stats[self.inner.index].upgraded.bump(1);
         let Some(slot) = slot_of(&mut self.inner.slots, id) else {
@@ -214,7 +214,7 @@ impl<H: Handler> Core<H> {
         slot.forget_request();
         slot.data = Some(accept.data);
         // A fresh connection: its timers start now.
-        slot.conn = Connection::new(proto, now);
+        slot.conn = BareConnection::new(self.inner.shared.proto_config(tag), now, tag);
         let _ = slot.conn.send_raw(Bytes::from(out));
         let deadline = slot.conn.poll_timeout();
         for topic in &accept.topics {
@@ -232,7 +232,8 @@ impl<H: Handler> Core<H> {
         if !rest.is_empty()
             && let Some(slot) = slot_of(&mut self.inner.slots, id)
         {
-            slot.conn.handle_read(&mut rest, now);
+            let cfg = self.inner.shared.proto_config(slot.conn.tag());
+            slot.conn.handle_read(cfg, &mut rest, now);
             self.drain_events(id);
         }
         if let Some(at) = deadline {
