@@ -170,7 +170,11 @@ fn a_connection_tag_names_the_settings_it_negotiated() {
     assert_ne!(small, 0);
     assert_ne!(large, 0);
     assert_ne!(small, large);
-    assert_eq!(shared.deflate_tag(10, false), small, "one tag per combination");
+    assert_eq!(
+        shared.deflate_tag(10, false),
+        small,
+        "one tag per combination"
+    );
     for (tag, bits, takeover) in [(small, 10, false), (large, 15, true)] {
         let c = shared.proto_config(tag);
         let d = c.deflate.expect("a deflate tag has deflate settings");

@@ -354,26 +354,28 @@ impl Drop for BufRing {
     }
 }
 
-/// What is in flight for one slot: 8 bytes per slot (the index of its gathering send's
-/// buffers and the flags below), beside the core's slot. A completion's generation is
-/// checked against the core's slot (`Core::current`), which lives until the last
-/// operation completed: no second copy of it here.
+/// What is in flight for one slot: 4 bytes per slot beside the core's slot, the flags
+/// below in the low [`FLAG_BITS`] bits and the index of its gathering send's buffers
+/// above them ([`NO_SEND_BUF`]: none). A completion's generation is checked against the
+/// core's slot (`Core::current`), which lives until the last operation completed: no
+/// second copy of it here.
 #[derive(Clone, Copy)]
-struct SlotIo {
-    /// The `SendBuf` its gathering send in flight uses ([`NO_SEND_BUF`]: none).
-    send_buf: u32,
-    bits: u16,
-}
+struct SlotIo(u32);
 
-/// No `SendBuf` in use.
-const NO_SEND_BUF: u32 = u32::MAX;
+/// Bits of a [`SlotIo`] that hold its flags.
+const FLAG_BITS: u32 = 9;
+const FLAG_MASK: u32 = (1 << FLAG_BITS) - 1;
+
+/// No `SendBuf` in use (the largest index the bits above the flags hold).
+const NO_SEND_BUF: u32 = u32::MAX >> FLAG_BITS;
+
+/// The most `SendBuf`s a worker makes (about 8 million: one per send in flight, so far
+/// more than the descriptors a process may hold). Past it a send carries one slice.
+const MAX_SEND_BUFS: usize = NO_SEND_BUF as usize;
 
 impl Default for SlotIo {
     fn default() -> SlotIo {
-        SlotIo {
-            send_buf: NO_SEND_BUF,
-            bits: 0,
-        }
+        SlotIo(NO_SEND_BUF << FLAG_BITS)
     }
 }
 
@@ -396,15 +398,29 @@ impl SlotIo {
     const CLOSING: u16 = 1 << 8;
 
     fn has(&self, flag: u16) -> bool {
-        self.bits & flag != 0
+        self.0 & u32::from(flag) != 0
     }
 
     fn set(&mut self, flag: u16, on: bool) {
         if on {
-            self.bits |= flag;
+            self.0 |= u32::from(flag);
         } else {
-            self.bits &= !flag;
+            self.0 &= !u32::from(flag);
         }
+    }
+
+    /// The flags.
+    fn bits(&self) -> u16 {
+        (self.0 & FLAG_MASK) as u16
+    }
+
+    /// The `SendBuf` its gathering send in flight uses ([`NO_SEND_BUF`]: none).
+    fn send_buf(&self) -> u32 {
+        self.0 >> FLAG_BITS
+    }
+
+    fn set_send_buf(&mut self, index: u32) {
+        self.0 = (self.0 & FLAG_MASK) | (index.min(NO_SEND_BUF) << FLAG_BITS);
     }
 
     /// Clears `flag`; returns whether it was set.
@@ -421,7 +437,9 @@ impl SlotIo {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<SlotIo>() <= 8);
+const _: () = assert!(std::mem::size_of::<SlotIo>() <= 4);
+// Every flag fits below the send buffer's index.
+const _: () = assert!((SlotIo::CLOSING as u32) < 1 << FLAG_BITS);
 
 /// Whether a multishot recv that ended (no `MORE` flag) with `res` is armed again:
 /// unless the connection is closing or paused, after data, after the buffer ring ran dry
@@ -556,7 +574,10 @@ impl Driver for UringDriver<'_, '_> {
             slot.iov_len = b.len();
             n += 1;
         }
-        let e = if n == 1 {
+        // A gathering send needs a `SendBuf`: past the pool's cap (never reached in
+        // practice) the send carries the first slice only, and the rest follows.
+        let gather = n > 1 && (!self.free_bufs.is_empty() || self.send_bufs.len() < MAX_SEND_BUFS);
+        let e = if !gather {
             // One frame: a plain send, nothing to keep alive but the frame itself.
             opcode::Send::new(
                 Fixed(fd),
@@ -580,7 +601,7 @@ impl Driver for UringDriver<'_, '_> {
                 }));
                 (self.send_bufs.len() - 1) as u32
             });
-            self.io(id.slot).send_buf = index;
+            self.io(id.slot).set_send_buf(index);
             let Some(sb) = self.send_bufs.get_mut(index as usize) else {
                 return SendOutcome::Failed;
             };
@@ -847,7 +868,8 @@ pub fn run<H: Handler>(
                     };
                     let sio = drv.io(slot);
                     sio.set(SlotIo::SEND, false);
-                    let buf = std::mem::replace(&mut sio.send_buf, NO_SEND_BUF);
+                    let buf = sio.send_buf();
+                    sio.set_send_buf(NO_SEND_BUF);
                     if buf != NO_SEND_BUF {
                         drv.free_bufs.push(buf);
                     }
@@ -981,7 +1003,7 @@ fn finish_if_idle<H: Handler>(core: &mut Core<H>, io: &mut [SlotIo], slot: u32) 
     };
     let busy = SlotIo::RECV | SlotIo::SEND | SlotIo::CLOSE | SlotIo::SHUTDOWN;
     if sio.has(SlotIo::CLOSING)
-        && sio.bits & busy == 0
+        && sio.bits() & busy == 0
         && let Some(id) = core.id_of(slot)
     {
         sio.set(SlotIo::CLOSING, false);
@@ -1009,5 +1031,33 @@ mod tests {
         let closing = SlotIo::default().with(SlotIo::CLOSING);
         assert!(!rearm_after(&closing, -libc::ECANCELED));
         assert!(!rearm_after(&closing, -libc::ENOBUFS));
+    }
+
+    #[test]
+    fn a_slot_keeps_its_flags_and_its_send_buffer_apart() {
+        let mut io = SlotIo::default()
+            .with(SlotIo::CLOSING)
+            .with(SlotIo::HANDSHAKE);
+        assert_eq!(io.send_buf(), NO_SEND_BUF);
+        io.set_send_buf(NO_SEND_BUF - 1);
+        assert_eq!(io.send_buf(), NO_SEND_BUF - 1);
+        assert_eq!(io.bits(), SlotIo::CLOSING | SlotIo::HANDSHAKE);
+        io.set(SlotIo::CLOSING, false);
+        io.set(SlotIo::SEND, true);
+        assert_eq!(
+            io.send_buf(),
+            NO_SEND_BUF - 1,
+            "flags leave the index alone"
+        );
+        io.set_send_buf(0);
+        assert_eq!(io.send_buf(), 0);
+        assert_eq!(io.bits(), SlotIo::SEND | SlotIo::HANDSHAKE);
+        io.set_send_buf(u32::MAX);
+        assert_eq!(
+            io.send_buf(),
+            NO_SEND_BUF,
+            "an index too large reads as none"
+        );
+        assert_eq!(io.bits(), SlotIo::SEND | SlotIo::HANDSHAKE);
     }
 }
