@@ -22,7 +22,7 @@
 //! (`Flags::QUEUE_PAUSED`); the reassembly budget pauses the connections holding the most
 //! (`check_budget`); sockets in any phase count against `Shared::socket_limit`; an HTTP
 //! answer ends with a FIN and a linger (`Flags::LINGERING`); every deadline of
-//! `proto::Connection` (message, send, close) is scheduled on the wheel when a read or a
+//! `proto::BareConnection` (message, send, close) is scheduled on the wheel when a read or a
 //! write starts it. [`fuzzing`] drives a core through a fake backend to check all of it.
 
 use std::collections::VecDeque;

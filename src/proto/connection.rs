@@ -27,7 +27,9 @@
 //! received, never ahead of them.
 //!
 //! The idle footprint is small on purpose: an idle [`Connection`] is 32 bytes (asserted in
-//! the tests) and owns no heap. The frame decoder, the event and transmit queues and the
+//! the tests) and owns no heap; a [`BareConnection`], the same state without the pointer
+//! to its [`Config`] (each call takes the config instead), is 24 bytes: the engine keeps
+//! that one per slot, with a 1-byte tag naming which of its worker's configs applies. The frame decoder, the event and transmit queues and the
 //! reassembly buffers live in a box that exists only while something is in progress (a
 //! frame split across reads, an event not yet polled, a frame not yet written); it goes
 //! back to a per-thread pool of spares as soon as all of that is empty, and

@@ -219,7 +219,7 @@ impl Extra {
 /// that a split request is a plain `Vec`).
 const _: () = assert!(std::mem::size_of::<Extra>() <= 88);
 
-/// One connection. Kept at 80 bytes (asserted below): with the backend's per-slot bytes
+/// One connection. Kept at 72 bytes (asserted below): with the backend's per-slot bytes
 /// it is the whole user-space cost of an idle connection, one topic and its place on the
 /// timer wheel included.
 pub(super) struct Slot<D> {
