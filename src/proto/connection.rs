@@ -1392,11 +1392,6 @@ impl Connection {
         &self.config
     }
 
-    /// The state without the configuration (for a driver that keeps it elsewhere).
-    pub fn into_bare(self) -> BareConnection {
-        self.bare
-    }
-
     /// See [`BareConnection::state`].
     pub fn state(&self) -> State {
         self.bare.state()
