@@ -61,12 +61,20 @@ impl<D> Inner<D> {
                 }
             },
             Room::Fits { over_soft, .. } => {
-                let cfg = self.shared.proto_config(slot.conn.tag());
+                // Only a message still to be framed needs the connection's settings
+                // (its deflate); an encoded frame, the fan-out's case, does not.
+                let shared = &self.shared;
                 let sent = match frame {
                     Out::Shared(f) => slot.conn.send_shared(f),
                     Out::Owned(f) => slot.conn.send_frame(f),
-                    Out::Message(opcode, payload) => slot.conn.send(cfg, opcode, payload),
-                    Out::Payload(opcode, payload) => slot.conn.send_bytes(cfg, opcode, payload),
+                    Out::Message(opcode, payload) => {
+                        slot.conn
+                            .send(shared.proto_config(slot.conn.tag()), opcode, payload)
+                    }
+                    Out::Payload(opcode, payload) => {
+                        slot.conn
+                            .send_bytes(shared.proto_config(slot.conn.tag()), opcode, payload)
+                    }
                 };
                 if sent.is_err() {
                     return SendStatus::Closed;
